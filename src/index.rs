@@ -1,0 +1,222 @@
+//! The cluster state the agent enforces, kept apart from how it was learned.
+//!
+//! One writer (the watch driver or the manifest loader) applies, deletes and resets objects;
+//! the sync loop takes cheap snapshots. The generation only moves on a real change: an update
+//! that leaves the trimmed object equal does nothing, so a noisy pod status never causes a sync.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::model::{NamespaceInfo, ObjectKey, PodInfo, Policy};
+
+/// A map of one kind of object with change detection.
+#[derive(Clone, Debug)]
+pub struct Store<K: Ord, V> {
+    items: BTreeMap<K, Arc<V>>,
+}
+
+impl<K: Ord, V> Default for Store<K, V> {
+    fn default() -> Self {
+        Self {
+            items: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: Ord + Clone, V: PartialEq> Store<K, V> {
+    /// Insert or replace; true if anything changed.
+    pub fn apply(&mut self, key: K, value: V) -> bool {
+        match self.items.get(&key) {
+            Some(old) if **old == value => false,
+            _ => {
+                self.items.insert(key, Arc::new(value));
+                true
+            }
+        }
+    }
+
+    /// Remove; true if it was there.
+    pub fn delete(&mut self, key: &K) -> bool {
+        self.items.remove(key).is_some()
+    }
+
+    /// Replace everything (after a relist); true if anything changed.
+    pub fn reset(&mut self, items: impl IntoIterator<Item = (K, V)>) -> bool {
+        let fresh: BTreeMap<K, V> = items.into_iter().collect();
+        let same = fresh.len() == self.items.len()
+            && fresh
+                .iter()
+                .zip(self.items.iter())
+                .all(|((k1, v1), (k2, v2))| k1 == k2 && v1 == &**v2);
+        if same {
+            return false;
+        }
+        self.items = fresh.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        true
+    }
+
+    /// Look one up.
+    pub fn get(&self, key: &K) -> Option<&Arc<V>> {
+        self.items.get(key)
+    }
+
+    /// All items in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &Arc<V>)> {
+        self.items.iter()
+    }
+
+    /// Items whose keys fall in a range (used to list one namespace's pods).
+    pub fn range<R: std::ops::RangeBounds<K>>(&self, r: R) -> impl Iterator<Item = (&K, &Arc<V>)> {
+        self.items.range(r)
+    }
+
+    /// Number of items.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// Everything the resolver reads. Cloning it is cheap (the values are shared).
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Pods by namespace/name.
+    pub pods: Store<ObjectKey, PodInfo>,
+    /// Namespaces by name.
+    pub namespaces: Store<String, NamespaceInfo>,
+    /// NetworkPolicies by namespace/name.
+    pub policies: Store<ObjectKey, Policy>,
+    /// Bumped on every real change.
+    pub generation: u64,
+}
+
+/// The single-writer index. Each mutation reports whether it changed anything.
+#[derive(Debug, Default)]
+pub struct Index {
+    state: Snapshot,
+}
+
+impl Index {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn bump(&mut self, changed: bool) -> bool {
+        if changed {
+            self.state.generation += 1;
+        }
+        changed
+    }
+
+    /// Add or update a pod.
+    pub fn apply_pod(&mut self, pod: PodInfo) -> bool {
+        let changed = self.state.pods.apply(pod.key.clone(), pod);
+        self.bump(changed)
+    }
+
+    /// Remove a pod.
+    pub fn delete_pod(&mut self, key: &ObjectKey) -> bool {
+        let changed = self.state.pods.delete(key);
+        self.bump(changed)
+    }
+
+    /// Replace all pods.
+    pub fn reset_pods(&mut self, pods: Vec<PodInfo>) -> bool {
+        let changed = self.state.pods.reset(pods.into_iter().map(|p| (p.key.clone(), p)));
+        self.bump(changed)
+    }
+
+    /// Add or update a namespace.
+    pub fn apply_namespace(&mut self, ns: NamespaceInfo) -> bool {
+        let changed = self.state.namespaces.apply(ns.name.clone(), ns);
+        self.bump(changed)
+    }
+
+    /// Remove a namespace.
+    pub fn delete_namespace(&mut self, name: &str) -> bool {
+        let changed = self.state.namespaces.delete(&name.to_string());
+        self.bump(changed)
+    }
+
+    /// Replace all namespaces.
+    pub fn reset_namespaces(&mut self, namespaces: Vec<NamespaceInfo>) -> bool {
+        let changed = self
+            .state
+            .namespaces
+            .reset(namespaces.into_iter().map(|n| (n.name.clone(), n)));
+        self.bump(changed)
+    }
+
+    /// Add or update a policy.
+    pub fn apply_policy(&mut self, policy: Policy) -> bool {
+        let changed = self.state.policies.apply(policy.key.clone(), policy);
+        self.bump(changed)
+    }
+
+    /// Remove a policy.
+    pub fn delete_policy(&mut self, key: &ObjectKey) -> bool {
+        let changed = self.state.policies.delete(key);
+        self.bump(changed)
+    }
+
+    /// Replace all policies.
+    pub fn reset_policies(&mut self, policies: Vec<Policy>) -> bool {
+        let changed = self
+            .state
+            .policies
+            .reset(policies.into_iter().map(|p| (p.key.clone(), p)));
+        self.bump(changed)
+    }
+
+    /// Current generation.
+    pub fn generation(&self) -> u64 {
+        self.state.generation
+    }
+
+    /// A consistent copy for the resolver.
+    pub fn snapshot(&self) -> Snapshot {
+        self.state.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Labels;
+
+    fn pod(name: &str, app: &str) -> PodInfo {
+        PodInfo {
+            key: ObjectKey::new("ns", name),
+            node: Some("n1".into()),
+            labels: Labels::from([("app".to_string(), app.to_string())]),
+            ips: vec!["10.0.0.1".parse().expect("ip")],
+            named_ports: vec![],
+            host_network: false,
+            finished: false,
+        }
+    }
+
+    #[test]
+    fn generation_moves_only_on_real_change() {
+        let mut idx = Index::new();
+        assert!(idx.apply_pod(pod("a", "web")), "new pod");
+        assert_eq!(idx.generation(), 1);
+        assert!(!idx.apply_pod(pod("a", "web")), "identical update is a no-op");
+        assert_eq!(idx.generation(), 1);
+        assert!(idx.apply_pod(pod("a", "db")), "label change");
+        assert_eq!(idx.generation(), 2);
+        assert!(!idx.delete_pod(&ObjectKey::new("ns", "missing")));
+        assert!(!idx.reset_pods(vec![pod("a", "db")]), "relist with same state");
+        assert!(idx.reset_pods(vec![pod("b", "db")]), "relist with other state");
+        assert_eq!(idx.generation(), 3);
+        let snap = idx.snapshot();
+        assert!(idx.delete_pod(&ObjectKey::new("ns", "b")));
+        assert_eq!(snap.pods.len(), 1, "snapshots are isolated from later writes");
+        assert_eq!(idx.snapshot().pods.len(), 0);
+    }
+}

@@ -1,0 +1,28 @@
+//! kube-nftpolicy: a Kubernetes NetworkPolicy enforcement agent built on one nftables table.
+//!
+//! ```text
+//!  kube watch (Pods, Namespaces, NetworkPolicies)   or   manifests on disk
+//!         │  trimmed to the fields that matter            (manifest)
+//!         ▼
+//!  index      pure state; apply/delete/reset; generation bumps only on a real change
+//!         ▼  snapshot
+//!  resolve    pure: snapshot + node name → NodePolicy
+//!         ▼
+//!  compile    pure: NodePolicy → Ruleset (tables, chains, sets, maps; deterministic names)
+//!         ▼
+//!  nft        Ruleset → `nft -f -` transaction (full or partial), read-back over netlink
+//!         ▼
+//!  kernel     enforces; counters feed metrics
+//! ```
+//!
+//! The pure core (`model`, `index`, `resolve`, `compile`, `ruleset`, `nft::transaction`) does
+//! no I/O and never awaits. The edges (`manifest`, `nft::exec`, `nft::readback`, `watch`,
+//! `agent`, `admin`, `nflog`) are thin.
+
+pub mod admin;
+pub mod denylog;
+pub mod index;
+pub mod manifest;
+pub mod metrics;
+pub mod model;
+pub mod nflog;

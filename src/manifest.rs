@@ -1,0 +1,416 @@
+//! Reading cluster state from YAML/JSON manifests on disk (the embedded, cluster-less mode).
+//!
+//! Accepts what `kubectl get -o yaml` writes: multi-document YAML, `List` objects, and any mix
+//! of Namespaces, Pods and NetworkPolicies. Every problem is reported with the file, the
+//! document number and the object, because a user debugging a policy needs to find the line.
+//! A document the agent cannot read at all fails the whole load, so a half-read directory
+//! never replaces a good ruleset; a single bad object is skipped (or, for a NetworkPolicy,
+//! kept as fail-closed isolation) with a warning.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::model::{NamespaceInfo, PodInfo, Policy};
+
+/// The objects found in a set of manifests, plus every warning, in file order.
+#[derive(Debug, Default, Clone)]
+pub struct Manifests {
+    /// Namespaces (sorted by name, duplicates resolved: last wins).
+    pub namespaces: Vec<NamespaceInfo>,
+    /// Pods.
+    pub pods: Vec<PodInfo>,
+    /// NetworkPolicies.
+    pub policies: Vec<Policy>,
+    /// Human-readable problems that did not stop the load.
+    pub warnings: Vec<String>,
+}
+
+/// A load that failed as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The path could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File or directory.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// YAML/JSON syntax error.
+    #[error("{path}: document {document}: malformed YAML: {message}")]
+    Syntax {
+        /// File.
+        path: PathBuf,
+        /// 1-based document number.
+        document: usize,
+        /// Parser message, with line and column.
+        message: String,
+    },
+    /// No manifest files in a directory.
+    #[error("{0}: no .yaml, .yml or .json files found")]
+    Empty(PathBuf),
+}
+
+/// Where a document came from, for messages.
+#[derive(Clone, Debug)]
+struct Origin<'a> {
+    path: &'a Path,
+    document: usize,
+    item: Option<usize>,
+}
+
+impl fmt::Display for Origin<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.path.display(), self.document)?;
+        if let Some(i) = self.item {
+            write!(f, ", items[{i}]")?;
+        }
+        Ok(())
+    }
+}
+
+/// Load a file, or every `.yaml`/`.yml`/`.json` file directly inside a directory (sorted).
+pub fn load(path: &Path) -> Result<Manifests, ManifestError> {
+    let files = manifest_files(path)?;
+    let mut sources = Vec::with_capacity(files.len());
+    for file in files {
+        let text = std::fs::read_to_string(&file).map_err(|source| ManifestError::Read {
+            path: file.clone(),
+            source,
+        })?;
+        sources.push((file, text));
+    }
+    parse_sources(&sources)
+}
+
+/// The files `load` would read, in order.
+pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let meta = std::fs::metadata(path).map_err(|source| ManifestError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let entries = std::fs::read_dir(path).map_err(|source| ManifestError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| ManifestError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let p = entry.path();
+        let is_manifest = p
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
+        if is_manifest && p.is_file() {
+            files.push(p);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(ManifestError::Empty(path.to_path_buf()));
+    }
+    Ok(files)
+}
+
+/// Parse already-read sources (pure; used by `load` and by tests).
+pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<Manifests, ManifestError> {
+    let mut collector = Collector::default();
+    for (path, text) in sources {
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            let document = i + 1;
+            let value = Value::deserialize(doc).map_err(|e| ManifestError::Syntax {
+                path: path.clone(),
+                document,
+                message: e.to_string(),
+            })?;
+            let origin = Origin {
+                path,
+                document,
+                item: None,
+            };
+            collector.document(&origin, value);
+        }
+    }
+    Ok(collector.finish())
+}
+
+#[derive(Default)]
+struct Collector {
+    namespaces: BTreeMap<String, (String, NamespaceInfo)>,
+    pods: BTreeMap<crate::model::ObjectKey, (String, PodInfo)>,
+    policies: BTreeMap<crate::model::ObjectKey, (String, Policy)>,
+    warnings: Vec<String>,
+}
+
+fn describe(kind: &str, value: &Value) -> String {
+    let meta = value.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("<no name>");
+    match meta.and_then(|m| m.get("namespace")).and_then(Value::as_str) {
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None => format!("{kind} {name}"),
+    }
+}
+
+impl Collector {
+    fn document(&mut self, origin: &Origin<'_>, value: Value) {
+        if value.is_null() {
+            return; // empty document, e.g. a trailing `---`
+        }
+        let Some(kind) = value.get("kind").and_then(Value::as_str).map(str::to_owned) else {
+            self.warnings.push(format!("{origin}: no `kind`; document skipped"));
+            return;
+        };
+        if kind == "List" || kind.ends_with("List") {
+            let items = value.get("items").and_then(Value::as_array).cloned();
+            for (i, item) in items.into_iter().flatten().enumerate() {
+                let origin = Origin {
+                    item: Some(i),
+                    ..origin.clone()
+                };
+                let mut item = item;
+                // `kubectl get pods -o yaml` lists carry kind on items, typed lists may not.
+                if item.get("kind").is_none() {
+                    if let Some(obj) = item.as_object_mut() {
+                        obj.insert("kind".into(), Value::String(kind.trim_end_matches("List").into()));
+                    }
+                }
+                self.document(&origin, item);
+            }
+            return;
+        }
+        let mut value = value;
+        match kind.as_str() {
+            "Namespace" => {
+                let what = describe(&kind, &value);
+                if let Some(ns) = self.typed::<Namespace>(origin, &what, &value) {
+                    match NamespaceInfo::from_k8s(&ns) {
+                        Ok(info) => {
+                            let at = format!("{origin}");
+                            if let Some((prev, _)) = self.namespaces.insert(info.name.clone(), (at, info)) {
+                                self.warnings.push(format!("{origin}: {what} duplicates the one at {prev}; the later one wins"));
+                            }
+                        }
+                        Err(e) => self.warnings.push(format!("{origin}: {e}; skipped")),
+                    }
+                }
+            }
+            "Pod" => {
+                default_namespace(&mut value);
+                let what = describe(&kind, &value);
+                if let Some(pod) = self.typed::<Pod>(origin, &what, &value) {
+                    let mut w = Vec::new();
+                    match PodInfo::from_k8s(&pod, &mut w) {
+                        Ok(info) => {
+                            self.warnings.extend(w.into_iter().map(|m| format!("{origin}: {m}")));
+                            let at = format!("{origin}");
+                            if let Some((prev, _)) = self.pods.insert(info.key.clone(), (at, info)) {
+                                self.warnings.push(format!("{origin}: {what} duplicates the one at {prev}; the later one wins"));
+                            }
+                        }
+                        Err(e) => self.warnings.push(format!("{origin}: {e}; skipped")),
+                    }
+                }
+            }
+            "NetworkPolicy" => {
+                default_namespace(&mut value);
+                let what = describe(&kind, &value);
+                let np = self.typed::<NetworkPolicy>(origin, &what, &value).or_else(|| {
+                    // Fail closed: keep isolating the selected pods even if the rules are unreadable.
+                    let shell = serde_json::json!({
+                        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                        "metadata": value.get("metadata"),
+                        "spec": {
+                            "podSelector": value.pointer("/spec/podSelector"),
+                            "policyTypes": value.pointer("/spec/policyTypes"),
+                            "ingress": if value.pointer("/spec/ingress").is_some() { Some(Vec::<Value>::new()) } else { None },
+                            "egress": if value.pointer("/spec/egress").is_some() { Some(Vec::<Value>::new()) } else { None },
+                        }
+                    });
+                    let mut np: NetworkPolicy = serde_json::from_value(shell).ok()?;
+                    if let Some(spec) = np.spec.as_mut() {
+                        // An egress section that could not be read still makes the policy apply to egress.
+                        if spec.policy_types.is_none() {
+                            let mut types = vec!["Ingress".to_string()];
+                            if value.pointer("/spec/egress").is_some() {
+                                types.push("Egress".to_string());
+                            }
+                            spec.policy_types = Some(types);
+                        }
+                    }
+                    np.metadata.annotations = Some(BTreeMap::from([("kube-nftpolicy/unreadable".to_string(), "true".to_string())]));
+                    Some(np)
+                });
+                let Some(np) = np else { return };
+                let unreadable = np.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("kube-nftpolicy/unreadable"));
+                let mut w = Vec::new();
+                match Policy::from_k8s(&np, &mut w) {
+                    Ok(mut policy) => {
+                        self.warnings.extend(w.into_iter().map(|m| format!("{origin}: {m}")));
+                        if unreadable {
+                            policy.invalid = Some("the spec could not be read (see the previous warning)".into());
+                        }
+                        if let Some(reason) = &policy.invalid {
+                            self.warnings.push(format!(
+                                "{origin}: {what} is invalid: {reason}; it still isolates the pods it selects but allows nothing"
+                            ));
+                        }
+                        let at = format!("{origin}");
+                        if let Some((prev, _)) = self.policies.insert(policy.key.clone(), (at, policy)) {
+                            self.warnings.push(format!("{origin}: {what} duplicates the one at {prev}; the later one wins"));
+                        }
+                    }
+                    Err(e) => self.warnings.push(format!("{origin}: {what} is invalid and ignored: {e}")),
+                }
+            }
+            other => self.warnings.push(format!(
+                "{origin}: kind {other} ({}) is not used by kube-nftpolicy; skipped",
+                describe(other, &value)
+            )),
+        }
+    }
+
+    /// Deserialize into the k8s-openapi type, warning about fields it does not know (a real
+    /// API server drops those silently, which is how a misplaced `ports:` opens traffic).
+    fn typed<T>(&mut self, origin: &Origin<'_>, what: &str, value: &Value) -> Option<T>
+    where
+        T: serde::de::DeserializeOwned + serde::Serialize,
+    {
+        let typed: T = match serde_path_to_error::deserialize(value) {
+            Ok(t) => t,
+            Err(e) => {
+                self.warnings.push(format!(
+                    "{origin}: {what}: field {}: {}; skipped",
+                    e.path(),
+                    e.inner()
+                ));
+                return None;
+            }
+        };
+        if let Ok(round_trip) = serde_json::to_value(&typed) {
+            let mut dropped = Vec::new();
+            dropped_fields(value, &round_trip, String::new(), &mut dropped);
+            for field in dropped {
+                self.warnings.push(format!(
+                    "{origin}: {what}: unknown field `{field}` is ignored (the API server would drop it)"
+                ));
+            }
+        }
+        Some(typed)
+    }
+
+    fn finish(self) -> Manifests {
+        Manifests {
+            namespaces: self.namespaces.into_values().map(|(_, v)| v).collect(),
+            pods: self.pods.into_values().map(|(_, v)| v).collect(),
+            policies: self.policies.into_values().map(|(_, v)| v).collect(),
+            warnings: self.warnings,
+        }
+    }
+}
+
+/// `kubectl apply` puts objects without a namespace into `default`.
+fn default_namespace(value: &mut Value) {
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        if meta.get("namespace").and_then(Value::as_str).is_none_or(str::is_empty) {
+            meta.insert("namespace".into(), Value::String("default".into()));
+        }
+    }
+}
+
+/// Paths present (and non-null) in `original` but missing after a typed round trip.
+fn dropped_fields(original: &Value, typed: &Value, path: String, out: &mut Vec<String>) {
+    match (original, typed) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                match b.get(k) {
+                    Some(tv) => dropped_fields(v, tv, p, out),
+                    None if v.is_null() => {}
+                    None => out.push(p),
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (i, (v, tv)) in a.iter().zip(b.iter()).enumerate() {
+                dropped_fields(v, tv, format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Manifests, ManifestError> {
+        parse_sources(&[(PathBuf::from("test.yaml"), text.to_string())])
+    }
+
+    #[test]
+    fn bad_input_is_reported_with_location() {
+        struct Case {
+            name: &'static str,
+            text: &'static str,
+            want: &'static str,
+            policies: usize,
+        }
+        let cases = [
+            Case { name: "unknown kind", text: "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n", want: "test.yaml: document 1: kind Deployment (Deployment shop/web) is not used", policies: 0 },
+            Case { name: "no kind", text: "apiVersion: v1\nmetadata: {name: x}\n", want: "document 1: no `kind`", policies: 0 },
+            Case { name: "nested ports under a peer", text: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec:\n  podSelector: {}\n  ingress:\n  - from:\n    - podSelector: {}\n      ports: [{port: 80}]\n", want: "NetworkPolicy default/p: unknown field `spec.ingress[0].from[0].ports` is ignored", policies: 1 },
+            Case { name: "duplicate policy", text: "kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: a}\nspec: {}\n---\nkind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: a}\nspec: {}\n", want: "document 2: NetworkPolicy a/p duplicates the one at test.yaml: document 1", policies: 1 },
+            Case { name: "wrong type in a pod", text: "kind: Pod\napiVersion: v1\nmetadata: {name: p, namespace: a}\nspec: {containers: [{name: c, ports: [{containerPort: eighty}]}]}\n", want: "Pod a/p: field spec.containers[0].ports[0].containerPort: invalid type", policies: 0 },
+            Case { name: "label value not a string", text: "kind: Pod\napiVersion: v1\nmetadata: {name: p, namespace: a, labels: {tier: 1}}\n", want: "Pod a/p: field metadata.labels.tier: invalid type: integer", policies: 0 },
+            Case { name: "bad pod ip", text: "kind: Pod\napiVersion: v1\nmetadata: {name: p, namespace: a}\nstatus: {podIPs: [{ip: 10.0.0.300}]}\n", want: "Pod a/p: status.podIPs entry \"10.0.0.300\" is not an IP address", policies: 0 },
+            Case { name: "invalid policy fails closed", text: "kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/40}}]}]}\n", want: "NetworkPolicy a/p is invalid: spec.ingress[0].from[0].ipBlock.cidr", policies: 1 },
+            Case { name: "unreadable policy fails closed", text: "kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{ports: [{port: [1]}]}]}\n", want: "NetworkPolicy a/p: field spec.ingress[0].ports[0].port", policies: 1 },
+        ];
+        for c in cases {
+            let m = parse(c.text).expect(c.name);
+            let all = m.warnings.join("\n");
+            assert!(all.contains(c.want), "case {}: warnings were:\n{all}", c.name);
+            assert_eq!(m.policies.len(), c.policies, "case {}", c.name);
+        }
+    }
+
+    #[test]
+    fn unreadable_policy_still_isolates() {
+        let m = parse("kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, egress: [{ports: [{port: [1]}]}]}\n").expect("parse");
+        let p = &m.policies[0];
+        assert!(p.invalid.is_some());
+        assert_eq!(p.ingress, Some(vec![]));
+        assert_eq!(p.egress, Some(vec![]));
+    }
+
+    #[test]
+    fn malformed_yaml_fails_the_load() {
+        let err = parse("kind: Pod\n---\nkind: [unclosed\n").expect_err("syntax").to_string();
+        assert!(err.starts_with("test.yaml: document 2: malformed YAML"), "{err}");
+    }
+
+    #[test]
+    fn lists_and_defaults() {
+        let m = parse("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: shop, labels: {team: a}}\n- apiVersion: v1\n  kind: Pod\n  metadata: {name: web}\n  spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}\n  status: {phase: Running, podIPs: [{ip: 10.0.0.2}, {ip: 'fd00::2'}]}\n").expect("parse");
+        assert!(m.warnings.is_empty(), "{:?}", m.warnings);
+        assert_eq!(m.namespaces[0].labels.get("kubernetes.io/metadata.name").map(String::as_str), Some("shop"));
+        assert_eq!(m.pods[0].key.to_string(), "default/web");
+        assert_eq!(m.pods[0].ips.len(), 2);
+        assert_eq!(m.pods[0].named_ports[0].port, 8080);
+    }
+}
