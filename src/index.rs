@@ -127,7 +127,10 @@ impl Index {
 
     /// Replace all pods.
     pub fn reset_pods(&mut self, pods: Vec<PodInfo>) -> bool {
-        let changed = self.state.pods.reset(pods.into_iter().map(|p| (p.key.clone(), p)));
+        let changed = self
+            .state
+            .pods
+            .reset(pods.into_iter().map(|p| (p.key.clone(), p)));
         self.bump(changed)
     }
 
@@ -206,17 +209,30 @@ mod tests {
         let mut idx = Index::new();
         assert!(idx.apply_pod(pod("a", "web")), "new pod");
         assert_eq!(idx.generation(), 1);
-        assert!(!idx.apply_pod(pod("a", "web")), "identical update is a no-op");
+        assert!(
+            !idx.apply_pod(pod("a", "web")),
+            "identical update is a no-op"
+        );
         assert_eq!(idx.generation(), 1);
         assert!(idx.apply_pod(pod("a", "db")), "label change");
         assert_eq!(idx.generation(), 2);
         assert!(!idx.delete_pod(&ObjectKey::new("ns", "missing")));
-        assert!(!idx.reset_pods(vec![pod("a", "db")]), "relist with same state");
-        assert!(idx.reset_pods(vec![pod("b", "db")]), "relist with other state");
+        assert!(
+            !idx.reset_pods(vec![pod("a", "db")]),
+            "relist with same state"
+        );
+        assert!(
+            idx.reset_pods(vec![pod("b", "db")]),
+            "relist with other state"
+        );
         assert_eq!(idx.generation(), 3);
         let snap = idx.snapshot();
         assert!(idx.delete_pod(&ObjectKey::new("ns", "b")));
-        assert_eq!(snap.pods.len(), 1, "snapshots are isolated from later writes");
+        assert_eq!(
+            snap.pods.len(),
+            1,
+            "snapshots are isolated from later writes"
+        );
         assert_eq!(idx.snapshot().pods.len(), 0);
     }
 }

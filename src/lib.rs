@@ -20,9 +20,12 @@
 //! `agent`, `admin`, `nflog`) are thin.
 
 pub mod admin;
+pub mod compile;
 pub mod denylog;
 pub mod index;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod nflog;
+pub mod resolve;
+pub mod ruleset;

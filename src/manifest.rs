@@ -160,7 +160,10 @@ fn describe(kind: &str, value: &Value) -> String {
         .and_then(|m| m.get("name"))
         .and_then(Value::as_str)
         .unwrap_or("<no name>");
-    match meta.and_then(|m| m.get("namespace")).and_then(Value::as_str) {
+    match meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+    {
         Some(ns) => format!("{kind} {ns}/{name}"),
         None => format!("{kind} {name}"),
     }
@@ -172,7 +175,8 @@ impl Collector {
             return; // empty document, e.g. a trailing `---`
         }
         let Some(kind) = value.get("kind").and_then(Value::as_str).map(str::to_owned) else {
-            self.warnings.push(format!("{origin}: no `kind`; document skipped"));
+            self.warnings
+                .push(format!("{origin}: no `kind`; document skipped"));
             return;
         };
         if kind == "List" || kind.ends_with("List") {
@@ -186,7 +190,10 @@ impl Collector {
                 // `kubectl get pods -o yaml` lists carry kind on items, typed lists may not.
                 if item.get("kind").is_none() {
                     if let Some(obj) = item.as_object_mut() {
-                        obj.insert("kind".into(), Value::String(kind.trim_end_matches("List").into()));
+                        obj.insert(
+                            "kind".into(),
+                            Value::String(kind.trim_end_matches("List").into()),
+                        );
                     }
                 }
                 self.document(&origin, item);
@@ -201,7 +208,9 @@ impl Collector {
                     match NamespaceInfo::from_k8s(&ns) {
                         Ok(info) => {
                             let at = format!("{origin}");
-                            if let Some((prev, _)) = self.namespaces.insert(info.name.clone(), (at, info)) {
+                            if let Some((prev, _)) =
+                                self.namespaces.insert(info.name.clone(), (at, info))
+                            {
                                 self.warnings.push(format!("{origin}: {what} duplicates the one at {prev}; the later one wins"));
                             }
                         }
@@ -216,9 +225,11 @@ impl Collector {
                     let mut w = Vec::new();
                     match PodInfo::from_k8s(&pod, &mut w) {
                         Ok(info) => {
-                            self.warnings.extend(w.into_iter().map(|m| format!("{origin}: {m}")));
+                            self.warnings
+                                .extend(w.into_iter().map(|m| format!("{origin}: {m}")));
                             let at = format!("{origin}");
-                            if let Some((prev, _)) = self.pods.insert(info.key.clone(), (at, info)) {
+                            if let Some((prev, _)) = self.pods.insert(info.key.clone(), (at, info))
+                            {
                                 self.warnings.push(format!("{origin}: {what} duplicates the one at {prev}; the later one wins"));
                             }
                         }
@@ -256,13 +267,20 @@ impl Collector {
                     Some(np)
                 });
                 let Some(np) = np else { return };
-                let unreadable = np.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("kube-nftpolicy/unreadable"));
+                let unreadable = np
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key("kube-nftpolicy/unreadable"));
                 let mut w = Vec::new();
                 match Policy::from_k8s(&np, &mut w) {
                     Ok(mut policy) => {
-                        self.warnings.extend(w.into_iter().map(|m| format!("{origin}: {m}")));
+                        self.warnings
+                            .extend(w.into_iter().map(|m| format!("{origin}: {m}")));
                         if unreadable {
-                            policy.invalid = Some("the spec could not be read (see the previous warning)".into());
+                            policy.invalid = Some(
+                                "the spec could not be read (see the previous warning)".into(),
+                            );
                         }
                         if let Some(reason) = &policy.invalid {
                             self.warnings.push(format!(
@@ -270,11 +288,17 @@ impl Collector {
                             ));
                         }
                         let at = format!("{origin}");
-                        if let Some((prev, _)) = self.policies.insert(policy.key.clone(), (at, policy)) {
-                            self.warnings.push(format!("{origin}: {what} duplicates the one at {prev}; the later one wins"));
+                        if let Some((prev, _)) =
+                            self.policies.insert(policy.key.clone(), (at, policy))
+                        {
+                            self.warnings.push(format!(
+                                "{origin}: {what} duplicates the one at {prev}; the later one wins"
+                            ));
                         }
                     }
-                    Err(e) => self.warnings.push(format!("{origin}: {what} is invalid and ignored: {e}")),
+                    Err(e) => self
+                        .warnings
+                        .push(format!("{origin}: {what} is invalid and ignored: {e}")),
                 }
             }
             other => self.warnings.push(format!(
@@ -326,7 +350,11 @@ impl Collector {
 /// `kubectl apply` puts objects without a namespace into `default`.
 fn default_namespace(value: &mut Value) {
     if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
-        if meta.get("namespace").and_then(Value::as_str).is_none_or(str::is_empty) {
+        if meta
+            .get("namespace")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
             meta.insert("namespace".into(), Value::String("default".into()));
         }
     }
@@ -337,7 +365,11 @@ fn dropped_fields(original: &Value, typed: &Value, path: String, out: &mut Vec<S
     match (original, typed) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in a {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 match b.get(k) {
                     Some(tv) => dropped_fields(v, tv, p, out),
                     None if v.is_null() => {}
@@ -371,20 +403,69 @@ mod tests {
             policies: usize,
         }
         let cases = [
-            Case { name: "unknown kind", text: "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n", want: "test.yaml: document 1: kind Deployment (Deployment shop/web) is not used", policies: 0 },
-            Case { name: "no kind", text: "apiVersion: v1\nmetadata: {name: x}\n", want: "document 1: no `kind`", policies: 0 },
-            Case { name: "nested ports under a peer", text: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec:\n  podSelector: {}\n  ingress:\n  - from:\n    - podSelector: {}\n      ports: [{port: 80}]\n", want: "NetworkPolicy default/p: unknown field `spec.ingress[0].from[0].ports` is ignored", policies: 1 },
-            Case { name: "duplicate policy", text: "kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: a}\nspec: {}\n---\nkind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: a}\nspec: {}\n", want: "document 2: NetworkPolicy a/p duplicates the one at test.yaml: document 1", policies: 1 },
-            Case { name: "wrong type in a pod", text: "kind: Pod\napiVersion: v1\nmetadata: {name: p, namespace: a}\nspec: {containers: [{name: c, ports: [{containerPort: eighty}]}]}\n", want: "Pod a/p: field spec.containers[0].ports[0].containerPort: invalid type", policies: 0 },
-            Case { name: "label value not a string", text: "kind: Pod\napiVersion: v1\nmetadata: {name: p, namespace: a, labels: {tier: 1}}\n", want: "Pod a/p: field metadata.labels.tier: invalid type: integer", policies: 0 },
-            Case { name: "bad pod ip", text: "kind: Pod\napiVersion: v1\nmetadata: {name: p, namespace: a}\nstatus: {podIPs: [{ip: 10.0.0.300}]}\n", want: "Pod a/p: status.podIPs entry \"10.0.0.300\" is not an IP address", policies: 0 },
-            Case { name: "invalid policy fails closed", text: "kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/40}}]}]}\n", want: "NetworkPolicy a/p is invalid: spec.ingress[0].from[0].ipBlock.cidr", policies: 1 },
-            Case { name: "unreadable policy fails closed", text: "kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{ports: [{port: [1]}]}]}\n", want: "NetworkPolicy a/p: field spec.ingress[0].ports[0].port", policies: 1 },
+            Case {
+                name: "unknown kind",
+                text: "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n",
+                want: "test.yaml: document 1: kind Deployment (Deployment shop/web) is not used",
+                policies: 0,
+            },
+            Case {
+                name: "no kind",
+                text: "apiVersion: v1\nmetadata: {name: x}\n",
+                want: "document 1: no `kind`",
+                policies: 0,
+            },
+            Case {
+                name: "nested ports under a peer",
+                text: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec:\n  podSelector: {}\n  ingress:\n  - from:\n    - podSelector: {}\n      ports: [{port: 80}]\n",
+                want: "NetworkPolicy default/p: unknown field `spec.ingress[0].from[0].ports` is ignored",
+                policies: 1,
+            },
+            Case {
+                name: "duplicate policy",
+                text: "kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: a}\nspec: {}\n---\nkind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: a}\nspec: {}\n",
+                want: "document 2: NetworkPolicy a/p duplicates the one at test.yaml: document 1",
+                policies: 1,
+            },
+            Case {
+                name: "wrong type in a pod",
+                text: "kind: Pod\napiVersion: v1\nmetadata: {name: p, namespace: a}\nspec: {containers: [{name: c, ports: [{containerPort: eighty}]}]}\n",
+                want: "Pod a/p: field spec.containers[0].ports[0].containerPort: invalid type",
+                policies: 0,
+            },
+            Case {
+                name: "label value not a string",
+                text: "kind: Pod\napiVersion: v1\nmetadata: {name: p, namespace: a, labels: {tier: 1}}\n",
+                want: "Pod a/p: field metadata.labels.tier: invalid type: integer",
+                policies: 0,
+            },
+            Case {
+                name: "bad pod ip",
+                text: "kind: Pod\napiVersion: v1\nmetadata: {name: p, namespace: a}\nstatus: {podIPs: [{ip: 10.0.0.300}]}\n",
+                want: "Pod a/p: status.podIPs entry \"10.0.0.300\" is not an IP address",
+                policies: 0,
+            },
+            Case {
+                name: "invalid policy fails closed",
+                text: "kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/40}}]}]}\n",
+                want: "NetworkPolicy a/p is invalid: spec.ingress[0].from[0].ipBlock.cidr",
+                policies: 1,
+            },
+            Case {
+                name: "unreadable policy fails closed",
+                text: "kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{ports: [{port: [1]}]}]}\n",
+                want: "NetworkPolicy a/p: field spec.ingress[0].ports[0].port",
+                policies: 1,
+            },
         ];
         for c in cases {
             let m = parse(c.text).expect(c.name);
             let all = m.warnings.join("\n");
-            assert!(all.contains(c.want), "case {}: warnings were:\n{all}", c.name);
+            assert!(
+                all.contains(c.want),
+                "case {}: warnings were:\n{all}",
+                c.name
+            );
             assert_eq!(m.policies.len(), c.policies, "case {}", c.name);
         }
     }
@@ -400,15 +481,26 @@ mod tests {
 
     #[test]
     fn malformed_yaml_fails_the_load() {
-        let err = parse("kind: Pod\n---\nkind: [unclosed\n").expect_err("syntax").to_string();
-        assert!(err.starts_with("test.yaml: document 2: malformed YAML"), "{err}");
+        let err = parse("kind: Pod\n---\nkind: [unclosed\n")
+            .expect_err("syntax")
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml: document 2: malformed YAML"),
+            "{err}"
+        );
     }
 
     #[test]
     fn lists_and_defaults() {
         let m = parse("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: shop, labels: {team: a}}\n- apiVersion: v1\n  kind: Pod\n  metadata: {name: web}\n  spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}\n  status: {phase: Running, podIPs: [{ip: 10.0.0.2}, {ip: 'fd00::2'}]}\n").expect("parse");
         assert!(m.warnings.is_empty(), "{:?}", m.warnings);
-        assert_eq!(m.namespaces[0].labels.get("kubernetes.io/metadata.name").map(String::as_str), Some("shop"));
+        assert_eq!(
+            m.namespaces[0]
+                .labels
+                .get("kubernetes.io/metadata.name")
+                .map(String::as_str),
+            Some("shop")
+        );
         assert_eq!(m.pods[0].key.to_string(), "default/web");
         assert_eq!(m.pods[0].ips.len(), 2);
         assert_eq!(m.pods[0].named_ports[0].port, 8080);

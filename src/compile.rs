@@ -1,0 +1,533 @@
+//! Compile a node's resolved policy into the nftables ruleset that enforces it.
+//!
+//! Pure: [`NodePolicy`] → [`Ruleset`]. The layout (DESIGN.md, "The ruleset"):
+//! - three base chains (`egress`, `ingress` at postrouting, `egress-to-node` at input) that
+//!   accept established traffic and IPv6 neighbour discovery, then dispatch through verdict
+//!   maps keyed by local pod address, so dispatch costs the same for 1 or 500 pods;
+//! - per-pod chains that drop invalid packets, jump to each isolating policy's chain, and end
+//!   in a per-pod terminal chain holding the counted drop;
+//! - per-policy chains with one rule per (rule, peer, family, port kind) that `accept`s;
+//! - sets shared by content: one per peer selector, one per ipBlock, one per named-port rule.
+//!
+//! Every name is deterministic (sorted input, FNV-1a hashes), so the same cluster state
+//! always renders byte-identical text.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use crate::model::policy::Direction;
+use crate::model::{Cidr, Family, ObjectKey, Protocol};
+use crate::resolve::{NamedTargets, NodePolicy, PeerPods, ResolvedPeer};
+use crate::ruleset::{Chain, ChainRole, Ruleset, Set};
+
+/// Knobs that change the rendered ruleset.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// When set, drops are also sent to this NFLOG group (`--log-denied`).
+    pub log_group: Option<u16>,
+}
+
+/// Base chain names and hooks. Priorities follow the kube-proxy nftables contract: at
+/// postrouting, DNAT (priority dstnat) has already happened, so Service traffic shows its
+/// backend pod, and masquerade (srcnat) has not, so the pod source address is still visible.
+pub const EGRESS_CHAIN: &str = "egress";
+/// See [`EGRESS_CHAIN`].
+pub const INGRESS_CHAIN: &str = "ingress";
+/// Pod → its own node: such packets never reach postrouting.
+pub const EGRESS_TO_NODE_CHAIN: &str = "egress-to-node";
+
+/// The longest chain or set name the kernel accepts (NFT_NAME_MAXLEN minus the NUL).
+const MAX_NAME: usize = 255;
+
+/// FNV-1a 64: stable across runs, platforms and Rust versions (unlike `DefaultHasher`).
+pub fn stable_hash(s: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // 8 base-32 characters = 40 bits: readable, and collisions are checked at compile time.
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    (0..8)
+        .map(|i| ALPHABET[((h >> (i * 5)) & 31) as usize] as char)
+        .collect()
+}
+
+/// Keep names under the kernel limit; a cut name gets a hash of the full one.
+fn fit_name(full: String) -> String {
+    if full.len() <= MAX_NAME {
+        return full;
+    }
+    let hash = stable_hash(&full);
+    let mut cut = MAX_NAME - hash.len() - 1;
+    while !full.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}~{hash}", &full[..cut])
+}
+
+/// `ingress/<ns>/<pod>`: the per-pod chain.
+pub fn pod_chain_name(direction: Direction, pod: &ObjectKey) -> String {
+    fit_name(format!("{direction}/{}/{}", pod.namespace, pod.name))
+}
+
+/// `ingress/<ns>/<pod>/drop`: the per-pod terminal chain with the drop counter.
+pub fn drop_chain_name(direction: Direction, pod: &ObjectKey) -> String {
+    let chain = pod_chain_name(direction, pod);
+    fit_name(format!("{chain}/drop"))
+}
+
+/// `policy/<ns>/<name>/ingress`: the per-policy chain.
+pub fn policy_chain_name(direction: Direction, policy: &ObjectKey) -> String {
+    fit_name(format!(
+        "policy/{}/{}/{direction}",
+        policy.namespace, policy.name
+    ))
+}
+
+/// Name of the dispatch map for one direction and family, e.g. `ingress-v4`.
+pub fn dispatch_map_name(direction: Direction, family: Family) -> String {
+    format!("{direction}-{}", family.suffix())
+}
+
+/// The log prefix of a drop rule; the deny logger parses it back.
+pub fn log_prefix(direction: Direction, pod: &ObjectKey) -> String {
+    // TODO(denylog): share the encoder with the parser.
+    let d = match direction {
+        Direction::Ingress => "i",
+        Direction::Egress => "e",
+    };
+    let mut p = format!("knp:{d}:{}/{}", pod.namespace, pod.name);
+    p.truncate(127);
+    p
+}
+
+fn addr_type(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ipv4_addr",
+        Family::V6 => "ipv6_addr",
+    }
+}
+
+fn addr_match(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+fn family_of(ip: &IpAddr) -> Family {
+    Family::of(ip)
+}
+
+/// Accumulates shared sets, detecting hash collisions.
+#[derive(Default)]
+struct Sets {
+    by_name: BTreeMap<String, (String, Set)>,
+}
+
+impl Sets {
+    /// Register a set identified by `identity`; returns its name.
+    fn add(&mut self, prefix: &str, identity: &str, make: impl FnOnce(String) -> Set) -> String {
+        let mut salt = 0u32;
+        loop {
+            let keyed = if salt == 0 {
+                identity.to_string()
+            } else {
+                format!("{identity}#{salt}")
+            };
+            let name = format!("{prefix}-{}", stable_hash(&keyed));
+            match self.by_name.get(&name) {
+                Some((id, _)) if id == identity => return name,
+                Some(_) => salt += 1, // a 40-bit collision: vanishingly rare, but never merge sets
+                None => {
+                    let set = make(name.clone());
+                    self.by_name
+                        .insert(name.clone(), (identity.to_string(), set));
+                    return name;
+                }
+            }
+        }
+    }
+}
+
+fn peer_set(sets: &mut Sets, peer: &PeerPods, family: Family) -> String {
+    let identity = format!("{family:?}|{:?}|{}", peer.scope, peer.pods);
+    sets.add(&format!("peers-{}", family.suffix()), &identity, |name| {
+        Set {
+            name,
+            key_type: addr_type(family).into(),
+            verdict_map: false,
+            interval: false,
+            comment: peer.describe(),
+            elements: peer
+                .addrs
+                .iter()
+                .filter(|ip| family_of(ip) == family)
+                .map(ToString::to_string)
+                .collect(),
+        }
+    })
+}
+
+fn cidr_set(sets: &mut Sets, block_text: &str, ranges: &[Cidr], family: Family) -> String {
+    let identity = format!("{family:?}|{block_text}");
+    sets.add(&format!("cidr-{}", family.suffix()), &identity, |name| {
+        Set {
+            name,
+            key_type: addr_type(family).into(),
+            verdict_map: false,
+            interval: true,
+            comment: format!("ipBlock {block_text}"),
+            elements: ranges.iter().map(ToString::to_string).collect(),
+        }
+    })
+}
+
+fn named_set(sets: &mut Sets, owner: &str, named: &NamedTargets, family: Family) -> String {
+    let names = named
+        .names
+        .iter()
+        .map(|(p, n)| format!("{n}/{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let identity = format!("{family:?}|{owner}|{names}");
+    sets.add(&format!("named-{}", family.suffix()), &identity, |name| {
+        Set {
+            name,
+            key_type: format!("{} . inet_proto . inet_service", addr_type(family)),
+            verdict_map: false,
+            interval: false,
+            comment: format!("{owner}: named ports {names}"),
+            elements: named
+                .targets
+                .iter()
+                .filter(|(ip, _, _)| family_of(ip) == family)
+                .map(|(ip, proto, port)| format!("{ip} . {} . {port}", proto.nft_name()))
+                .collect(),
+        }
+    })
+}
+
+fn numeric_ports(ports: &[(Protocol, u16, u16)]) -> String {
+    let items: Vec<String> = ports
+        .iter()
+        .map(|(p, lo, hi)| {
+            if lo == hi {
+                format!("{} . {lo}", p.nft_name())
+            } else {
+                format!("{} . {lo}-{hi}", p.nft_name())
+            }
+        })
+        .collect();
+    format!("meta l4proto . th dport {{ {} }}", items.join(", "))
+}
+
+/// The peer side of a rule: where the peer's address is in the packet.
+fn peer_field(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Ingress => "saddr",
+        Direction::Egress => "daddr",
+    }
+}
+
+/// One `accept` rule from its match expressions.
+fn accept_rule(matches: &[&str], comment: &str) -> String {
+    let mut s = String::new();
+    for m in matches.iter().filter(|m| !m.is_empty()) {
+        s.push_str(m);
+        s.push(' ');
+    }
+    s.push_str("accept comment ");
+    s.push_str(&crate::ruleset::quote_comment(comment));
+    s
+}
+
+/// Rules of one policy chain: per rule, per peer, per family, per kind of port match.
+fn policy_rules(sets: &mut Sets, pr: &crate::resolve::PolicyRules) -> Vec<String> {
+    let d = pr.direction;
+    let peers_key = match d {
+        Direction::Ingress => "from",
+        Direction::Egress => "to",
+    };
+    let mut out = Vec::new();
+    for rule in &pr.rules {
+        let path = format!("spec.{d}[{}]", rule.index);
+        let owner = format!("{} {path}", pr.policy);
+        let numeric = rule
+            .ports
+            .as_ref()
+            .filter(|p| !p.numeric.is_empty())
+            .map(|p| numeric_ports(&p.numeric));
+        let named = rule.ports.as_ref().and_then(|p| p.named.as_ref());
+        let any_port = rule.ports.is_none();
+        let named_match = |sets: &mut Sets, f: Family| {
+            named.map(|n| {
+                let set = named_set(sets, &owner, n, f);
+                format!("{} daddr . meta l4proto . th dport @{set}", addr_match(f))
+            })
+        };
+        // Emit the rules for one peer matcher (empty = any peer).
+        let mut emit = |peer: &str, ports: Option<&str>, comment: &str| match ports {
+            Some(p) => out.push(accept_rule(&[peer, p], comment)),
+            None => out.push(accept_rule(&[peer], comment)),
+        };
+        match &rule.peers {
+            None => {
+                let comment = format!("{path}: any peer");
+                if any_port {
+                    emit("", None, &comment);
+                }
+                if let Some(n) = &numeric {
+                    emit("", Some(n), &comment);
+                }
+                for f in Family::ALL {
+                    if let Some(n) = named_match(sets, f) {
+                        emit("", Some(&n), &comment);
+                    }
+                }
+            }
+            Some(peers) => {
+                for (pi, peer) in peers.iter().enumerate() {
+                    let comment = format!("{path}.{peers_key}[{pi}]");
+                    match peer {
+                        ResolvedPeer::Pods(pods) => {
+                            for f in Family::ALL {
+                                let set = peer_set(sets, pods, f);
+                                let m = format!("{} {} @{set}", addr_match(f), peer_field(d));
+                                if any_port {
+                                    emit(&m, None, &comment);
+                                }
+                                if let Some(n) = &numeric {
+                                    emit(&m, Some(n), &comment);
+                                }
+                                // Ingress: named ports resolve on the selected (destination) pod.
+                                if d == Direction::Ingress {
+                                    if let Some(n) = named_match(sets, f) {
+                                        emit(&m, Some(&n), &comment);
+                                    }
+                                }
+                            }
+                        }
+                        ResolvedPeer::IpBlock { block, ranges } => {
+                            if ranges.is_empty() {
+                                continue; // the excepts cover the whole cidr: matches nothing
+                            }
+                            let f = block.cidr.family();
+                            let mut text = block.cidr.to_string();
+                            if !block.except.is_empty() {
+                                let ex: Vec<String> =
+                                    block.except.iter().map(ToString::to_string).collect();
+                                text.push_str(&format!(" except {}", ex.join(", ")));
+                            }
+                            let set = cidr_set(sets, &text, ranges, f);
+                            let m = format!("{} {} @{set}", addr_match(f), peer_field(d));
+                            if any_port {
+                                emit(&m, None, &comment);
+                            }
+                            // A named port never matches an ipBlock destination.
+                            if let Some(n) = &numeric {
+                                emit(&m, Some(n), &comment);
+                            }
+                        }
+                    }
+                }
+                // Egress: named ports resolve on the peer (destination) pods, so the named set
+                // holds exactly the peer pods that declare the port; no peer set is needed.
+                if d == Direction::Egress {
+                    let has_pod_peer = peers.iter().any(|p| matches!(p, ResolvedPeer::Pods(_)));
+                    if has_pod_peer {
+                        for f in Family::ALL {
+                            if let Some(n) = named_match(sets, f) {
+                                emit(
+                                    "",
+                                    Some(&n),
+                                    &format!("{path}: named ports of {peers_key} pods"),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+const ND_TYPES: &str =
+    "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect";
+
+fn base_chain(
+    name: &str,
+    hook: &'static str,
+    priority: &'static str,
+    comment: &str,
+    dispatch: Direction,
+    from_node: bool,
+) -> Chain {
+    let field = match dispatch {
+        Direction::Ingress => "daddr",
+        Direction::Egress => "saddr",
+    };
+    let mut rules = vec![
+        "ct state established,related accept".to_string(),
+        format!("icmpv6 type {{ {ND_TYPES} }} accept comment \"IPv6 neighbour discovery\""),
+    ];
+    if from_node {
+        rules
+            .push("fib saddr type local accept comment \"from this node (kubelet probes)\"".into());
+    }
+    for f in Family::ALL {
+        rules.push(format!(
+            "{} {field} vmap @{}",
+            addr_match(f),
+            dispatch_map_name(dispatch, f)
+        ));
+    }
+    Chain {
+        name: name.into(),
+        role: ChainRole::Base { hook, priority },
+        comment: comment.into(),
+        rules,
+    }
+}
+
+/// Compile a node's policy into its ruleset.
+pub fn compile(np: &NodePolicy, opts: &CompileOptions) -> Ruleset {
+    let mut sets = Sets::default();
+    let mut chains = vec![
+        base_chain(
+            EGRESS_CHAIN,
+            "postrouting",
+            "srcnat - 10",
+            "traffic leaving local pods (before masquerade)",
+            Direction::Egress,
+            false,
+        ),
+        base_chain(
+            INGRESS_CHAIN,
+            "postrouting",
+            "srcnat - 5",
+            "traffic to local pods (after Service DNAT)",
+            Direction::Ingress,
+            true,
+        ),
+        // nft 1.0.6 accepts only a number at the input hook; 101 = srcnat + 1, after IPVS.
+        base_chain(
+            EGRESS_TO_NODE_CHAIN,
+            "input",
+            "101",
+            "traffic from local pods to this node",
+            Direction::Egress,
+            false,
+        ),
+    ];
+    let mut maps: BTreeMap<(Direction, Family), Vec<(IpAddr, String)>> = BTreeMap::new();
+    let mut other_chains = Vec::new();
+
+    let policy_chain_has_rules: BTreeMap<(ObjectKey, Direction), bool> = np
+        .policies
+        .iter()
+        .map(|p| ((p.policy.clone(), p.direction), !p.rules.is_empty()))
+        .collect();
+
+    for pod in &np.pods {
+        for d in Direction::ALL {
+            let Some(policies) = pod.isolated_by(d) else {
+                continue;
+            };
+            let chain = pod_chain_name(d, &pod.key);
+            let drop = drop_chain_name(d, &pod.key);
+            for ip in &pod.ips {
+                maps.entry((d, family_of(ip)))
+                    .or_default()
+                    .push((*ip, chain.clone()));
+            }
+            let mut rules = vec!["ct state invalid drop".to_string()];
+            for p in policies {
+                if policy_chain_has_rules
+                    .get(&(p.clone(), d))
+                    .copied()
+                    .unwrap_or(false)
+                {
+                    rules.push(format!("jump {}", policy_chain_name(d, p)));
+                }
+            }
+            rules.push(format!("goto {drop}"));
+            let names: Vec<String> = policies.iter().map(ToString::to_string).collect();
+            other_chains.push(Chain {
+                name: chain,
+                role: ChainRole::Pod,
+                comment: format!("{d} of pod {}; isolated by {}", pod.key, names.join(", ")),
+                rules,
+            });
+            let mut drop_rule = String::new();
+            if let Some(group) = opts.log_group {
+                drop_rule.push_str(&format!(
+                    "log prefix \"{}\" group {group} ",
+                    log_prefix(d, &pod.key)
+                ));
+            }
+            drop_rule.push_str("counter packets 0 bytes 0 drop");
+            other_chains.push(Chain {
+                name: drop,
+                role: ChainRole::Drop {
+                    namespace: pod.key.namespace.clone(),
+                    pod: pod.key.name.clone(),
+                    direction: d.as_str(),
+                },
+                comment: format!("{d} to pod {} not allowed by any policy", pod.key)
+                    .replace("egress to pod", "egress from pod"),
+                rules: vec![drop_rule],
+            });
+        }
+    }
+
+    for pr in &np.policies {
+        if pr.rules.is_empty() {
+            continue; // pods still jump nowhere and fall through to their drop
+        }
+        let rules = policy_rules(&mut sets, pr);
+        let mut comment = format!("NetworkPolicy {} {} rules", pr.policy, pr.direction);
+        if let Some(reason) = &pr.invalid {
+            comment.push_str(&format!(" (invalid: {reason})"));
+        }
+        other_chains.push(Chain {
+            name: policy_chain_name(pr.direction, &pr.policy),
+            role: ChainRole::Policy,
+            comment,
+            rules,
+        });
+    }
+    other_chains.sort_by(|a, b| a.name.cmp(&b.name));
+    chains.extend(other_chains);
+
+    let mut all_sets = Vec::new();
+    for d in [Direction::Ingress, Direction::Egress] {
+        for f in Family::ALL {
+            let mut elems = maps.remove(&(d, f)).unwrap_or_default();
+            elems.sort();
+            all_sets.push(Set {
+                name: dispatch_map_name(d, f),
+                key_type: addr_type(f).into(),
+                verdict_map: true,
+                interval: false,
+                comment: format!("local pods isolated for {d}, by address"),
+                elements: elems
+                    .into_iter()
+                    .map(|(ip, chain)| format!("{ip} : goto {chain}"))
+                    .collect(),
+            });
+        }
+    }
+    all_sets.extend(sets.by_name.into_values().map(|(_, s)| s));
+
+    Ruleset {
+        comment: format!(
+            "NetworkPolicy for node {}; managed by kube-nftpolicy, do not edit",
+            np.node
+        ),
+        sets: all_sets,
+        chains,
+    }
+}

@@ -1,0 +1,391 @@
+//! Turn a cluster snapshot into what one node must enforce.
+//!
+//! Pure: snapshot + node name → [`NodePolicy`]. This is where the NetworkPolicy semantics
+//! live: which local pods are isolated and by which policies, every peer selector turned into
+//! addresses, every named port turned into concrete (address, protocol, port) tuples on the
+//! pod that owns it. The compiler after this step only decides how to say it in nftables.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::index::Snapshot;
+use crate::model::cidr::subtract;
+use crate::model::policy::Direction;
+use crate::model::{
+    Cidr, IpBlock, Labels, NAMESPACE_NAME_LABEL, NamespaceScope, ObjectKey, Peer, PodInfo, Policy,
+    PortMatch, Protocol, Selector,
+};
+
+/// Everything one node enforces.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePolicy {
+    /// The node.
+    pub node: String,
+    /// Local pods isolated in at least one direction, sorted by key.
+    pub pods: Vec<LocalPod>,
+    /// Rules of each (policy, direction) that selects at least one local pod, sorted.
+    pub policies: Vec<PolicyRules>,
+}
+
+/// A pod on this node that some policy isolates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPod {
+    /// Namespace/name.
+    pub key: ObjectKey,
+    /// Its addresses.
+    pub ips: Vec<IpAddr>,
+    /// Policies isolating it for ingress (`None` = not isolated), sorted.
+    pub ingress: Option<Vec<ObjectKey>>,
+    /// Policies isolating it for egress.
+    pub egress: Option<Vec<ObjectKey>>,
+}
+
+impl LocalPod {
+    /// Isolating policies for one direction.
+    pub fn isolated_by(&self, d: Direction) -> Option<&[ObjectKey]> {
+        match d {
+            Direction::Ingress => self.ingress.as_deref(),
+            Direction::Egress => self.egress.as_deref(),
+        }
+    }
+}
+
+/// The allow rules of one policy in one direction, shared by all local pods it selects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyRules {
+    /// The policy.
+    pub policy: ObjectKey,
+    /// Direction.
+    pub direction: Direction,
+    /// Local pods it selects.
+    pub selected: Vec<ObjectKey>,
+    /// Set when the policy is invalid (then `rules` is empty).
+    pub invalid: Option<String>,
+    /// The rules, in spec order.
+    pub rules: Vec<ResolvedRule>,
+}
+
+/// One ingress/egress rule with peers and ports resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedRule {
+    /// Position in `spec.ingress`/`spec.egress`.
+    pub index: usize,
+    /// `None` = every peer.
+    pub peers: Option<Vec<ResolvedPeer>>,
+    /// `None` = every port.
+    pub ports: Option<ResolvedPorts>,
+}
+
+/// A peer turned into addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResolvedPeer {
+    /// Pods matched by a selector pair.
+    Pods(Arc<PeerPods>),
+    /// An ipBlock with its excepts cut out.
+    IpBlock {
+        /// The block as written.
+        block: IpBlock,
+        /// Disjoint prefixes covering cidr minus excepts.
+        ranges: Vec<Cidr>,
+    },
+}
+
+/// The pods one selector pair matches, shared between every rule that uses the same pair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerPods {
+    /// The selector pair (canonical identity of the set).
+    pub scope: NamespaceScope,
+    /// Pod selector.
+    pub pods: Selector,
+    /// Matched pods.
+    pub members: Vec<ObjectKey>,
+    /// Their addresses.
+    pub addrs: BTreeSet<IpAddr>,
+}
+
+impl PeerPods {
+    /// Readable description, e.g. `pods app=web in namespaces team=a`.
+    pub fn describe(&self) -> String {
+        let ns = match &self.scope {
+            NamespaceScope::Own(ns) => format!("namespace {ns}"),
+            NamespaceScope::Selector(s) if s.is_empty() => "all namespaces".to_string(),
+            NamespaceScope::Selector(s) => format!("namespaces {s}"),
+        };
+        if self.pods.is_empty() {
+            format!("all pods in {ns}")
+        } else {
+            format!("pods {} in {ns}", self.pods)
+        }
+    }
+}
+
+/// Ports of a rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResolvedPorts {
+    /// Numeric ports as merged, sorted inclusive ranges (a protocol with no port is 0-65535).
+    pub numeric: Vec<(Protocol, u16, u16)>,
+    /// Named ports, if the rule has any.
+    pub named: Option<NamedTargets>,
+}
+
+/// Named ports resolved on the pods that own them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamedTargets {
+    /// The names as written, with protocol.
+    pub names: Vec<(Protocol, String)>,
+    /// (destination pod address, protocol, port) for every pod that declares the name.
+    pub targets: BTreeSet<(IpAddr, Protocol, u16)>,
+}
+
+/// Labels a namespace selector sees for `ns`, even when the Namespace object is unknown.
+fn namespace_labels(snapshot: &Snapshot, ns: &str) -> Labels {
+    match snapshot.namespaces.get(&ns.to_string()) {
+        Some(info) => info.labels.clone(),
+        None => Labels::from([(NAMESPACE_NAME_LABEL.to_string(), ns.to_string())]),
+    }
+}
+
+struct Resolver<'a> {
+    snapshot: &'a Snapshot,
+    /// Every namespace name: declared ones and those only pods mention.
+    namespaces: BTreeSet<String>,
+    peers: BTreeMap<(NamespaceScope, Selector), Arc<PeerPods>>,
+}
+
+impl<'a> Resolver<'a> {
+    fn pods_in(&self, ns: &str) -> impl Iterator<Item = &'a Arc<PodInfo>> + 'a {
+        let start = ObjectKey::new(ns, "");
+        let ns = ns.to_string();
+        self.snapshot
+            .pods
+            .range(start..)
+            .take_while(move |(k, _)| k.namespace == ns)
+            .map(|(_, p)| p)
+            .filter(|p| p.is_policy_target())
+    }
+
+    fn matching_namespaces(&self, scope: &NamespaceScope) -> Vec<String> {
+        match scope {
+            NamespaceScope::Own(ns) => vec![ns.clone()],
+            NamespaceScope::Selector(sel) => self
+                .namespaces
+                .iter()
+                .filter(|ns| sel.matches(&namespace_labels(self.snapshot, ns)))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    fn peer_pods(&mut self, scope: &NamespaceScope, pods: &Selector) -> Arc<PeerPods> {
+        let key = (scope.clone(), pods.clone());
+        if let Some(hit) = self.peers.get(&key) {
+            return hit.clone();
+        }
+        let mut members = Vec::new();
+        let mut addrs = BTreeSet::new();
+        for ns in self.matching_namespaces(scope) {
+            for pod in self.pods_in(&ns) {
+                if pods.matches(&pod.labels) {
+                    members.push(pod.key.clone());
+                    addrs.extend(pod.ips.iter().copied());
+                }
+            }
+        }
+        let resolved = Arc::new(PeerPods {
+            scope: scope.clone(),
+            pods: pods.clone(),
+            members,
+            addrs,
+        });
+        self.peers.insert(key, resolved.clone());
+        resolved
+    }
+
+    /// Pods a named port may resolve on, for egress: every pod the rule's pod peers match,
+    /// or every pod in the cluster when the rule has no peers.
+    fn egress_named_candidates(&mut self, peers: Option<&[Peer]>) -> Vec<Arc<PodInfo>> {
+        match peers {
+            None => self
+                .snapshot
+                .pods
+                .iter()
+                .map(|(_, p)| p.clone())
+                .filter(|p| p.is_policy_target())
+                .collect(),
+            Some(list) => {
+                let mut keys = BTreeSet::new();
+                for p in list {
+                    if let Peer::Pods { namespaces, pods } = p {
+                        keys.extend(self.peer_pods(namespaces, pods).members.iter().cloned());
+                    }
+                }
+                keys.iter()
+                    .filter_map(|k| self.snapshot.pods.get(k).cloned())
+                    .collect()
+            }
+        }
+    }
+}
+
+fn merge_ranges(mut v: Vec<(Protocol, u16, u16)>) -> Vec<(Protocol, u16, u16)> {
+    v.sort();
+    let mut out: Vec<(Protocol, u16, u16)> = Vec::with_capacity(v.len());
+    for (p, lo, hi) in v {
+        match out.last_mut() {
+            Some((lp, _, lhi)) if *lp == p && u32::from(lo) <= u32::from(*lhi) + 1 => {
+                *lhi = (*lhi).max(hi);
+            }
+            _ => out.push((p, lo, hi)),
+        }
+    }
+    out
+}
+
+fn named_targets(
+    names: &[(Protocol, String)],
+    pods: impl IntoIterator<Item = impl AsRef<PodInfo>>,
+) -> NamedTargets {
+    let mut targets = BTreeSet::new();
+    for pod in pods {
+        let pod = pod.as_ref();
+        for (proto, name) in names {
+            if let Some(port) = pod.resolve_named_port(name, *proto) {
+                targets.extend(pod.ips.iter().map(|ip| (*ip, *proto, port)));
+            }
+        }
+    }
+    NamedTargets {
+        names: names.to_vec(),
+        targets,
+    }
+}
+
+/// Compute what `node` enforces.
+pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
+    let mut namespaces: BTreeSet<String> =
+        snapshot.namespaces.iter().map(|(k, _)| k.clone()).collect();
+    namespaces.extend(snapshot.pods.iter().map(|(k, _)| k.namespace.clone()));
+    let mut r = Resolver {
+        snapshot,
+        namespaces,
+        peers: BTreeMap::new(),
+    };
+
+    // Local pods that policy can apply to.
+    let local: Vec<&Arc<PodInfo>> = snapshot
+        .pods
+        .iter()
+        .map(|(_, p)| p)
+        .filter(|p| p.is_policy_target() && p.node.as_deref() == Some(node))
+        .collect();
+
+    let mut isolation: BTreeMap<ObjectKey, [Option<Vec<ObjectKey>>; 2]> = BTreeMap::new();
+    let mut policies = Vec::new();
+    for (key, policy) in snapshot.policies.iter() {
+        let selected: Vec<&Arc<PodInfo>> = local
+            .iter()
+            .copied()
+            .filter(|p| p.key.namespace == key.namespace && policy.pod_selector.matches(&p.labels))
+            .collect();
+        if selected.is_empty() {
+            continue;
+        }
+        for (di, direction) in Direction::ALL.into_iter().enumerate() {
+            let Some(rules) = policy.rules(direction) else {
+                continue;
+            };
+            for pod in &selected {
+                isolation.entry(pod.key.clone()).or_default()[di]
+                    .get_or_insert_with(Vec::new)
+                    .push(key.clone());
+            }
+            let resolved = rules
+                .iter()
+                .enumerate()
+                .map(|(index, rule)| {
+                    resolve_rule(&mut r, policy, direction, index, rule, &selected)
+                })
+                .collect();
+            policies.push(PolicyRules {
+                policy: key.clone(),
+                direction,
+                selected: selected.iter().map(|p| p.key.clone()).collect(),
+                invalid: policy.invalid.clone(),
+                rules: resolved,
+            });
+        }
+    }
+
+    let pods = local
+        .iter()
+        .filter_map(|p| {
+            let [ingress, egress] = isolation.remove(&p.key)?;
+            Some(LocalPod {
+                key: p.key.clone(),
+                ips: p.ips.clone(),
+                ingress,
+                egress,
+            })
+        })
+        .collect();
+    NodePolicy {
+        node: node.to_string(),
+        pods,
+        policies,
+    }
+}
+
+fn resolve_rule(
+    r: &mut Resolver<'_>,
+    _policy: &Policy,
+    direction: Direction,
+    index: usize,
+    rule: &crate::model::Rule,
+    selected: &[&Arc<PodInfo>],
+) -> ResolvedRule {
+    let peers = rule.peers.as_ref().map(|list| {
+        list.iter()
+            .map(|p| match p {
+                Peer::Pods { namespaces, pods } => {
+                    ResolvedPeer::Pods(r.peer_pods(namespaces, pods))
+                }
+                Peer::IpBlock(block) => ResolvedPeer::IpBlock {
+                    ranges: subtract(&block.cidr, &block.except),
+                    block: block.clone(),
+                },
+            })
+            .collect()
+    });
+    let ports = rule.ports.as_ref().map(|list| {
+        let mut numeric = Vec::new();
+        let mut names = Vec::new();
+        for spec in list {
+            match &spec.port {
+                PortMatch::All => numeric.push((spec.protocol, 0, u16::MAX)),
+                PortMatch::Range(lo, hi) => numeric.push((spec.protocol, *lo, *hi)),
+                PortMatch::Named(n) => names.push((spec.protocol, n.clone())),
+            }
+        }
+        names.sort();
+        names.dedup();
+        let named = (!names.is_empty()).then(|| match direction {
+            // Ingress: the destination is the selected pod itself.
+            Direction::Ingress => named_targets(&names, selected.iter().map(|p| (*p).clone())),
+            // Egress: the destination is the peer pod.
+            Direction::Egress => {
+                let candidates = r.egress_named_candidates(rule.peers.as_deref());
+                named_targets(&names, candidates)
+            }
+        });
+        ResolvedPorts {
+            numeric: merge_ranges(numeric),
+            named,
+        }
+    });
+    ResolvedRule {
+        index,
+        peers,
+        ports,
+    }
+}

@@ -1,0 +1,194 @@
+//! The nftables ruleset as data, and its rendering as an `nft -f` script.
+//!
+//! The compiler produces a [`Ruleset`]; the dataplane diffs two of them to build partial
+//! transactions; `render` prints one for people and golden tests. Rules are kept as rendered
+//! nft statements: the compiler owns their shape, and equality of text is exactly the
+//! equality the kernel cares about when deciding what to rewrite.
+
+use std::fmt::Write as _;
+
+/// Name of the one table we own.
+pub const TABLE: &str = "kube-nftpolicy";
+
+/// The whole table for one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    /// Table comment.
+    pub comment: String,
+    /// Sets and maps, in render order.
+    pub sets: Vec<Set>,
+    /// Chains, in render order (base chains first).
+    pub chains: Vec<Chain>,
+}
+
+/// A named set or verdict map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Set {
+    /// Name.
+    pub name: String,
+    /// `type` clause, e.g. `ipv4_addr . inet_proto . inet_service`.
+    pub key_type: String,
+    /// Maps to verdicts (`: verdict`).
+    pub verdict_map: bool,
+    /// Holds prefixes/ranges (`flags interval`).
+    pub interval: bool,
+    /// Which Kubernetes objects it stands for.
+    pub comment: String,
+    /// Elements as nft writes them, sorted in the order they should print.
+    pub elements: Vec<String>,
+}
+
+/// What a chain is for; the dataplane treats them differently.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ChainRole {
+    /// A base chain attached to a hook.
+    Base {
+        /// Hook name.
+        hook: &'static str,
+        /// Priority expression as nft accepts it.
+        priority: &'static str,
+    },
+    /// Per-pod dispatch chain.
+    Pod,
+    /// Per-policy rule chain.
+    Policy,
+    /// Per-pod terminal chain that holds the drop counter; created once, never rewritten,
+    /// so its counter survives every sync.
+    Drop {
+        /// Pod namespace.
+        namespace: String,
+        /// Pod name.
+        pod: String,
+        /// `ingress` or `egress`.
+        direction: &'static str,
+    },
+}
+
+/// A chain and its rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: ChainRole,
+    /// Which Kubernetes objects it stands for.
+    pub comment: String,
+    /// Rules, rendered.
+    pub rules: Vec<String>,
+}
+
+impl Ruleset {
+    /// Look up a chain.
+    pub fn chain(&self, name: &str) -> Option<&Chain> {
+        self.chains.iter().find(|c| c.name == name)
+    }
+
+    /// Look up a set or map.
+    pub fn set(&self, name: &str) -> Option<&Set> {
+        self.sets.iter().find(|s| s.name == name)
+    }
+
+    /// Total number of set and map elements.
+    pub fn element_count(&self) -> usize {
+        self.sets.iter().map(|s| s.elements.len()).sum()
+    }
+}
+
+/// Quote a string for an nft `comment` (max 128 bytes; quotes cannot be escaped).
+pub fn quote_comment(s: &str) -> String {
+    const MAX: usize = 127;
+    let clean: String = s
+        .chars()
+        .map(|c| if c == '"' || c.is_control() { '\'' } else { c })
+        .collect();
+    let mut out = clean;
+    if out.len() > MAX {
+        let mut cut = MAX - 3;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push_str("...");
+    }
+    format!("\"{out}\"")
+}
+
+impl Set {
+    /// The declaration line(s) without elements, as used inside `add set`.
+    pub fn spec(&self) -> String {
+        let mut s = format!("type {}", self.key_type);
+        if self.verdict_map {
+            s.push_str(" : verdict");
+        }
+        s.push_str("; ");
+        if self.interval {
+            s.push_str("flags interval; ");
+        }
+        let _ = write!(s, "comment {};", quote_comment(&self.comment));
+        s
+    }
+
+    /// `set`/`map` keyword.
+    pub fn keyword(&self) -> &'static str {
+        if self.verdict_map { "map" } else { "set" }
+    }
+}
+
+impl Chain {
+    /// The `type … hook … priority …; policy accept;` clause of a base chain.
+    pub fn hook_spec(&self) -> Option<String> {
+        match &self.role {
+            ChainRole::Base { hook, priority } => Some(format!(
+                "type filter hook {hook} priority {priority}; policy accept;"
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// Render the declarative script: loading it creates the table, or replaces an existing one
+/// atomically (the `add`/`delete` pair makes the delete valid when the table is absent).
+pub fn render(ruleset: &Ruleset, header: &str) -> String {
+    let mut out = String::new();
+    out.push_str("#!/usr/sbin/nft -f\n");
+    for line in header.lines() {
+        let _ = writeln!(out, "# {line}");
+    }
+    let _ = writeln!(out, "add table inet {TABLE}");
+    let _ = writeln!(out, "delete table inet {TABLE}");
+    let _ = writeln!(out, "table inet {TABLE} {{");
+    let _ = writeln!(out, "\tcomment {}", quote_comment(&ruleset.comment));
+    for set in &ruleset.sets {
+        let _ = writeln!(out, "\n\t{} {} {{", set.keyword(), set.name);
+        let mut ty = format!("type {}", set.key_type);
+        if set.verdict_map {
+            ty.push_str(" : verdict");
+        }
+        let _ = writeln!(out, "\t\t{ty}");
+        if set.interval {
+            let _ = writeln!(out, "\t\tflags interval");
+        }
+        let _ = writeln!(out, "\t\tcomment {}", quote_comment(&set.comment));
+        if !set.elements.is_empty() {
+            let _ = writeln!(out, "\t\telements = {{");
+            for e in &set.elements {
+                let _ = writeln!(out, "\t\t\t{e},");
+            }
+            let _ = writeln!(out, "\t\t}}");
+        }
+        let _ = writeln!(out, "\t}}");
+    }
+    for chain in &ruleset.chains {
+        let _ = writeln!(out, "\n\tchain {} {{", chain.name);
+        let _ = writeln!(out, "\t\tcomment {}", quote_comment(&chain.comment));
+        if let Some(spec) = chain.hook_spec() {
+            let _ = writeln!(out, "\t\t{spec}");
+        }
+        for rule in &chain.rules {
+            let _ = writeln!(out, "\t\t{rule}");
+        }
+        let _ = writeln!(out, "\t}}");
+    }
+    out.push_str("}\n");
+    out
+}
