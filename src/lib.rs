@@ -21,11 +21,13 @@
 
 pub mod admin;
 pub mod compile;
+pub mod dataplane;
 pub mod denylog;
 pub mod index;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod nflog;
+pub mod nft;
 pub mod resolve;
 pub mod ruleset;

@@ -1,0 +1,259 @@
+//! Keep the kernel's copy of our table equal to the desired ruleset.
+//!
+//! Remembers what was applied last, chooses between a full and a partial transaction, and
+//! falls back to a full sync after any failure or detected drift. Blocking (it runs `nft` and
+//! netlink dumps); the agent calls it from a blocking task.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use crate::model::policy::Direction;
+use crate::nft::exec::{ExecError, Nft};
+use crate::nft::readback::{self, ReadbackError};
+use crate::nft::transaction::{self, Kind, Transaction};
+use crate::nft::{Counter, KernelState};
+use crate::ruleset::{ChainRole, Ruleset, TABLE};
+
+/// Why a sync failed. The kernel still holds the previous ruleset in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// Reading the kernel state (needed for a full sync) failed.
+    #[error("sync failed while reading the kernel state: {0}")]
+    Readback(#[from] ReadbackError),
+    /// nft failed or rejected the transaction.
+    #[error("sync failed: {0}")]
+    Exec(#[from] ExecError),
+}
+
+impl SyncError {
+    /// Bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Readback(_) => "readback",
+            Self::Exec(ExecError::Spawn { .. }) => "nft_exec",
+            Self::Exec(ExecError::Rejected { .. }) => "nft_rejected",
+        }
+    }
+}
+
+/// What one sync did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncReport {
+    /// `None` when nothing had to change.
+    pub kind: Option<Kind>,
+    /// Size of the transaction sent.
+    pub script_bytes: usize,
+    /// Chains written.
+    pub chains_written: usize,
+    /// Set/map elements added or deleted.
+    pub element_changes: usize,
+    /// Wall time, including the read-back of a full sync.
+    pub duration: Duration,
+}
+
+/// A pod's drop counter as read from the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodDrops {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Direction.
+    pub direction: Direction,
+    /// Counter.
+    pub counter: Counter,
+}
+
+/// The kernel-side state machine.
+#[derive(Debug)]
+pub struct Dataplane {
+    nft: Nft,
+    applied: Option<Ruleset>,
+    pending_delete: BTreeSet<String>,
+    force_full: bool,
+}
+
+fn is_drop_chain(name: &str) -> bool {
+    name.ends_with("/drop")
+}
+
+/// Chains whose rules rustables can decode and that drift checks compare.
+fn checkable(name: &str) -> bool {
+    !name.starts_with("policy/")
+}
+
+impl Dataplane {
+    /// A dataplane whose first sync is a full one.
+    pub fn new(nft: Nft) -> Self {
+        Self {
+            nft,
+            applied: None,
+            pending_delete: BTreeSet::new(),
+            force_full: true,
+        }
+    }
+
+    /// Make the next sync a full one (periodic resync, after drift).
+    pub fn request_full_sync(&mut self) {
+        self.force_full = true;
+    }
+
+    /// The ruleset the kernel holds, as far as we know.
+    pub fn applied(&self) -> Option<&Ruleset> {
+        self.applied.as_ref()
+    }
+
+    /// The transaction the next sync would send.
+    pub fn plan(&self, desired: &Ruleset) -> Result<Transaction, ReadbackError> {
+        match (&self.applied, self.force_full) {
+            (Some(applied), false) => {
+                Ok(transaction::partial(applied, desired, &self.pending_delete))
+            }
+            _ => {
+                // Rules of terminal chains (to keep their counters) and of chains we no longer
+                // want (an empty one was flushed earlier and can be deleted now).
+                let wanted: std::collections::HashSet<&str> =
+                    desired.chains.iter().map(|c| c.name.as_str()).collect();
+                let kernel =
+                    readback::read(&|name: &str| is_drop_chain(name) || !wanted.contains(name))?;
+                Ok(transaction::full(desired, &kernel))
+            }
+        }
+    }
+
+    /// Make the kernel hold `desired`.
+    pub fn sync(&mut self, desired: &Ruleset) -> Result<SyncReport, SyncError> {
+        let start = Instant::now();
+        let txn = match self.plan(desired) {
+            Ok(t) => t,
+            Err(e) => {
+                self.force_full = true;
+                return Err(e.into());
+            }
+        };
+        if txn.script.is_empty() {
+            return Ok(SyncReport {
+                kind: None,
+                script_bytes: 0,
+                chains_written: 0,
+                element_changes: 0,
+                duration: start.elapsed(),
+            });
+        }
+        if let Err(e) = self.nft.apply(&txn.script) {
+            // The kernel kept the old ruleset; we no longer know exactly how it relates to
+            // `applied`, so the next attempt rebuilds everything.
+            self.force_full = true;
+            return Err(e.into());
+        }
+        self.applied = Some(desired.clone());
+        self.pending_delete = txn.delete_next;
+        self.force_full = false;
+        Ok(SyncReport {
+            kind: Some(txn.kind),
+            script_bytes: txn.script.len(),
+            chains_written: txn.chains_written,
+            element_changes: txn.element_changes,
+            duration: start.elapsed(),
+        })
+    }
+
+    /// Compare the kernel with what we applied. On drift, the next sync is a full one and the
+    /// returned text says what was wrong.
+    pub fn check_drift(&mut self) -> Result<Option<String>, ReadbackError> {
+        let Some(applied) = &self.applied else {
+            return Ok(None);
+        };
+        let kernel = readback::read(&|name: &str| checkable(name))?;
+        let drift = drift(applied, &kernel, &self.pending_delete);
+        if drift.is_some() {
+            self.force_full = true;
+        }
+        Ok(drift)
+    }
+
+    /// Read every local pod's drop counters.
+    pub fn drop_counters(&self) -> Result<Vec<PodDrops>, ReadbackError> {
+        let Some(applied) = &self.applied else {
+            return Ok(Vec::new());
+        };
+        let kernel = readback::read(&|name: &str| is_drop_chain(name))?;
+        Ok(drop_counters(applied, &kernel))
+    }
+}
+
+/// Pair the terminal chains of `applied` with their kernel counters.
+pub fn drop_counters(applied: &Ruleset, kernel: &KernelState) -> Vec<PodDrops> {
+    applied
+        .chains
+        .iter()
+        .filter_map(|c| match &c.role {
+            ChainRole::Drop {
+                namespace,
+                pod,
+                direction,
+            } => Some(PodDrops {
+                namespace: namespace.clone(),
+                pod: pod.clone(),
+                direction: if *direction == "ingress" {
+                    Direction::Ingress
+                } else {
+                    Direction::Egress
+                },
+                counter: kernel
+                    .chains
+                    .get(&c.name)
+                    .and_then(|k| k.counter)
+                    .unwrap_or_default(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What differs between the applied ruleset and the kernel, if anything.
+pub fn drift(
+    applied: &Ruleset,
+    kernel: &KernelState,
+    pending: &BTreeSet<String>,
+) -> Option<String> {
+    if !kernel.table {
+        return Some(format!("table inet {TABLE} is missing"));
+    }
+    for chain in &applied.chains {
+        match kernel.chains.get(&chain.name) {
+            None => return Some(format!("chain {} is missing", chain.name)),
+            Some(k) => {
+                if let Some(n) = k.rules {
+                    if checkable(&chain.name) && n != chain.rules.len() {
+                        return Some(format!(
+                            "chain {} holds {n} rules instead of {}",
+                            chain.name,
+                            chain.rules.len()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    for name in kernel.chains.keys() {
+        if applied.chain(name).is_none() && !pending.contains(name) {
+            return Some(format!("chain {name} is not ours"));
+        }
+    }
+    for set in &applied.sets {
+        if kernel.sets.binary_search(&set.name).is_err() {
+            return Some(format!("set {} is missing", set.name));
+        }
+    }
+    None
+}
+
+/// Remove our table (and nothing else). Returns whether it existed.
+pub fn cleanup(nft: &Nft) -> Result<bool, SyncError> {
+    if !readback::table_exists()? {
+        return Ok(false);
+    }
+    nft.apply(&format!("delete table inet {TABLE}\n"))?;
+    Ok(true)
+}
