@@ -23,6 +23,7 @@ pub mod admin;
 pub mod compile;
 pub mod dataplane;
 pub mod denylog;
+pub mod evaluate;
 pub mod index;
 pub mod manifest;
 pub mod metrics;
