@@ -92,14 +92,7 @@ pub fn dispatch_map_name(direction: Direction, family: Family) -> String {
 
 /// The log prefix of a drop rule; the deny logger parses it back.
 pub fn log_prefix(direction: Direction, pod: &ObjectKey) -> String {
-    // TODO(denylog): share the encoder with the parser.
-    let d = match direction {
-        Direction::Ingress => "i",
-        Direction::Egress => "e",
-    };
-    let mut p = format!("knp:{d}:{}/{}", pod.namespace, pod.name);
-    p.truncate(127);
-    p
+    crate::denylog::encode_prefix(direction, &pod.namespace, &pod.name)
 }
 
 fn addr_type(f: Family) -> &'static str {

@@ -1,1 +1,948 @@
-//! (in progress)
+//! Turning packets logged by drop rules into a bounded stream of "connection denied" lines.
+//!
+//! A denied connection shows up as many dropped packets (retransmitted SYNs, a UDP sender that
+//! keeps trying), and an attacker can make any number of distinct ones. Logging each packet
+//! would flood the log and let a remote peer grow the agent's memory, so this module decides
+//! which packets deserve a line: the first packet of a flow within a dedup window, subject to
+//! a global token bucket, with a flow table of bounded size whose entries expire.
+//!
+//! It also owns the `log prefix` format that ties a kernel log message back to the isolated
+//! pod, since the rule generator and this parser must agree on it. Everything here is pure:
+//! no I/O, and time is passed in, so behaviour under floods is unit-tested deterministically.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use crate::nflog::LoggedPacket;
+
+/// First field of every prefix the agent generates, so foreign log rules are told apart.
+pub const PREFIX_TAG: &str = "knp";
+/// nftables (and the kernel's `NF_LOG_PREFIXLEN`) allow 127 bytes plus the terminating NUL.
+pub const MAX_PREFIX_LEN: usize = 127;
+/// Marks a name that was shortened or sanitised; `~` cannot occur in Kubernetes names.
+const ABBREVIATION_MARK: char = '~';
+/// Hex digits of the hash that keeps abbreviated names distinct.
+const HASH_LEN: usize = 8;
+/// Shortest encoding of any name: the mark and the hash.
+const MIN_ENCODED_LEN: usize = 1 + HASH_LEN;
+/// Namespaces are DNS-1123 labels. Capping them here guarantees the pod name keeps most of
+/// the remaining room even if a caller passes something longer.
+const MAX_NAMESPACE_LEN: usize = 63;
+
+/// Which side of the isolated pod the denied traffic was on (the crate-wide direction).
+pub use crate::model::policy::Direction as DenyDirection;
+
+/// What a log prefix says: the direction and the isolated pod.
+///
+/// `namespace` and `pod` are the names as encoded in the prefix. Names that did not fit (or
+/// contained characters outside `[a-z0-9.-]`) are abbreviated to `<head>~<hash>`; use
+/// [`DenyTarget::refers_to`] to match such a target against full names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenyTarget {
+    pub direction: DenyDirection,
+    pub namespace: String,
+    pub pod: String,
+}
+
+impl DenyTarget {
+    /// The prefix this target was parsed from.
+    pub fn prefix(&self) -> String {
+        format!(
+            "{PREFIX_TAG}:{}:{}/{}",
+            self.direction, self.namespace, self.pod
+        )
+    }
+
+    /// Whether either name was abbreviated and so differs from the real name.
+    pub fn is_abbreviated(&self) -> bool {
+        self.namespace.contains(ABBREVIATION_MARK) || self.pod.contains(ABBREVIATION_MARK)
+    }
+
+    /// Whether this target names `namespace/pod`. Encoding is deterministic, so re-encoding
+    /// the full names reproduces the same prefix exactly when they are the named pod (up to
+    /// hash collisions among names sharing the kept head).
+    pub fn refers_to(&self, namespace: &str, pod: &str) -> bool {
+        encode_prefix(self.direction, namespace, pod) == self.prefix()
+    }
+}
+
+/// Why a log prefix is not one of the agent's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrefixError {
+    #[error("log prefix {prefix:?} does not start with \"{PREFIX_TAG}:\"")]
+    NotOurs { prefix: String },
+    #[error("log prefix {prefix:?} has no direction field")]
+    MissingDirection { prefix: String },
+    #[error("log prefix {prefix:?} has unknown direction {direction:?}")]
+    UnknownDirection { prefix: String, direction: String },
+    #[error("log prefix {prefix:?} has no namespace/pod separator")]
+    MissingSeparator { prefix: String },
+    #[error("log prefix {prefix:?} has an invalid {what} name")]
+    InvalidName { prefix: String, what: &'static str },
+}
+
+/// The `log prefix` for drops of `direction` traffic of `namespace/pod`.
+///
+/// The format is `knp:<ingress|egress>:<namespace>/<pod>`, at most [`MAX_PREFIX_LEN`] bytes.
+/// Each name appears verbatim when it is a well-formed Kubernetes name that fits; otherwise it
+/// becomes as much of it as fits (other characters replaced by `_`) followed by `~` and 8 hex
+/// digits of a hash of the full name. Neither `~`, `_`, `/` nor `:` occur in Kubernetes names,
+/// so the result always parses back, and only `[a-z0-9._~:/-]` is ever emitted, which needs no
+/// escaping inside the nft rule's quoted string.
+pub fn encode_prefix(direction: DenyDirection, namespace: &str, pod: &str) -> String {
+    let head = format!("{PREFIX_TAG}:{direction}:");
+    // Room for both names and the '/' between them; at least 105 bytes, so both minimum
+    // encodings always fit.
+    let room = MAX_PREFIX_LEN - head.len() - 1;
+    let namespace = encode_name(namespace, MAX_NAMESPACE_LEN.min(room - MIN_ENCODED_LEN));
+    let pod = encode_name(pod, room - namespace.len());
+    format!("{head}{namespace}/{pod}")
+}
+
+/// Read a prefix made by [`encode_prefix`] back into its parts.
+pub fn parse_prefix(prefix: &str) -> Result<DenyTarget, PrefixError> {
+    let owned = || prefix.to_string();
+    let rest = prefix
+        .strip_prefix(PREFIX_TAG)
+        .and_then(|rest| rest.strip_prefix(':'))
+        .ok_or_else(|| PrefixError::NotOurs { prefix: owned() })?;
+    let (direction, names) = rest
+        .split_once(':')
+        .ok_or_else(|| PrefixError::MissingDirection { prefix: owned() })?;
+    let direction = match direction {
+        "ingress" => DenyDirection::Ingress,
+        "egress" => DenyDirection::Egress,
+        other => {
+            return Err(PrefixError::UnknownDirection {
+                prefix: owned(),
+                direction: other.to_string(),
+            });
+        }
+    };
+    let (namespace, pod) = names
+        .split_once('/')
+        .ok_or_else(|| PrefixError::MissingSeparator { prefix: owned() })?;
+    for (what, name) in [("namespace", namespace), ("pod", pod)] {
+        if !is_encoded_name(name) {
+            return Err(PrefixError::InvalidName {
+                prefix: owned(),
+                what,
+            });
+        }
+    }
+    Ok(DenyTarget {
+        direction,
+        namespace: namespace.to_string(),
+        pod: pod.to_string(),
+    })
+}
+
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-'
+}
+
+/// A name that can appear verbatim: non-empty, only characters Kubernetes allows.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(is_name_byte)
+}
+
+fn is_encoded_name(name: &str) -> bool {
+    match name.split_once(ABBREVIATION_MARK) {
+        None => is_plain_name(name),
+        Some((head, hash)) => {
+            head.bytes().all(|b| is_name_byte(b) || b == b'_')
+                && hash.len() == HASH_LEN
+                && hash
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        }
+    }
+}
+
+/// `name` in at most `budget` bytes (`budget >= MIN_ENCODED_LEN`), as described at
+/// [`encode_prefix`].
+fn encode_name(name: &str, budget: usize) -> String {
+    if is_plain_name(name) && name.len() <= budget {
+        return name.to_string();
+    }
+    let keep = budget.saturating_sub(MIN_ENCODED_LEN);
+    let head: String = name
+        .chars()
+        .take(keep)
+        .map(|c| {
+            if c.is_ascii() && is_name_byte(c as u8) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{head}{ABBREVIATION_MARK}{:08x}", fnv1a(name.as_bytes()))
+}
+
+/// 32-bit FNV-1a: stable across releases and platforms, which a prefix baked into rules and
+/// log lines needs (std's hasher is randomly keyed).
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5, |hash, &b| {
+        (hash ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// Limits on what [`DenyLogger`] lets through and remembers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenyLogConfig {
+    /// A flow is logged at most once per window; it logs again once the window has passed.
+    pub dedup_window: Duration,
+    /// Lines per second sustained across all flows. 0 means only the initial burst is ever
+    /// logged.
+    pub rate_per_sec: u32,
+    /// Lines that may be logged back to back before the rate applies.
+    pub burst: u32,
+    /// Most flows remembered; beyond it the oldest is forgotten (and may log again early).
+    pub max_flows: usize,
+}
+
+impl Default for DenyLogConfig {
+    fn default() -> Self {
+        Self {
+            // TCP retries a SYN after 1, 3, 7, 15 and 31 s: one line covers a whole attempt.
+            dedup_window: Duration::from_secs(60),
+            rate_per_sec: 20,
+            burst: 100,
+            max_flows: 16_384,
+        }
+    }
+}
+
+/// Why a packet did not produce a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SuppressReason {
+    /// Its flow was logged within the dedup window.
+    Dedup,
+    /// The global line budget is used up.
+    RateLimit,
+    /// The prefix is not one the agent generates.
+    Unparseable,
+}
+
+/// What to do with one logged packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Log(DeniedConnection),
+    Suppressed(SuppressReason),
+}
+
+/// A denied connection worth one log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeniedConnection {
+    pub direction: DenyDirection,
+    /// Namespace of the isolated pod, as encoded in the prefix (see [`DenyTarget`]).
+    pub namespace: String,
+    /// The isolated pod, as encoded in the prefix (see [`DenyTarget`]).
+    pub pod: String,
+    /// `"ns/pod"` of the source if the resolver knows it, else `"external"`.
+    pub src: String,
+    /// `"ns/pod"` of the destination if the resolver knows it, else `"external"`.
+    pub dst: String,
+    pub src_ip: IpAddr,
+    pub dst_ip: IpAddr,
+    /// `"TCP"`, `"UDP"`, `"SCTP"`, `"ICMP"`, `"ICMPv6"`, or the protocol number.
+    pub protocol: &'static str,
+    pub dst_port: Option<u16>,
+}
+
+/// What makes two packets the same denied connection. The source port is left out on
+/// purpose: every retry of a connect picks a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FlowKey {
+    direction: DenyDirection,
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: u8,
+    dst_port: Option<u16>,
+}
+
+/// Tokens are counted in billionths so refills over nanoseconds are exact integers.
+const TOKEN: u128 = 1_000_000_000;
+
+/// Decides which logged packets become log lines. See the module docs.
+#[derive(Debug)]
+pub struct DenyLogger {
+    config: DenyLogConfig,
+    /// When each remembered flow was last logged.
+    flows: HashMap<FlowKey, Instant>,
+    /// The same flows, oldest first, so expiry and eviction never scan the table.
+    by_age: VecDeque<(Instant, FlowKey)>,
+    tokens: u128,
+    last_refill: Option<Instant>,
+    /// Latest time seen; earlier times are treated as this one so a caller's clock can
+    /// never make the age order lie.
+    latest: Option<Instant>,
+}
+
+impl DenyLogger {
+    pub fn new(config: DenyLogConfig) -> Self {
+        let config = DenyLogConfig {
+            // With no room at all, dedup would silently stop working; one flow is the least.
+            max_flows: config.max_flows.max(1),
+            ..config
+        };
+        Self {
+            tokens: u128::from(config.burst) * TOKEN,
+            config,
+            flows: HashMap::new(),
+            by_age: VecDeque::new(),
+            last_refill: None,
+            latest: None,
+        }
+    }
+
+    pub fn config(&self) -> &DenyLogConfig {
+        &self.config
+    }
+
+    /// Flows currently remembered; never more than `max_flows`.
+    pub fn tracked_flows(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Decide about one logged packet seen at `now`. `resolve` maps an address to
+    /// `"ns/pod"`; it is only called for packets that are logged.
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        pkt: &LoggedPacket,
+        resolve: &dyn Fn(IpAddr) -> Option<String>,
+    ) -> Verdict {
+        let now = match self.latest {
+            Some(latest) if now < latest => latest,
+            _ => now,
+        };
+        self.latest = Some(now);
+        self.expire(now);
+        self.refill(now);
+
+        let Ok(target) = parse_prefix(&pkt.prefix) else {
+            return Verdict::Suppressed(SuppressReason::Unparseable);
+        };
+        let key = FlowKey {
+            direction: target.direction,
+            src: pkt.src,
+            dst: pkt.dst,
+            protocol: pkt.protocol,
+            dst_port: pkt.dst_port,
+        };
+        if self.flows.contains_key(&key) {
+            return Verdict::Suppressed(SuppressReason::Dedup);
+        }
+        if self.tokens < TOKEN {
+            // Not remembered: a flood of new flows must not fill the table, and a flow that
+            // keeps trying gets its line once the budget allows.
+            return Verdict::Suppressed(SuppressReason::RateLimit);
+        }
+        self.tokens -= TOKEN;
+        self.remember(key, now);
+
+        let describe = |ip: IpAddr| resolve(ip).unwrap_or_else(|| "external".to_string());
+        Verdict::Log(DeniedConnection {
+            direction: target.direction,
+            namespace: target.namespace,
+            pod: target.pod,
+            src: describe(pkt.src),
+            dst: describe(pkt.dst),
+            src_ip: pkt.src,
+            dst_ip: pkt.dst,
+            protocol: protocol_name(pkt.protocol),
+            dst_port: pkt.dst_port,
+        })
+    }
+
+    /// Forget flows whose window has passed: they would be logged again anyway.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(logged_at, key)) = self.by_age.front() {
+            if now.duration_since(logged_at) < self.config.dedup_window {
+                break;
+            }
+            self.by_age.pop_front();
+            self.forget(logged_at, key);
+        }
+    }
+
+    fn remember(&mut self, key: FlowKey, now: Instant) {
+        while self.flows.len() >= self.config.max_flows {
+            let Some((logged_at, oldest)) = self.by_age.pop_front() else {
+                break;
+            };
+            self.forget(logged_at, oldest);
+        }
+        self.flows.insert(key, now);
+        self.by_age.push_back((now, key));
+    }
+
+    fn forget(&mut self, logged_at: Instant, key: FlowKey) {
+        // Each remembered flow has exactly one queue entry; the check only guards that
+        // invariant rather than relying on it.
+        if self.flows.get(&key) == Some(&logged_at) {
+            self.flows.remove(&key);
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if let Some(last) = self.last_refill {
+            let earned = now
+                .duration_since(last)
+                .as_nanos()
+                .saturating_mul(u128::from(self.config.rate_per_sec));
+            let capacity = u128::from(self.config.burst) * TOKEN;
+            self.tokens = self.tokens.saturating_add(earned).min(capacity);
+        }
+        self.last_refill = Some(now);
+    }
+}
+
+/// Decimal spellings of 0..=255 back to back, so any protocol number has a `&'static str`
+/// without allocating: 0-9 take one digit each, 10-99 two, 100-255 three.
+const DECIMALS: &str = concat!(
+    "012345678910111213141516171819202122232425262728293031323334353637383940414243444546474849",
+    "505152535455565758596061626364656667686970717273747576777879808182838485868788899091929394",
+    "959697989910010110210310410510610710810911011111211311411511611711811912012112212312412512",
+    "612712812913013113213313413513613713813914014114214314414514614714814915015115215315415515",
+    "615715815916016116216316416516616716816917017117217317417517617717817918018118218318418518",
+    "618718818919019119219319419519619719819920020120220320420520620720820921021121221321421521",
+    "621721821922022122222322422522622722822923023123223323423523623723823924024124224324424524",
+    "6247248249250251252253254255",
+);
+
+/// Name of an IP protocol for log lines.
+pub fn protocol_name(protocol: u8) -> &'static str {
+    match protocol {
+        1 => "ICMP",
+        6 => "TCP",
+        17 => "UDP",
+        58 => "ICMPv6",
+        132 => "SCTP",
+        n => {
+            let n = usize::from(n);
+            let (start, len) = match n {
+                0..=9 => (n, 1),
+                10..=99 => (10 + (n - 10) * 2, 2),
+                _ => (190 + (n - 100) * 3, 3),
+            };
+            DECIMALS.get(start..start + len).unwrap_or("unknown")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn pkt(prefix: &str, src: [u8; 4], dst: [u8; 4], protocol: u8, dst_port: u16) -> LoggedPacket {
+        LoggedPacket {
+            prefix: prefix.to_string(),
+            src: Ipv4Addr::from(src).into(),
+            dst: Ipv4Addr::from(dst).into(),
+            protocol,
+            src_port: Some(40000),
+            dst_port: Some(dst_port),
+        }
+    }
+
+    /// A packet of the `i`-th distinct flow.
+    fn distinct(i: u32) -> LoggedPacket {
+        let b = i.to_be_bytes();
+        pkt(
+            "knp:ingress:prod/web",
+            [10, b[1], b[2], b[3]],
+            [10, 9, 9, 9],
+            6,
+            80,
+        )
+    }
+
+    fn no_pods(_: IpAddr) -> Option<String> {
+        None
+    }
+
+    fn config(window_secs: u64, rate: u32, burst: u32, max_flows: usize) -> DenyLogConfig {
+        DenyLogConfig {
+            dedup_window: Duration::from_secs(window_secs),
+            rate_per_sec: rate,
+            burst,
+            max_flows,
+        }
+    }
+
+    /// Feed `(offset from start, packet)` pairs; count logged lines and suppressions.
+    fn run(logger: &mut DenyLogger, packets: &[(Duration, LoggedPacket)]) -> Counts {
+        let start = Instant::now();
+        let mut counts = Counts::default();
+        for (offset, p) in packets {
+            match logger.observe(start + *offset, p, &no_pods) {
+                Verdict::Log(_) => counts.logged += 1,
+                Verdict::Suppressed(SuppressReason::Dedup) => counts.dedup += 1,
+                Verdict::Suppressed(SuppressReason::RateLimit) => counts.rate += 1,
+                Verdict::Suppressed(SuppressReason::Unparseable) => counts.unparseable += 1,
+            }
+            assert!(logger.tracked_flows() <= logger.config().max_flows);
+        }
+        counts
+    }
+
+    #[derive(Debug, Default, PartialEq, Eq)]
+    struct Counts {
+        logged: usize,
+        dedup: usize,
+        rate: usize,
+        unparseable: usize,
+    }
+
+    fn counts(logged: usize, dedup: usize, rate: usize, unparseable: usize) -> Counts {
+        Counts {
+            logged,
+            dedup,
+            rate,
+            unparseable,
+        }
+    }
+
+    fn every(
+        step: Duration,
+        packets: impl IntoIterator<Item = LoggedPacket>,
+    ) -> Vec<(Duration, LoggedPacket)> {
+        packets
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (step * i as u32, p))
+            .collect()
+    }
+
+    #[test]
+    fn logger_cases() {
+        let udp = pkt("knp:ingress:prod/web", [10, 0, 0, 1], [10, 0, 0, 2], 17, 53);
+        let tcp = pkt("knp:ingress:prod/web", [10, 0, 0, 1], [10, 0, 0, 2], 6, 443);
+        let other_src_port = LoggedPacket {
+            src_port: Some(1),
+            ..udp.clone()
+        };
+        let egress = LoggedPacket {
+            prefix: "knp:egress:prod/web".to_string(),
+            ..udp.clone()
+        };
+        let ms = Duration::from_millis(1);
+        // (name, config, packets at offsets from the start, expected verdict counts)
+        type Case = (
+            &'static str,
+            DenyLogConfig,
+            Vec<(Duration, LoggedPacket)>,
+            Counts,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "one flow of 1000 packets logs once",
+                config(10, 100, 100, 1000),
+                every(ms, std::iter::repeat_n(udp.clone(), 1000)),
+                counts(1, 999, 0, 0),
+            ),
+            (
+                "two interleaved flows log twice",
+                config(10, 100, 100, 1000),
+                every(
+                    ms,
+                    [udp.clone(), tcp.clone()].into_iter().cycle().take(1000),
+                ),
+                counts(2, 998, 0, 0),
+            ),
+            (
+                "a new source port is the same flow",
+                config(10, 100, 100, 1000),
+                every(ms, [udp.clone(), other_src_port.clone()]),
+                counts(1, 1, 0, 0),
+            ),
+            (
+                "direction is part of the flow",
+                config(10, 100, 100, 1000),
+                every(ms, [udp.clone(), egress.clone()]),
+                counts(2, 0, 0, 0),
+            ),
+            (
+                "after the window the flow logs again",
+                config(10, 100, 100, 1000),
+                vec![
+                    (Duration::ZERO, udp.clone()),
+                    (Duration::from_millis(9_999), udp.clone()),
+                    (Duration::from_secs(10), udp.clone()),
+                    (Duration::from_millis(10_001), udp.clone()),
+                    (Duration::from_secs(25), udp.clone()),
+                ],
+                counts(3, 2, 0, 0),
+            ),
+            (
+                "a flood of 10000 new flows in one second stays within rate and burst",
+                config(10, 100, 100, 100_000),
+                every(Duration::from_micros(100), (0..10_000).map(distinct)),
+                // 100 from the burst, then one per 10 ms for the remaining 0.9999 s.
+                counts(199, 0, 9_801, 0),
+            ),
+            (
+                "a rate-limited flow logs once tokens return",
+                config(10, 1, 1, 100),
+                vec![
+                    (Duration::ZERO, udp.clone()),
+                    (Duration::from_millis(10), tcp.clone()),
+                    (Duration::from_millis(500), tcp.clone()),
+                    (Duration::from_millis(1000), tcp.clone()),
+                    (Duration::from_millis(1001), tcp.clone()),
+                ],
+                counts(2, 1, 2, 0),
+            ),
+            (
+                "burst caps what idle time saves up",
+                config(10, 100, 5, 1000),
+                vec![(Duration::from_secs(5), udp.clone())]
+                    .into_iter()
+                    .chain((1..=20).map(|i| (Duration::from_secs(6), distinct(i))))
+                    .collect(),
+                counts(6, 0, 15, 0),
+            ),
+            (
+                "foreign and malformed prefixes are unparseable",
+                config(10, 100, 100, 1000),
+                every(
+                    ms,
+                    [
+                        "",
+                        "DROP ",
+                        "knp:sideways:a/b",
+                        "knp:ingress:ab",
+                        "knp:ingress:A/b",
+                    ]
+                    .into_iter()
+                    .map(|prefix| LoggedPacket {
+                        prefix: prefix.to_string(),
+                        ..udp.clone()
+                    }),
+                ),
+                counts(0, 0, 0, 5),
+            ),
+            (
+                "zero rate logs only the burst",
+                config(10, 0, 3, 1000),
+                every(Duration::from_secs(1), (0..10).map(distinct)),
+                counts(3, 0, 7, 0),
+            ),
+        ];
+        for (name, config, packets, want) in cases {
+            let mut logger = DenyLogger::new(config);
+            assert_eq!(run(&mut logger, &packets), want, "case {name:?}");
+        }
+    }
+
+    #[test]
+    fn flow_table_is_bounded_and_expires() {
+        let mut logger = DenyLogger::new(config(10, 1_000_000, 1_000_000, 50));
+        let counts = run(
+            &mut logger,
+            &every(Duration::from_micros(10), (0..10_000).map(distinct)),
+        );
+        assert_eq!(counts.logged, 10_000);
+        assert_eq!(logger.tracked_flows(), 50);
+
+        // The 50 newest are remembered, so repeats of them are deduplicated …
+        let start = Instant::now();
+        let newest = distinct(9_999);
+        assert_eq!(
+            logger.observe(start, &newest, &no_pods),
+            Verdict::Suppressed(SuppressReason::Dedup)
+        );
+        // … and once the window has passed, all of them are gone.
+        let later = start + Duration::from_secs(11);
+        assert!(matches!(
+            logger.observe(later, &distinct(0), &no_pods),
+            Verdict::Log(_)
+        ));
+        assert_eq!(logger.tracked_flows(), 1);
+    }
+
+    #[test]
+    fn time_going_backwards_is_harmless() {
+        let mut logger = DenyLogger::new(config(10, 100, 100, 10));
+        let start = Instant::now() + Duration::from_secs(100);
+        let udp = distinct(1);
+        assert!(matches!(
+            logger.observe(start, &udp, &no_pods),
+            Verdict::Log(_)
+        ));
+        let earlier = start - Duration::from_secs(50);
+        assert_eq!(
+            logger.observe(earlier, &udp, &no_pods),
+            Verdict::Suppressed(SuppressReason::Dedup)
+        );
+        assert!(matches!(
+            logger.observe(earlier, &distinct(2), &no_pods),
+            Verdict::Log(_)
+        ));
+    }
+
+    #[test]
+    fn logged_line_contents() {
+        let client: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
+        let resolve = move |ip: IpAddr| (ip == client).then(|| "shop/client".to_string());
+        let mut logger = DenyLogger::new(DenyLogConfig::default());
+        let now = Instant::now();
+
+        let v4 = pkt("knp:ingress:prod/web", [10, 0, 0, 1], [10, 0, 0, 2], 6, 443);
+        let want = DeniedConnection {
+            direction: DenyDirection::Ingress,
+            namespace: "prod".to_string(),
+            pod: "web".to_string(),
+            src: "shop/client".to_string(),
+            dst: "external".to_string(),
+            src_ip: client,
+            dst_ip: Ipv4Addr::new(10, 0, 0, 2).into(),
+            protocol: "TCP",
+            dst_port: Some(443),
+        };
+        assert_eq!(logger.observe(now, &v4, &resolve), Verdict::Log(want));
+
+        let v6 = LoggedPacket {
+            prefix: "knp:egress:kube-system/coredns-5d78c9869d-abcde".to_string(),
+            src: Ipv6Addr::LOCALHOST.into(),
+            dst: Ipv6Addr::UNSPECIFIED.into(),
+            protocol: 58,
+            src_port: None,
+            dst_port: None,
+        };
+        let Verdict::Log(line) = logger.observe(now, &v6, &resolve) else {
+            panic!("an ICMPv6 flow should be logged");
+        };
+        assert_eq!(line.direction, DenyDirection::Egress);
+        assert_eq!(line.namespace, "kube-system");
+        assert_eq!(line.pod, "coredns-5d78c9869d-abcde");
+        assert_eq!(
+            (line.src.as_str(), line.dst.as_str()),
+            ("external", "external")
+        );
+        assert_eq!((line.protocol, line.dst_port), ("ICMPv6", None));
+    }
+
+    #[test]
+    fn prefix_round_trip() {
+        let long_ns = "n".repeat(63);
+        let long_pod = format!("{}-x", "p".repeat(251));
+        let cases: Vec<(&str, DenyDirection, String, String, Option<&str>)> = vec![
+            (
+                "short names are verbatim",
+                DenyDirection::Ingress,
+                "prod".into(),
+                "web-0".into(),
+                Some("knp:ingress:prod/web-0"),
+            ),
+            (
+                "dots and dashes are verbatim",
+                DenyDirection::Egress,
+                "a-b".into(),
+                "web.v1-7f9c".into(),
+                Some("knp:egress:a-b/web.v1-7f9c"),
+            ),
+            (
+                "longest names that fit are verbatim",
+                DenyDirection::Ingress,
+                long_ns.clone(),
+                "q".repeat(127 - 13 - 63),
+                None,
+            ),
+            (
+                "max-length namespace and pod are abbreviated",
+                DenyDirection::Ingress,
+                long_ns.clone(),
+                long_pod.clone(),
+                None,
+            ),
+            (
+                "egress has one byte more room",
+                DenyDirection::Egress,
+                long_ns.clone(),
+                long_pod.clone(),
+                None,
+            ),
+            (
+                "over-long namespace is abbreviated too",
+                DenyDirection::Egress,
+                "m".repeat(300),
+                long_pod.clone(),
+                None,
+            ),
+            (
+                "invalid characters are sanitised and hashed",
+                DenyDirection::Ingress,
+                "Prod".into(),
+                "we\"b/x:y".into(),
+                None,
+            ),
+            (
+                "non-ascii",
+                DenyDirection::Ingress,
+                "ns".into(),
+                "pöd-ünïcode".into(),
+                None,
+            ),
+            (
+                "empty names",
+                DenyDirection::Egress,
+                String::new(),
+                String::new(),
+                None,
+            ),
+        ];
+        for (name, direction, ns, pod, want_exact) in cases {
+            let prefix = encode_prefix(direction, &ns, &pod);
+            assert!(
+                prefix.len() <= MAX_PREFIX_LEN,
+                "case {name:?}: {} bytes",
+                prefix.len()
+            );
+            assert!(
+                prefix
+                    .bytes()
+                    .all(|b| is_name_byte(b) || b"_~:/".contains(&b)),
+                "case {name:?}: unsafe byte in {prefix:?}"
+            );
+            if let Some(want) = want_exact {
+                assert_eq!(prefix, want, "case {name:?}");
+            }
+            let target = parse_prefix(&prefix).unwrap_or_else(|e| panic!("case {name:?}: {e}"));
+            assert_eq!(target.direction, direction, "case {name:?}");
+            assert_eq!(target.prefix(), prefix, "case {name:?}");
+            assert!(target.refers_to(&ns, &pod), "case {name:?}");
+            assert!(!target.refers_to(&ns, &format!("{pod}z")), "case {name:?}");
+            let verbatim = target.namespace == ns && target.pod == pod;
+            assert_eq!(target.is_abbreviated(), !verbatim, "case {name:?}");
+        }
+
+        // Abbreviated names that share the kept head still differ by their hash.
+        let a = encode_prefix(DenyDirection::Ingress, &long_ns, &format!("{long_pod}-a"));
+        let b = encode_prefix(DenyDirection::Ingress, &long_ns, &format!("{long_pod}-b"));
+        assert_ne!(a, b);
+        assert_eq!(a.len(), MAX_PREFIX_LEN);
+    }
+
+    #[test]
+    fn parse_prefix_errors() {
+        let cases: Vec<(&str, &str, PrefixError)> = vec![
+            ("empty", "", PrefixError::NotOurs { prefix: "".into() }),
+            (
+                "foreign tag",
+                "kube:ingress:a/b",
+                PrefixError::NotOurs {
+                    prefix: "kube:ingress:a/b".into(),
+                },
+            ),
+            (
+                "tag without colon",
+                "knpingress:a/b",
+                PrefixError::NotOurs {
+                    prefix: "knpingress:a/b".into(),
+                },
+            ),
+            (
+                "no direction",
+                "knp:a/b",
+                PrefixError::MissingDirection {
+                    prefix: "knp:a/b".into(),
+                },
+            ),
+            (
+                "unknown direction",
+                "knp:Ingress:a/b",
+                PrefixError::UnknownDirection {
+                    prefix: "knp:Ingress:a/b".into(),
+                    direction: "Ingress".into(),
+                },
+            ),
+            (
+                "no separator",
+                "knp:egress:ab",
+                PrefixError::MissingSeparator {
+                    prefix: "knp:egress:ab".into(),
+                },
+            ),
+            (
+                "empty namespace",
+                "knp:egress:/b",
+                PrefixError::InvalidName {
+                    prefix: "knp:egress:/b".into(),
+                    what: "namespace",
+                },
+            ),
+            (
+                "empty pod",
+                "knp:egress:a/",
+                PrefixError::InvalidName {
+                    prefix: "knp:egress:a/".into(),
+                    what: "pod",
+                },
+            ),
+            (
+                "second slash",
+                "knp:egress:a/b/c",
+                PrefixError::InvalidName {
+                    prefix: "knp:egress:a/b/c".into(),
+                    what: "pod",
+                },
+            ),
+            (
+                "short hash",
+                "knp:egress:a/b~1234",
+                PrefixError::InvalidName {
+                    prefix: "knp:egress:a/b~1234".into(),
+                    what: "pod",
+                },
+            ),
+            (
+                "uppercase hash",
+                "knp:egress:a~DEADBEEF/b",
+                PrefixError::InvalidName {
+                    prefix: "knp:egress:a~DEADBEEF/b".into(),
+                    what: "namespace",
+                },
+            ),
+            (
+                "underscore without hash",
+                "knp:egress:a_b/c",
+                PrefixError::InvalidName {
+                    prefix: "knp:egress:a_b/c".into(),
+                    what: "namespace",
+                },
+            ),
+        ];
+        for (name, prefix, want) in cases {
+            assert_eq!(parse_prefix(prefix), Err(want), "case {name:?}");
+        }
+    }
+
+    #[test]
+    fn protocol_names() {
+        let cases = [
+            (1, "ICMP"),
+            (6, "TCP"),
+            (17, "UDP"),
+            (58, "ICMPv6"),
+            (132, "SCTP"),
+            (0, "0"),
+            (47, "47"),
+            (255, "255"),
+        ];
+        for (number, want) in cases {
+            assert_eq!(protocol_name(number), want, "protocol {number}");
+        }
+        for number in 0..=255u8 {
+            let name = protocol_name(number);
+            if !name.starts_with(|c: char| c.is_ascii_uppercase()) {
+                assert_eq!(name, number.to_string(), "protocol {number}");
+            }
+        }
+    }
+}

@@ -45,24 +45,8 @@ pub enum MetricsError {
     Encode(#[source] prometheus::Error),
 }
 
-/// Traffic direction relative to the pod a policy protects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Direction {
-    Ingress,
-    Egress,
-}
-
-impl Direction {
-    pub const ALL: [Direction; 2] = [Direction::Ingress, Direction::Egress];
-
-    /// The lowercase name used in labels, logs and rule comments.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Ingress => "ingress",
-            Direction::Egress => "egress",
-        }
-    }
-}
+/// Traffic direction relative to the pod a policy protects (the crate-wide type).
+pub use crate::model::policy::Direction;
 
 /// Whether a dataplane sync rewrote the whole table or only the parts that changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
