@@ -20,6 +20,7 @@
 //! `agent`, `admin`, `nflog`) are thin.
 
 pub mod admin;
+pub mod agent;
 pub mod compile;
 pub mod dataplane;
 pub mod denylog;
@@ -32,3 +33,4 @@ pub mod nflog;
 pub mod nft;
 pub mod resolve;
 pub mod ruleset;
+pub mod watch;

@@ -3,11 +3,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kube_nftpolicy::nft::exec::Nft;
-use kube_nftpolicy::{compile, dataplane, index, manifest, resolve, ruleset};
+use kube_nftpolicy::{agent, compile, dataplane, index, manifest, resolve, ruleset};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,12 +53,57 @@ enum Command {
         #[arg(long, default_value = "nft")]
         nft: PathBuf,
     },
+    /// Run the agent: watch the cluster (or follow manifests) and keep this node's table in sync.
+    Run(RunArgs),
     /// Remove our table from the current network namespace (and nothing else).
     Cleanup {
         /// The nft binary.
         #[arg(long, default_value = "nft")]
         nft: PathBuf,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// This node's name (as in `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Kubeconfig file; without it, in-cluster config (or ~/.kube/config) is used.
+    #[arg(long, conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
+    /// Follow manifest files instead of a cluster (the embedded mode).
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// How often to look for changed manifest files, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    manifests_poll_ms: u64,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:9753")]
+    metrics_addr: std::net::SocketAddr,
+    /// Log denied connections (drops are also sent to an NFLOG group).
+    #[arg(long)]
+    log_denied: bool,
+    /// NFLOG group used by --log-denied.
+    #[arg(long, default_value_t = 100)]
+    nflog_group: u16,
+    /// Wait this long after a change for more changes before syncing (ms).
+    #[arg(long, default_value_t = 50)]
+    coalesce_ms: u64,
+    /// Minimum time between two syncs (ms).
+    #[arg(long, default_value_t = 200)]
+    min_sync_interval_ms: u64,
+    /// How often to read the kernel back and repair drift (s).
+    #[arg(long, default_value_t = 30)]
+    resync_interval_s: u64,
+    /// How often to force a full sync (s).
+    #[arg(long, default_value_t = 3600)]
+    full_sync_interval_s: u64,
+    /// How often to read drop counters for metrics (s).
+    #[arg(long, default_value_t = 5)]
+    counters_interval_s: u64,
+    /// The nft binary.
+    #[arg(long, default_value = "nft")]
+    nft: PathBuf,
 }
 
 fn init_tracing() {
@@ -126,6 +172,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "applied"
             );
             Ok(())
+        }
+        Command::Run(a) => {
+            let source = match (a.manifests, a.kubeconfig) {
+                (Some(path), _) => agent::Source::Manifests {
+                    path,
+                    poll: Duration::from_millis(a.manifests_poll_ms),
+                },
+                (None, kubeconfig) => agent::Source::Kubernetes { kubeconfig },
+            };
+            let config = agent::Config {
+                node: a.node_name,
+                source,
+                metrics_addr: a.metrics_addr,
+                log_group: a.log_denied.then_some(a.nflog_group),
+                coalesce: Duration::from_millis(a.coalesce_ms),
+                min_sync_interval: Duration::from_millis(a.min_sync_interval_ms),
+                resync_interval: Duration::from_secs(a.resync_interval_s.max(1)),
+                full_sync_interval: Duration::from_secs(a.full_sync_interval_s.max(1)),
+                counters_interval: Duration::from_secs(a.counters_interval_s.max(1)),
+                nft: Nft::new(a.nft),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(agent::run(config))
         }
         Command::Cleanup { nft } => {
             if dataplane::cleanup(&Nft::new(nft))? {

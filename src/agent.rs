@@ -1,0 +1,572 @@
+//! The agent's main loop: sources → index → coalesced syncs → kernel, plus metrics,
+//! health, counters and the denied-connection log.
+//!
+//! Safety rules this module enforces (DESIGN.md, "Programming the kernel"):
+//! - nothing is written before Pods, Namespaces and NetworkPolicies have all been listed once;
+//! - bursts of changes coalesce into one sync, and syncs are rate-bounded;
+//! - a failed sync keeps the previous ruleset (the transaction is atomic) and is retried,
+//!   as a full sync, with backoff;
+//! - losing the API server changes nothing in the kernel: the last ruleset stays in force;
+//! - on shutdown the rules stay in place.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::Notify;
+
+use crate::admin::{self, Health};
+use crate::compile::{CompileOptions, compile};
+use crate::dataplane::{Dataplane, SyncError};
+use crate::denylog::{DenyLogConfig, DenyLogger, Verdict};
+use crate::index::Index;
+use crate::metrics::{
+    DropCounter, Metrics, RulesetStats, SuppressReason, SyncFailure, SyncKind, WatchResource,
+};
+use crate::nft::exec::Nft;
+use crate::nft::transaction::Kind;
+use crate::resolve::{NodePolicy, resolve};
+
+/// Everything the agent needs to run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The node this agent enforces for.
+    pub node: String,
+    /// Where the cluster state comes from.
+    pub source: Source,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_addr: SocketAddr,
+    /// NFLOG group for denied-connection logging (`None` = off).
+    pub log_group: Option<u16>,
+    /// Wait this long after a change for more changes before syncing.
+    pub coalesce: Duration,
+    /// At least this much time between two syncs.
+    pub min_sync_interval: Duration,
+    /// How often to read the kernel back and repair drift.
+    pub resync_interval: Duration,
+    /// How often to force a full sync even without drift.
+    pub full_sync_interval: Duration,
+    /// How often to read drop counters for metrics.
+    pub counters_interval: Duration,
+    /// The nft binary.
+    pub nft: Nft,
+}
+
+/// Where cluster state comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// The Kubernetes API (in-cluster config, or this kubeconfig file).
+    Kubernetes {
+        /// Path to a kubeconfig; `None` = infer (in-cluster, then `~/.kube/config`).
+        kubeconfig: Option<PathBuf>,
+    },
+    /// Manifest files, re-read when they change.
+    Manifests {
+        /// File or directory.
+        path: PathBuf,
+        /// How often to look for changes.
+        poll: Duration,
+    },
+}
+
+/// State shared by the source tasks and the sync loop. Locks are never held across `.await`.
+pub struct Shared {
+    index: Mutex<Index>,
+    changed: Notify,
+    /// When the oldest change not yet in the kernel happened (for programming latency).
+    pending_since: Mutex<Option<Instant>>,
+    listed: [AtomicBool; 3],
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Health for `/readyz`.
+    pub health: Arc<Health>,
+    /// Pod address → `namespace/name`, for the denied-connection log.
+    pods_by_ip: RwLock<HashMap<IpAddr, String>>,
+    /// `namespace/name` → isolating policies per direction, for the denied-connection log.
+    isolation: RwLock<HashMap<(String, &'static str), Vec<String>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere must not take enforcement down with it: the data is still valid.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Shared {
+    /// New shared state.
+    pub fn new(metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
+        Self {
+            index: Mutex::new(Index::new()),
+            changed: Notify::new(),
+            pending_since: Mutex::new(None),
+            listed: [
+                AtomicBool::new(false),
+                AtomicBool::new(false),
+                AtomicBool::new(false),
+            ],
+            metrics,
+            health,
+            pods_by_ip: RwLock::new(HashMap::new()),
+            isolation: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Change the index; wakes the sync loop if anything really changed.
+    pub fn update(&self, f: impl FnOnce(&mut Index) -> bool) {
+        let changed = f(&mut lock(&self.index));
+        if changed {
+            lock(&self.pending_since).get_or_insert_with(Instant::now);
+            self.changed.notify_one();
+        }
+    }
+
+    /// Record that one kind has completed its first list.
+    pub fn mark_listed(&self, r: WatchResource) {
+        let i = match r {
+            WatchResource::Pods => 0,
+            WatchResource::Namespaces => 1,
+            WatchResource::NetworkPolicies => 2,
+        };
+        self.listed[i].store(true, Ordering::SeqCst);
+        if self.all_listed() {
+            self.health.mark_caches_synced();
+        }
+        self.changed.notify_one();
+    }
+
+    fn all_listed(&self) -> bool {
+        self.listed.iter().all(|b| b.load(Ordering::SeqCst))
+    }
+}
+
+/// Run until SIGTERM/SIGINT. Rules stay in the kernel afterwards.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new()?);
+    let health = Arc::new(Health::new(config.resync_interval * 3));
+    let shared = Arc::new(Shared::new(metrics.clone(), health.clone()));
+
+    let listener = admin::bind(config.metrics_addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    let shutdown = Arc::new(Notify::new());
+    let admin_shutdown = shutdown.clone();
+    let admin_task = tokio::spawn(admin::serve(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        async move { admin_shutdown.notified().await },
+    ));
+
+    match &config.source {
+        Source::Kubernetes { kubeconfig } => {
+            let client = kube_client(kubeconfig.as_ref()).await?;
+            use k8s_openapi::api::core::v1::{Namespace, Pod};
+            use k8s_openapi::api::networking::v1::NetworkPolicy;
+            tokio::spawn(crate::watch::watch::<Pod>(client.clone(), shared.clone()));
+            tokio::spawn(crate::watch::watch::<Namespace>(
+                client.clone(),
+                shared.clone(),
+            ));
+            tokio::spawn(crate::watch::watch::<NetworkPolicy>(client, shared.clone()));
+        }
+        Source::Manifests { path, poll } => {
+            tokio::spawn(follow_manifests(path.clone(), *poll, shared.clone()));
+        }
+    }
+
+    let dataplane = Arc::new(Mutex::new(Dataplane::new(config.nft.clone())));
+    tokio::spawn(read_counters(
+        config.counters_interval,
+        dataplane.clone(),
+        shared.clone(),
+    ));
+    if let Some(group) = config.log_group {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("deny-log".into())
+            .spawn(move || deny_log(group, shared))?;
+    }
+    let sync = tokio::spawn(sync_loop(config.clone(), dataplane, shared.clone()));
+
+    wait_for_signal().await;
+    tracing::info!(
+        "shutting down; the ruleset stays in force (use `kube-nftpolicy cleanup` to remove it)"
+    );
+    sync.abort();
+    shutdown.notify_waiters();
+    let _ = admin_task.await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| anyhow::anyhow!("reading kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The embedded source: re-read the manifests whenever their contents change. A load that
+/// fails keeps the last good state (and so the last good ruleset).
+async fn follow_manifests(path: PathBuf, poll: Duration, shared: Arc<Shared>) {
+    let mut last: Option<Vec<(PathBuf, String)>> = None;
+    loop {
+        let read = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(
+                move || -> Result<Vec<(PathBuf, String)>, crate::manifest::ManifestError> {
+                    let mut out = Vec::new();
+                    for f in crate::manifest::manifest_files(&path)? {
+                        let text = std::fs::read_to_string(&f).map_err(|source| {
+                            crate::manifest::ManifestError::Read {
+                                path: f.clone(),
+                                source,
+                            }
+                        })?;
+                        out.push((f, text));
+                    }
+                    Ok(out)
+                },
+            )
+            .await
+        };
+        match read {
+            Ok(Ok(sources)) if last.as_ref() != Some(&sources) => {
+                match crate::manifest::parse_sources(&sources) {
+                    Ok(m) => {
+                        for w in &m.warnings {
+                            tracing::warn!("{w}");
+                        }
+                        tracing::info!(
+                            path = %path.display(),
+                            pods = m.pods.len(),
+                            namespaces = m.namespaces.len(),
+                            policies = m.policies.len(),
+                            "manifests loaded"
+                        );
+                        shared.update(|idx| {
+                            let a = idx.reset_namespaces(m.namespaces);
+                            let b = idx.reset_pods(m.pods);
+                            let c = idx.reset_policies(m.policies);
+                            a | b | c
+                        });
+                        for r in WatchResource::ALL {
+                            shared.mark_listed(r);
+                        }
+                    }
+                    Err(e) => tracing::error!("{e}; keeping the last good state"),
+                }
+                last = Some(sources);
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!("{e}; keeping the last good state"),
+            Err(e) => tracing::error!("manifest reader failed: {e}"),
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+fn sync_failure(e: &SyncError) -> SyncFailure {
+    match e.reason() {
+        "readback" => SyncFailure::Readback,
+        "nft_exec" => SyncFailure::NftExec,
+        "nft_rejected" => SyncFailure::NftRejected,
+        _ => SyncFailure::Other,
+    }
+}
+
+fn publish_attribution(shared: &Shared, np: &NodePolicy, idx: &crate::index::Snapshot) {
+    let mut by_ip = HashMap::new();
+    for (key, pod) in idx.pods.iter() {
+        if pod.is_policy_target() {
+            for ip in &pod.ips {
+                by_ip.insert(*ip, key.to_string());
+            }
+        }
+    }
+    let mut isolation = HashMap::new();
+    for pod in &np.pods {
+        for d in crate::model::policy::Direction::ALL {
+            if let Some(p) = pod.isolated_by(d) {
+                isolation.insert(
+                    (pod.key.to_string(), d.as_str()),
+                    p.iter().map(ToString::to_string).collect(),
+                );
+            }
+        }
+    }
+    if let Ok(mut w) = shared.pods_by_ip.write() {
+        *w = by_ip;
+    }
+    if let Ok(mut w) = shared.isolation.write() {
+        *w = isolation;
+    }
+}
+
+async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc<Shared>) {
+    let opts = CompileOptions {
+        log_group: config.log_group,
+    };
+    let mut last_sync: Option<Instant> = None;
+    let mut next_resync = Instant::now() + config.resync_interval;
+    let mut next_full = Instant::now() + config.full_sync_interval;
+    let mut backoff = Duration::from_millis(500);
+    let mut retry_at: Option<Instant> = None;
+    let mut waited_for_lists = false;
+    loop {
+        // Wait for a change, a retry, or the resync timer.
+        let wake = retry_at.map_or(next_resync, |r| r.min(next_resync));
+        let woke_by_change = tokio::select! {
+            _ = shared.changed.notified() => true,
+            _ = tokio::time::sleep_until(wake.into()) => false,
+        };
+        if !shared.all_listed() {
+            if !waited_for_lists {
+                tracing::info!(
+                    "waiting for the initial lists of pods, namespaces and policies before programming the kernel"
+                );
+                waited_for_lists = true;
+            }
+            continue;
+        }
+        if woke_by_change {
+            // Coalesce a burst, and keep syncs at least min_sync_interval apart.
+            tokio::time::sleep(config.coalesce).await;
+            if let Some(t) = last_sync {
+                let since = t.elapsed();
+                if since < config.min_sync_interval {
+                    tokio::time::sleep(config.min_sync_interval - since).await;
+                }
+            }
+        }
+        let now = Instant::now();
+        let periodic = now >= next_resync;
+        if let Some(r) = retry_at {
+            if now < r && !woke_by_change && !periodic {
+                continue;
+            }
+        }
+
+        let (snapshot, changed_at) = {
+            let idx = lock(&shared.index);
+            let snap = idx.snapshot();
+            (snap, lock(&shared.pending_since).take())
+        };
+        let node = config.node.clone();
+        let opts2 = opts.clone();
+        let dp = dataplane.clone();
+        let force_full = now >= next_full;
+        let result = tokio::task::spawn_blocking(move || {
+            let np = resolve(&snapshot, &node);
+            let rs = compile(&np, &opts2);
+            let mut dp = lock(&dp);
+            let mut drift = None;
+            if periodic {
+                match dp.check_drift() {
+                    Ok(d) => drift = d,
+                    Err(e) => tracing::warn!(error = %e, "drift check failed; forcing a full sync"),
+                }
+            }
+            if force_full {
+                dp.request_full_sync();
+            }
+            let out = dp.sync(&rs);
+            (np, rs, snapshot, drift, out)
+        })
+        .await;
+        let Ok((np, rs, snapshot, drift, out)) = result else {
+            tracing::error!("sync task panicked; will retry with a full sync");
+            lock(&dataplane).request_full_sync();
+            retry_at = Some(Instant::now() + backoff);
+            continue;
+        };
+        if periodic {
+            next_resync = Instant::now() + config.resync_interval;
+        }
+        if force_full {
+            next_full = Instant::now() + config.full_sync_interval;
+        }
+        if let Some(d) = &drift {
+            tracing::warn!(drift = %d, "kernel state drifted from the applied ruleset; repaired by a full sync");
+            shared.metrics.drift_repaired();
+        }
+        last_sync = Some(Instant::now());
+        match out {
+            Ok(report) => {
+                backoff = Duration::from_millis(500);
+                retry_at = None;
+                shared.health.record_sync_success(Instant::now());
+                shared.metrics.set_last_sync(SystemTime::now());
+                let kind = match report.kind {
+                    Some(Kind::Full) => Some(SyncKind::Full),
+                    Some(Kind::Partial) => Some(SyncKind::Partial),
+                    None => None,
+                };
+                if let Some(k) = kind {
+                    shared.metrics.observe_sync(k, report.duration);
+                    if let Some(t) = changed_at {
+                        shared.metrics.observe_programming_latency(t.elapsed());
+                    }
+                    tracing::info!(
+                        kind = k.as_str(),
+                        duration_ms = format!("{:.1}", report.duration.as_secs_f64() * 1e3),
+                        bytes = report.script_bytes,
+                        chains_written = report.chains_written,
+                        element_changes = report.element_changes,
+                        pods = np.pods.len(),
+                        generation = snapshot.generation,
+                        "sync"
+                    );
+                }
+                shared.metrics.set_ruleset_stats(RulesetStats {
+                    policed_ingress: np.pods.iter().filter(|p| p.ingress.is_some()).count(),
+                    policed_egress: np.pods.iter().filter(|p| p.egress.is_some()).count(),
+                    policies: np
+                        .policies
+                        .iter()
+                        .map(|p| &p.policy)
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .len(),
+                    set_elements: rs.element_count(),
+                    chains: rs.chains.len(),
+                });
+                publish_attribution(&shared, &np, &snapshot);
+            }
+            Err(e) => {
+                shared.metrics.sync_failed(sync_failure(&e));
+                shared.health.record_sync_failure();
+                // The change is still pending.
+                if let Some(t) = changed_at {
+                    lock(&shared.pending_since).get_or_insert(t);
+                }
+                tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "sync failed; the previous ruleset stays in force");
+                retry_at = Some(Instant::now() + backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+async fn read_counters(every: Duration, dataplane: Arc<Mutex<Dataplane>>, shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(every).await;
+        let dp = dataplane.clone();
+        let read = tokio::task::spawn_blocking(move || lock(&dp).drop_counters()).await;
+        match read {
+            Ok(Ok(counters)) => shared.metrics.set_drop_counters(
+                counters
+                    .into_iter()
+                    .map(|c| DropCounter {
+                        namespace: c.namespace,
+                        pod: c.pod,
+                        direction: c.direction,
+                        packets: c.counter.packets,
+                        bytes: c.counter.bytes,
+                    })
+                    .collect(),
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "reading drop counters failed"),
+            Err(e) => tracing::warn!(error = %e, "counter reader panicked"),
+        }
+    }
+}
+
+/// Blocking: read the NFLOG group and write one line per denied new connection.
+fn deny_log(group: u16, shared: Arc<Shared>) {
+    let mut logger = DenyLogger::new(DenyLogConfig::default());
+    let mut socket = loop {
+        match crate::nflog::NflogSocket::open(group) {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::error!(error = %e, group, "cannot read the NFLOG group; retrying in 5s");
+                std::thread::sleep(Duration::from_secs(5));
+            }
+        }
+    };
+    loop {
+        let pkt = match socket.recv_timeout(Duration::from_secs(1)) {
+            Ok(Some(p)) => p,
+            Ok(None) => continue,
+            Err(e) if e.is_recoverable() => {
+                tracing::debug!(error = %e, "skipping an unreadable NFLOG message");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "NFLOG read failed; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let resolve_ip = |ip: IpAddr| {
+            shared
+                .pods_by_ip
+                .read()
+                .ok()
+                .and_then(|m| m.get(&ip).cloned())
+        };
+        match logger.observe(Instant::now(), &pkt, &resolve_ip) {
+            Verdict::Log(line) => {
+                let policies = shared
+                    .isolation
+                    .read()
+                    .ok()
+                    .and_then(|m| {
+                        m.get(&(
+                            format!("{}/{}", line.namespace, line.pod),
+                            line.direction.as_str(),
+                        ))
+                        .cloned()
+                    })
+                    .unwrap_or_default();
+                shared
+                    .metrics
+                    .denied_connection(&line.namespace, &line.pod, line.direction);
+                tracing::warn!(
+                    direction = line.direction.as_str(),
+                    pod = format!("{}/{}", line.namespace, line.pod),
+                    src = %line.src,
+                    dst = %line.dst,
+                    src_ip = %line.src_ip,
+                    dst_ip = %line.dst_ip,
+                    protocol = line.protocol,
+                    dst_port = line.dst_port,
+                    isolated_by = policies.join(","),
+                    "denied connection"
+                );
+            }
+            Verdict::Suppressed(crate::denylog::SuppressReason::Dedup) => {
+                shared.metrics.denied_log_suppressed(SuppressReason::Dedup)
+            }
+            Verdict::Suppressed(crate::denylog::SuppressReason::RateLimit) => shared
+                .metrics
+                .denied_log_suppressed(SuppressReason::RateLimit),
+            Verdict::Suppressed(crate::denylog::SuppressReason::Unparseable) => {
+                tracing::debug!(prefix = %pkt.prefix, "NFLOG packet with a prefix that is not ours");
+            }
+        }
+    }
+}

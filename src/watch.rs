@@ -1,0 +1,172 @@
+//! The watch edge: Pods, Namespaces and NetworkPolicies from the API server into the index.
+//!
+//! Each kind has its own kube-runtime watcher with the default backoff. Objects are trimmed
+//! to their model type the moment they arrive, so the agent never holds whole Pods. A relist
+//! (after a 410 Gone, a dropped connection or a restart) is buffered from `Init` to
+//! `InitDone` and then replaces the kind atomically, so a half-finished list can never make
+//! the agent forget a policy. Until all three kinds have completed their first list, nothing
+//! is written to the kernel (see [`crate::agent`]).
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+use serde::de::DeserializeOwned;
+
+use crate::agent::Shared;
+use crate::index::Index;
+use crate::metrics::WatchResource;
+use crate::model::{NamespaceInfo, ObjectKey, PodInfo, Policy};
+
+/// A Kubernetes kind the agent watches, and how it maps onto the index.
+pub trait Watched:
+    kube::Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static
+{
+    /// The trimmed form kept in the index.
+    type Info: Send;
+    /// Which resource, for metrics and logs.
+    const RESOURCE: WatchResource;
+    /// Trim; `Err` is a message naming the object, logged and skipped.
+    fn trim(&self, warnings: &mut Vec<String>) -> Result<Self::Info, String>;
+    /// Store one.
+    fn apply(index: &mut Index, info: Self::Info) -> bool;
+    /// Remove one.
+    fn delete(index: &mut Index, obj: &Self) -> bool;
+    /// Replace all.
+    fn reset(index: &mut Index, all: Vec<Self::Info>) -> bool;
+}
+
+fn key_of(meta: &kube::api::ObjectMeta) -> Option<ObjectKey> {
+    Some(ObjectKey::new(meta.namespace.clone()?, meta.name.clone()?))
+}
+
+impl Watched for Pod {
+    type Info = PodInfo;
+    const RESOURCE: WatchResource = WatchResource::Pods;
+    fn trim(&self, warnings: &mut Vec<String>) -> Result<PodInfo, String> {
+        PodInfo::from_k8s(self, warnings).map_err(|e| e.to_string())
+    }
+    fn apply(index: &mut Index, info: PodInfo) -> bool {
+        index.apply_pod(info)
+    }
+    fn delete(index: &mut Index, obj: &Self) -> bool {
+        key_of(&obj.metadata).is_some_and(|k| index.delete_pod(&k))
+    }
+    fn reset(index: &mut Index, all: Vec<PodInfo>) -> bool {
+        index.reset_pods(all)
+    }
+}
+
+impl Watched for Namespace {
+    type Info = NamespaceInfo;
+    const RESOURCE: WatchResource = WatchResource::Namespaces;
+    fn trim(&self, _warnings: &mut Vec<String>) -> Result<NamespaceInfo, String> {
+        NamespaceInfo::from_k8s(self).map_err(|e| e.to_string())
+    }
+    fn apply(index: &mut Index, info: NamespaceInfo) -> bool {
+        index.apply_namespace(info)
+    }
+    fn delete(index: &mut Index, obj: &Self) -> bool {
+        obj.metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| index.delete_namespace(n))
+    }
+    fn reset(index: &mut Index, all: Vec<NamespaceInfo>) -> bool {
+        index.reset_namespaces(all)
+    }
+}
+
+impl Watched for NetworkPolicy {
+    type Info = Policy;
+    const RESOURCE: WatchResource = WatchResource::NetworkPolicies;
+    fn trim(&self, warnings: &mut Vec<String>) -> Result<Policy, String> {
+        let p = Policy::from_k8s(self, warnings).map_err(|e| {
+            let key = key_of(&self.metadata)
+                .map(|k| k.to_string())
+                .unwrap_or_default();
+            format!("NetworkPolicy {key} is invalid and ignored: {e}")
+        })?;
+        if let Some(reason) = &p.invalid {
+            warnings.push(format!(
+                "NetworkPolicy {} is invalid: {reason}; it still isolates the pods it selects but allows nothing",
+                p.key
+            ));
+        }
+        Ok(p)
+    }
+    fn apply(index: &mut Index, info: Policy) -> bool {
+        index.apply_policy(info)
+    }
+    fn delete(index: &mut Index, obj: &Self) -> bool {
+        key_of(&obj.metadata).is_some_and(|k| index.delete_policy(&k))
+    }
+    fn reset(index: &mut Index, all: Vec<Policy>) -> bool {
+        index.reset_policies(all)
+    }
+}
+
+fn trim_logged<K: Watched>(obj: &K) -> Option<K::Info> {
+    let mut warnings = Vec::new();
+    let out = obj.trim(&mut warnings);
+    for w in warnings {
+        tracing::warn!(resource = K::RESOURCE.as_str(), "{w}");
+    }
+    match out {
+        Ok(info) => Some(info),
+        Err(e) => {
+            tracing::warn!(resource = K::RESOURCE.as_str(), "skipping object: {e}");
+            None
+        }
+    }
+}
+
+/// Watch one kind until the process ends, feeding the shared index.
+pub async fn watch<K: Watched>(client: Client, shared: Arc<Shared>) {
+    let api: Api<K> = Api::all(client);
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut buffer: Option<Vec<K::Info>> = None;
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => {
+                // The backoff wrapper retries; the last good state stays in force.
+                tracing::warn!(resource = K::RESOURCE.as_str(), error = %e, "watch failed; retrying with backoff");
+                continue;
+            }
+        };
+        shared.metrics.watch_event(K::RESOURCE);
+        match event {
+            Event::Init => buffer = Some(Vec::new()),
+            Event::InitApply(obj) => {
+                if let (Some(buf), Some(info)) = (buffer.as_mut(), trim_logged(&obj)) {
+                    buf.push(info);
+                }
+            }
+            Event::InitDone => {
+                let all = buffer.take().unwrap_or_default();
+                let count = all.len();
+                shared.update(|idx| K::reset(idx, all));
+                shared.mark_listed(K::RESOURCE);
+                tracing::info!(
+                    resource = K::RESOURCE.as_str(),
+                    objects = count,
+                    "list complete"
+                );
+            }
+            Event::Apply(obj) => {
+                if let Some(info) = trim_logged(&obj) {
+                    shared.update(|idx| K::apply(idx, info));
+                }
+            }
+            Event::Delete(obj) => shared.update(|idx| K::delete(idx, &obj)),
+        }
+    }
+}
