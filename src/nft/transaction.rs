@@ -242,34 +242,38 @@ pub fn partial(applied: &Ruleset, desired: &Ruleset, pending: &BTreeSet<String>)
     let mut element_changes = 0;
     let mut chains_written = 0;
 
-    // 1. New sets with their elements; element removals, then additions, on existing sets.
+    // 1. Declare new sets and new chains first: map elements point to chains and rules
+    //    refer to sets, and either may be new.
+    for set in desired
+        .sets
+        .iter()
+        .filter(|s| !old_sets.contains_key(s.name.as_str()))
+    {
+        add_set(&mut out, set);
+    }
+    // A chain flushed last time and wanted again is simply declared and filled again.
+    for chain in desired
+        .chains
+        .iter()
+        .filter(|c| !old_chains.contains_key(c.name.as_str()))
+    {
+        add_chain(&mut out, chain);
+    }
+    // 2. Elements: all of a new set's; removals then additions on existing sets (a map
+    //    element whose verdict changed is deleted by key, then re-added).
     for set in &desired.sets {
         match old_sets.get(set.name.as_str()) {
-            None => {
-                add_set(&mut out, set);
-                element_changes += add_elements(&mut out, set, &set.elements);
-            }
+            None => element_changes += add_elements(&mut out, set, &set.elements),
             Some(old) if old.elements != set.elements => {
                 let before: BTreeSet<&String> = old.elements.iter().collect();
                 let after: BTreeSet<&String> = set.elements.iter().collect();
                 let gone: Vec<&String> = before.difference(&after).copied().collect();
                 let came: Vec<&String> = after.difference(&before).copied().collect();
-                // A map element whose verdict changed is deleted by key, then re-added.
                 element_changes += delete_elements(&mut out, set, gone);
                 element_changes += add_elements(&mut out, set, came);
             }
             Some(_) => {}
         }
-    }
-    // 2. Declare new chains first: rules may jump to chains declared later.
-    let new_chains: Vec<&Chain> = desired
-        .chains
-        .iter()
-        .filter(|c| !old_chains.contains_key(c.name.as_str()))
-        .collect();
-    // A chain flushed last time and wanted again is simply declared and filled again.
-    for chain in &new_chains {
-        add_chain(&mut out, chain);
     }
     // 3. Fill new chains, rewrite changed ones. Terminal chains are never rewritten.
     for chain in &desired.chains {
@@ -313,5 +317,163 @@ pub fn partial(applied: &Ruleset, desired: &Ruleset, pending: &BTreeSet<String>)
         delete_next,
         chains_written,
         element_changes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ruleset::{Chain, ChainRole, Set};
+
+    fn map(elements: &[&str]) -> Set {
+        Set {
+            name: "ingress-v4".into(),
+            key_type: "ipv4_addr".into(),
+            verdict_map: true,
+            interval: false,
+            comment: "m".into(),
+            elements: elements.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn chain(name: &str, rules: &[&str]) -> Chain {
+        Chain {
+            name: name.into(),
+            role: ChainRole::Pod,
+            comment: "c".into(),
+            rules: rules.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn line_of(script: &str, needle: &str) -> usize {
+        script
+            .lines()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle:?} not in:\n{script}"))
+    }
+
+    /// Regression: a map element pointing to a chain added in the same partial sync was sent
+    /// before the chain was declared, and the kernel rejected the transaction (ENOENT).
+    #[test]
+    fn partial_declares_new_chains_before_map_elements_point_to_them() {
+        let old = Ruleset {
+            comment: "t".into(),
+            sets: vec![map(&[])],
+            chains: vec![],
+        };
+        let new = Ruleset {
+            comment: "t".into(),
+            sets: vec![map(&["10.0.0.1 : goto ingress/a/b"])],
+            chains: vec![chain("ingress/a/b", &["drop"])],
+        };
+        let t = partial(&old, &new, &BTreeSet::new());
+        assert!(
+            line_of(&t.script, "add chain inet kube-nftpolicy ingress/a/b")
+                < line_of(&t.script, "add element")
+        );
+    }
+
+    #[test]
+    fn partial_diffs_elements_and_defers_chain_deletion() {
+        let old = Ruleset {
+            comment: "t".into(),
+            sets: vec![map(&[
+                "10.0.0.1 : goto ingress/a/b",
+                "10.0.0.2 : goto ingress/a/c",
+            ])],
+            chains: vec![
+                chain("ingress/a/b", &["drop"]),
+                chain("ingress/a/c", &["drop"]),
+            ],
+        };
+        let new = Ruleset {
+            comment: "t".into(),
+            sets: vec![map(&["10.0.0.1 : goto ingress/a/b"])],
+            chains: vec![chain("ingress/a/b", &["drop"])],
+        };
+        let t = partial(&old, &new, &BTreeSet::new());
+        assert_eq!(t.kind, Kind::Partial);
+        assert!(
+            t.script
+                .contains("delete element inet kube-nftpolicy ingress-v4 { 10.0.0.2 }"),
+            "{}",
+            t.script
+        );
+        assert!(
+            t.script
+                .contains("flush chain inet kube-nftpolicy ingress/a/c")
+        );
+        assert!(
+            !t.script.contains("delete chain"),
+            "deleted one sync later:\n{}",
+            t.script
+        );
+        assert_eq!(t.delete_next, BTreeSet::from(["ingress/a/c".to_string()]));
+        let next = partial(&new, &new, &t.delete_next);
+        assert_eq!(
+            next.script,
+            "delete chain inet kube-nftpolicy ingress/a/c\n"
+        );
+        assert_eq!(
+            partial(&new, &new, &BTreeSet::new()).script,
+            "",
+            "no change, no transaction"
+        );
+    }
+
+    #[test]
+    fn full_keeps_intact_drop_chains_and_carries_counters_otherwise() {
+        let drop = Chain {
+            name: "ingress/a/b/drop".into(),
+            role: ChainRole::Drop {
+                namespace: "a".into(),
+                pod: "b".into(),
+                direction: "ingress",
+            },
+            comment: "d".into(),
+            rules: vec!["counter packets 0 bytes 0 drop".into()],
+        };
+        let rs = Ruleset {
+            comment: "t".into(),
+            sets: vec![],
+            chains: vec![drop],
+        };
+        let mut kernel = KernelState {
+            table: true,
+            ..KernelState::default()
+        };
+        kernel.chains.insert(
+            "ingress/a/b/drop".into(),
+            super::super::ChainState {
+                rules: Some(1),
+                counter: Some(Counter {
+                    packets: 7,
+                    bytes: 700,
+                }),
+                logs: false,
+            },
+        );
+        let t = full(&rs, &kernel);
+        assert!(
+            !t.script
+                .contains("flush chain inet kube-nftpolicy ingress/a/b/drop"),
+            "{}",
+            t.script
+        );
+        kernel
+            .chains
+            .get_mut("ingress/a/b/drop")
+            .expect("chain")
+            .logs = true; // log setting changed
+        let t = full(&rs, &kernel);
+        assert!(
+            t.script
+                .contains("flush chain inet kube-nftpolicy ingress/a/b/drop")
+        );
+        assert!(
+            t.script.contains("counter packets 7 bytes 700 drop"),
+            "{}",
+            t.script
+        );
     }
 }

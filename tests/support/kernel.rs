@@ -1,0 +1,156 @@
+#![allow(dead_code)]
+//! Glue between the netns test cluster and the agent's library: turn a cluster description
+//! into manifests, compile each node's ruleset, and sync it inside that node's namespace with
+//! the real dataplane (nft transactions, netlink read-back).
+//!
+//! Include after `netns`: `#[path = "support/kernel.rs"] mod kernel;` (it uses `crate::netns`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use kube_nftpolicy::compile::{CompileOptions, compile};
+use kube_nftpolicy::dataplane::{Dataplane, SyncReport};
+use kube_nftpolicy::index::Index;
+use kube_nftpolicy::manifest::parse_sources;
+use kube_nftpolicy::nft::exec::Nft;
+use kube_nftpolicy::resolve::resolve;
+use kube_nftpolicy::ruleset::Ruleset;
+
+use crate::netns::{Cluster, PodSpec};
+
+/// Labels as a YAML flow map.
+pub fn labels_yaml(labels: &BTreeMap<String, String>) -> String {
+    let inner: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{}: {}",
+                serde_json::to_string(k).expect("json"),
+                serde_json::to_string(v).expect("json")
+            )
+        })
+        .collect();
+    format!("{{{}}}", inner.join(", "))
+}
+
+/// A Pod manifest for a harness pod, with named ports `serve-<port>-<proto>`.
+pub fn pod_yaml(p: &PodSpec, labels: &BTreeMap<String, String>) -> String {
+    let mut ports = Vec::new();
+    for t in &p.tcp_ports {
+        ports.push(format!(
+            "{{name: serve-{t}-tcp, containerPort: {t}, protocol: TCP}}"
+        ));
+    }
+    for u in &p.udp_ports {
+        ports.push(format!(
+            "{{name: serve-{u}-udp, containerPort: {u}, protocol: UDP}}"
+        ));
+    }
+    let ips: Vec<String> = p.ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {}}}\nspec: {{nodeName: {}, containers: [{{name: c, image: agnhost, ports: [{}]}}]}}\nstatus: {{phase: Running, podIP: \"{}\", podIPs: [{}]}}\n",
+        p.name,
+        p.namespace,
+        labels_yaml(labels),
+        p.node,
+        ports.join(", "),
+        p.ips[0],
+        ips.join(", ")
+    )
+}
+
+/// A Namespace manifest.
+pub fn namespace_yaml(name: &str, labels: &BTreeMap<String, String>) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {}}}\n",
+        labels_yaml(labels)
+    )
+}
+
+/// Each node's dataplane, kept across syncs so later syncs are partial.
+pub struct NodeDataplanes {
+    planes: HashMap<String, Dataplane>,
+    pub options: CompileOptions,
+}
+
+impl NodeDataplanes {
+    pub fn new(cluster: &Cluster) -> Self {
+        let planes = cluster
+            .node_names()
+            .into_iter()
+            .map(|n| (n, Dataplane::new(Nft::default())))
+            .collect();
+        NodeDataplanes {
+            planes,
+            options: CompileOptions::default(),
+        }
+    }
+
+    /// Compile every node's ruleset from the manifests text and sync it in the node namespace.
+    /// Panics (with the manifest warnings) if anything fails.
+    pub fn sync_text(&mut self, cluster: &Cluster, manifests: &str) -> Vec<(String, SyncReport)> {
+        let m = parse_sources(&[(PathBuf::from("state.yaml"), manifests.to_string())])
+            .unwrap_or_else(|e| panic!("manifests: {e}\n{manifests}"));
+        let mut idx = Index::new();
+        idx.reset_namespaces(m.namespaces);
+        idx.reset_pods(m.pods);
+        idx.reset_policies(m.policies);
+        self.sync_index(cluster, &idx)
+    }
+
+    /// Sync every node from an index.
+    pub fn sync_index(&mut self, cluster: &Cluster, idx: &Index) -> Vec<(String, SyncReport)> {
+        let snap = idx.snapshot();
+        let mut reports = Vec::new();
+        for node in cluster.node_names() {
+            let rs = compile(&resolve(&snap, &node), &self.options);
+            let report = self
+                .sync_ruleset(cluster, &node, &rs)
+                .unwrap_or_else(|e| panic!("sync {node}: {e}"));
+            reports.push((node, report));
+        }
+        reports
+    }
+
+    /// Sync one node to a ruleset.
+    pub fn sync_ruleset(
+        &mut self,
+        cluster: &Cluster,
+        node: &str,
+        rs: &Ruleset,
+    ) -> Result<SyncReport, kube_nftpolicy::dataplane::SyncError> {
+        let mut dp = self.planes.remove(node).expect("node dataplane");
+        let rs = rs.clone();
+        let (dp, out) = cluster.run_in_node(node, move || {
+            let out = dp.sync(&rs);
+            (dp, out)
+        });
+        self.planes.insert(node.to_string(), dp);
+        out
+    }
+
+    /// Run something with a node's dataplane inside the node's namespace.
+    pub fn with<T: Send>(
+        &mut self,
+        cluster: &Cluster,
+        node: &str,
+        f: impl FnOnce(&mut Dataplane) -> T + Send,
+    ) -> T {
+        let mut dp = self.planes.remove(node).expect("node dataplane");
+        let (dp, out) = cluster.run_in_node(node, move || {
+            let out = f(&mut dp);
+            (dp, out)
+        });
+        self.planes.insert(node.to_string(), dp);
+        out
+    }
+}
+
+/// `nft list table inet kube-nftpolicy` inside a node.
+pub fn list_table(cluster: &Cluster, node: &str) -> String {
+    cluster.exec_ok(
+        crate::netns::Endpoint::node(node),
+        &["nft", "list", "table", "inet", "kube-nftpolicy"],
+        None,
+    )
+}
