@@ -97,7 +97,7 @@ impl fmt::Display for NotReady {
 
 impl Health {
     /// `max_sync_age` is how old the last successful sync may be before the agent reports
-    /// itself unready; about twice the resync period tolerates one slow or failed round.
+    /// itself unready; the agent uses three resync periods, which tolerates two slow or failed rounds.
     pub fn new(max_sync_age: Duration) -> Self {
         Health {
             max_sync_age,

@@ -129,11 +129,13 @@ impl Shared {
             WatchResource::Namespaces => 1,
             WatchResource::NetworkPolicies => 2,
         };
-        self.listed[i].store(true, Ordering::SeqCst);
-        if self.all_listed() {
-            self.health.mark_caches_synced();
+        // Only the first completed list of a kind can unblock the sync loop.
+        if !self.listed[i].swap(true, Ordering::SeqCst) {
+            if self.all_listed() {
+                self.health.mark_caches_synced();
+            }
+            self.changed.notify_one();
         }
-        self.changed.notify_one();
     }
 
     fn all_listed(&self) -> bool {
@@ -337,6 +339,9 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
     let mut backoff = Duration::from_millis(500);
     let mut retry_at: Option<Instant> = None;
     let mut waited_for_lists = false;
+    // Local policed pods after the last successful sync, to forget the per-pod series of those
+    // that leave.
+    let mut policed: std::collections::BTreeSet<crate::model::ObjectKey> = Default::default();
     loop {
         // Wait for a change, a retry, or the resync timer.
         let wake = retry_at.map_or(next_resync, |r| r.min(next_resync));
@@ -455,6 +460,18 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
                     chains: rs.chains.len(),
                 });
                 publish_attribution(&shared, &np, &snapshot);
+                let now_policed: std::collections::BTreeSet<_> =
+                    np.pods.iter().map(|p| p.key.clone()).collect();
+                for gone in policed.difference(&now_policed) {
+                    // Series are labelled with the names as encoded in the log prefix.
+                    for d in crate::model::policy::Direction::ALL {
+                        let prefix = crate::denylog::encode_prefix(d, &gone.namespace, &gone.name);
+                        if let Ok(t) = crate::denylog::parse_prefix(&prefix) {
+                            shared.metrics.forget_pod(&t.namespace, &t.pod);
+                        }
+                    }
+                }
+                policed = now_policed;
             }
             Err(e) => {
                 shared.metrics.sync_failed(sync_failure(&e));

@@ -424,6 +424,11 @@ pub fn compile(np: &NodePolicy, opts: &CompileOptions) -> Ruleset {
         .map(|p| ((p.policy.clone(), p.direction), !p.rules.is_empty()))
         .collect();
 
+    let invalid: BTreeMap<&ObjectKey, bool> = np
+        .policies
+        .iter()
+        .map(|p| (&p.policy, p.invalid.is_some()))
+        .collect();
     for pod in &np.pods {
         for d in Direction::ALL {
             let Some(policies) = pod.isolated_by(d) else {
@@ -446,12 +451,25 @@ pub fn compile(np: &NodePolicy, opts: &CompileOptions) -> Ruleset {
                     rules.push(format!("jump {}", policy_chain_name(d, p)));
                 }
             }
-            rules.push(format!("goto {drop}"));
-            let names: Vec<String> = policies.iter().map(ToString::to_string).collect();
+            // What isolates the pod lives in a rule comment: rules are rewritten on change,
+            // object comments are not (the kernel keeps the first comment of a chain).
+            let mut names: Vec<String> = Vec::new();
+            for p in policies {
+                let invalid = invalid.get(p).copied().unwrap_or(false);
+                names.push(if invalid {
+                    format!("{p} (invalid: allows nothing)")
+                } else {
+                    p.to_string()
+                });
+            }
+            rules.push(format!(
+                "goto {drop} comment {}",
+                crate::ruleset::quote_comment(&format!("isolated by {}", names.join(", ")))
+            ));
             other_chains.push(Chain {
                 name: chain,
                 role: ChainRole::Pod,
-                comment: format!("{d} of pod {}; isolated by {}", pod.key, names.join(", ")),
+                comment: format!("{d} of pod {}", pod.key),
                 rules,
             });
             let mut drop_rule = String::new();
@@ -469,8 +487,14 @@ pub fn compile(np: &NodePolicy, opts: &CompileOptions) -> Ruleset {
                     pod: pod.key.name.clone(),
                     direction: d.as_str(),
                 },
-                comment: format!("{d} to pod {} not allowed by any policy", pod.key)
-                    .replace("egress to pod", "egress from pod"),
+                comment: match d {
+                    Direction::Ingress => {
+                        format!("ingress to pod {} not allowed by any policy", pod.key)
+                    }
+                    Direction::Egress => {
+                        format!("egress from pod {} not allowed by any policy", pod.key)
+                    }
+                },
                 rules: vec![drop_rule],
             });
         }
@@ -481,14 +505,10 @@ pub fn compile(np: &NodePolicy, opts: &CompileOptions) -> Ruleset {
             continue; // pods still jump nowhere and fall through to their drop
         }
         let rules = policy_rules(&mut sets, pr);
-        let mut comment = format!("NetworkPolicy {} {} rules", pr.policy, pr.direction);
-        if let Some(reason) = &pr.invalid {
-            comment.push_str(&format!(" (invalid: {reason})"));
-        }
         other_chains.push(Chain {
             name: policy_chain_name(pr.direction, &pr.policy),
             role: ChainRole::Policy,
-            comment,
+            comment: format!("NetworkPolicy {} {} rules", pr.policy, pr.direction),
             rules,
         });
     }

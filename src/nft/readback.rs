@@ -17,13 +17,27 @@ use crate::ruleset::TABLE;
 #[derive(Debug, thiserror::Error)]
 pub enum ReadbackError {
     /// A netlink dump failed.
-    #[error("reading {what} over netlink: {source}")]
+    #[error("reading {what} over netlink: {}", describe(source))]
     Netlink {
         /// What was being read.
         what: &'static str,
         /// Cause.
         source: rustables::error::QueryError,
     },
+}
+
+/// rustables' own message for kernel errors ("Error received from the kernel") hides the
+/// errno, which is what tells a missing CAP_NET_ADMIN apart from anything else.
+fn describe(e: &rustables::error::QueryError) -> String {
+    match e {
+        rustables::error::QueryError::NetlinkError(m) => {
+            format!(
+                "the kernel answered: {}",
+                std::io::Error::from_raw_os_error(m.error.abs())
+            )
+        }
+        other => other.to_string(),
+    }
 }
 
 fn our_table() -> Table {
