@@ -1,1 +1,152 @@
-fn main() {}
+//! Kernel-side cost at the scale targets, measured in a network namespace this benchmark
+//! creates (needs root): full sync, partial syncs of typical changes, drop-counter read-back
+//! and the drift check, for one node of a 10,000-pod / 1,000-policy cluster (~110 local pods).
+//!
+//! Run: `cargo bench --bench kernel_sync` (as root). Prints medians and p90 over the runs;
+//! figures are recorded in docs/benchmarks.md.
+
+#[path = "support/synthetic.rs"]
+mod synthetic;
+
+use std::fs::File;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kube_nftpolicy::compile::{compile, CompileOptions};
+use kube_nftpolicy::dataplane::Dataplane;
+use kube_nftpolicy::nft::exec::Nft;
+use kube_nftpolicy::resolve::resolve;
+use kube_nftpolicy::ruleset::Ruleset;
+use nix::sched::{setns, CloneFlags};
+
+const NODE: &str = "node-7";
+const RUNS: usize = 15;
+
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn stats(name: &str, mut v: Vec<Duration>) {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "{name:<52} median {:>8.2} ms   p90 {:>8.2} ms   min {:>8.2} ms   (n={})",
+        ms(v[v.len() / 2]),
+        ms(v[v.len() * 9 / 10]),
+        ms(v[0]),
+        v.len()
+    );
+}
+
+fn node_ruleset(idx: &kube_nftpolicy::index::Index) -> Ruleset {
+    compile(&resolve(&idx.snapshot(), NODE), &CompileOptions::default())
+}
+
+fn main() {
+    // `cargo bench` passes harness flags such as `--bench`; nothing to parse.
+    let name = format!("knpbench{}", std::process::id());
+    let ok = Command::new("ip").args(["netns", "add", &name]).status().map(|s| s.success()).unwrap_or(false);
+    if !ok {
+        eprintln!("kernel_sync: cannot create a network namespace (run as root)");
+        std::process::exit(1);
+    }
+    let _ns = Netns(name.clone());
+    let fd = File::open(format!("/run/netns/{name}")).expect("open netns");
+    setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns");
+
+    let s = synthetic::TARGET;
+    let base = synthetic::index(&s);
+    let rs = node_ruleset(&base);
+    println!(
+        "{NODE}: {} chains, {} sets, {} set elements",
+        rs.chains.len(),
+        rs.sets.len(),
+        rs.element_count()
+    );
+
+    let mut full = Vec::new();
+    let mut dp = Dataplane::new(Nft::default());
+    for _ in 0..RUNS {
+        dp.request_full_sync();
+        let r = dp.sync(&rs).expect("full sync");
+        full.push(r.duration);
+    }
+    stats("full sync (whole node, table already present)", full);
+
+    // A local pod appears and disappears: map elements, per-pod chains, peer sets.
+    let mut with_pod = synthetic::index(&s);
+    with_pod.apply_pod(synthetic::pod(7 + 91 * 200, &s, 0)); // a new pod on node-7
+    let rs_pod = node_ruleset(&with_pod);
+    let mut partial_pod = Vec::new();
+    for i in 0..RUNS * 2 {
+        let target = if i % 2 == 0 { &rs_pod } else { &rs };
+        let r = dp.sync(target).expect("partial sync");
+        partial_pod.push(r.duration);
+    }
+    stats("partial sync: one local pod added/removed", partial_pod);
+
+    // A remote pod changes labels: only peer-set elements move.
+    let mut relabelled = synthetic::index(&s);
+    for i in 0..20 {
+        // Move remote pods out of the `tier` peer sets that every node's egress rules use.
+        let mut p = synthetic::pod(1 + i * 91, &s, 0);
+        p.labels.insert("tier".into(), "retired".into());
+        relabelled.apply_pod(p);
+    }
+    let rs_rel = node_ruleset(&relabelled);
+    let mut partial_rel = Vec::new();
+    for i in 0..RUNS * 2 {
+        let target = if i % 2 == 0 { &rs_rel } else { &rs };
+        let r = dp.sync(target).expect("partial sync");
+        assert!(r.kind.is_some(), "the change must reach this node");
+        partial_rel.push(r.duration);
+    }
+    stats("partial sync: 20 remote pods relabelled", partial_rel);
+
+    // A new policy selecting local pods.
+    let mut more = synthetic::index(&s);
+    // Policy 1007 lands in ns-7 and selects app-0 pods, which node-7 runs.
+    more.apply_policy(synthetic::policy(1_007, &s));
+    let rs_more = node_ruleset(&more);
+    let mut partial_pol = Vec::new();
+    for i in 0..RUNS * 2 {
+        let target = if i % 2 == 0 { &rs_more } else { &rs };
+        let r = dp.sync(target).expect("partial sync");
+        assert!(r.kind.is_some(), "the change must reach this node");
+        partial_pol.push(r.duration);
+    }
+    stats("partial sync: one policy added/removed", partial_pol);
+
+    let mut counters = Vec::new();
+    let mut n = 0;
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        n = dp.drop_counters().expect("counters").len();
+        counters.push(t.elapsed());
+    }
+    stats(&format!("read {n} drop counters over netlink"), counters);
+
+    let mut drift = Vec::new();
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        assert!(dp.check_drift().expect("drift").is_none(), "no drift expected");
+        drift.push(t.elapsed());
+    }
+    stats("drift check (netlink read-back)", drift);
+
+    let t = Instant::now();
+    let snap = base.snapshot();
+    let np = resolve(&snap, NODE);
+    let _ = compile(&np, &CompileOptions::default());
+    stats("resolve+compile (for scale)", vec![t.elapsed()]);
+
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM")).map(str::to_string))
+        .unwrap_or_default();
+    println!("peak RSS of this process (index of 10,000 pods + rulesets): {rss}");
+}
