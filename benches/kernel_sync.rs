@@ -12,12 +12,12 @@ use std::fs::File;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kube_nftpolicy::compile::{compile, CompileOptions};
+use kube_nftpolicy::compile::{CompileOptions, compile};
 use kube_nftpolicy::dataplane::Dataplane;
 use kube_nftpolicy::nft::exec::Nft;
 use kube_nftpolicy::resolve::resolve;
 use kube_nftpolicy::ruleset::Ruleset;
-use nix::sched::{setns, CloneFlags};
+use nix::sched::{CloneFlags, setns};
 
 const NODE: &str = "node-7";
 const RUNS: usize = 15;
@@ -46,10 +46,28 @@ fn node_ruleset(idx: &kube_nftpolicy::index::Index) -> Ruleset {
     compile(&resolve(&idx.snapshot(), NODE), &CompileOptions::default())
 }
 
+/// Sync back and forth between two rulesets; returns the durations (every sync must send a
+/// transaction, or the change did not reach this node and the figure would mean nothing).
+fn toggle(dp: &mut Dataplane, a: &Ruleset, b: &Ruleset) -> Vec<Duration> {
+    (0..RUNS * 2)
+        .map(|i| {
+            let r = dp
+                .sync(if i % 2 == 0 { a } else { b })
+                .expect("partial sync");
+            assert!(r.kind.is_some(), "the change must reach this node");
+            r.duration
+        })
+        .collect()
+}
+
 fn main() {
     // `cargo bench` passes harness flags such as `--bench`; nothing to parse.
     let name = format!("knpbench{}", std::process::id());
-    let ok = Command::new("ip").args(["netns", "add", &name]).status().map(|s| s.success()).unwrap_or(false);
+    let ok = Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if !ok {
         eprintln!("kernel_sync: cannot create a network namespace (run as root)");
         std::process::exit(1);
@@ -81,12 +99,7 @@ fn main() {
     let mut with_pod = synthetic::index(&s);
     with_pod.apply_pod(synthetic::pod(7 + 91 * 200, &s, 0)); // a new pod on node-7
     let rs_pod = node_ruleset(&with_pod);
-    let mut partial_pod = Vec::new();
-    for i in 0..RUNS * 2 {
-        let target = if i % 2 == 0 { &rs_pod } else { &rs };
-        let r = dp.sync(target).expect("partial sync");
-        partial_pod.push(r.duration);
-    }
+    let partial_pod = toggle(&mut dp, &rs_pod, &rs);
     stats("partial sync: one local pod added/removed", partial_pod);
 
     // A remote pod changes labels: only peer-set elements move.
@@ -98,13 +111,7 @@ fn main() {
         relabelled.apply_pod(p);
     }
     let rs_rel = node_ruleset(&relabelled);
-    let mut partial_rel = Vec::new();
-    for i in 0..RUNS * 2 {
-        let target = if i % 2 == 0 { &rs_rel } else { &rs };
-        let r = dp.sync(target).expect("partial sync");
-        assert!(r.kind.is_some(), "the change must reach this node");
-        partial_rel.push(r.duration);
-    }
+    let partial_rel = toggle(&mut dp, &rs_rel, &rs);
     stats("partial sync: 20 remote pods relabelled", partial_rel);
 
     // A new policy selecting local pods.
@@ -112,13 +119,7 @@ fn main() {
     // Policy 1007 lands in ns-7 and selects app-0 pods, which node-7 runs.
     more.apply_policy(synthetic::policy(1_007, &s));
     let rs_more = node_ruleset(&more);
-    let mut partial_pol = Vec::new();
-    for i in 0..RUNS * 2 {
-        let target = if i % 2 == 0 { &rs_more } else { &rs };
-        let r = dp.sync(target).expect("partial sync");
-        assert!(r.kind.is_some(), "the change must reach this node");
-        partial_pol.push(r.duration);
-    }
+    let partial_pol = toggle(&mut dp, &rs_more, &rs);
     stats("partial sync: one policy added/removed", partial_pol);
 
     let mut counters = Vec::new();
@@ -133,7 +134,10 @@ fn main() {
     let mut drift = Vec::new();
     for _ in 0..RUNS {
         let t = Instant::now();
-        assert!(dp.check_drift().expect("drift").is_none(), "no drift expected");
+        assert!(
+            dp.check_drift().expect("drift").is_none(),
+            "no drift expected"
+        );
         drift.push(t.elapsed());
     }
     stats("drift check (netlink read-back)", drift);
@@ -146,7 +150,11 @@ fn main() {
 
     let rss = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM")).map(str::to_string))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM"))
+                .map(str::to_string)
+        })
         .unwrap_or_default();
     println!("peak RSS of this process (index of 10,000 pods + rulesets): {rss}");
 }

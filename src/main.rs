@@ -119,9 +119,14 @@ fn init_tracing() {
         .init();
 }
 
-/// Load manifests into an index, printing every warning to stderr.
-fn load_index(path: &std::path::Path) -> anyhow::Result<index::Index> {
-    let m = manifest::load(path)?;
+/// Load manifests (printing every warning to stderr) and compile `node`'s ruleset.
+fn ruleset_from(
+    path: &std::path::Path,
+    node: &str,
+    log_group: Option<u16>,
+) -> anyhow::Result<ruleset::Ruleset> {
+    let m = manifest::load(path)
+        .with_context(|| format!("loading manifests from {}", path.display()))?;
     for w in &m.warnings {
         tracing::warn!("{w}");
     }
@@ -129,7 +134,11 @@ fn load_index(path: &std::path::Path) -> anyhow::Result<index::Index> {
     idx.reset_namespaces(m.namespaces);
     idx.reset_pods(m.pods);
     idx.reset_policies(m.policies);
-    Ok(idx)
+    let np = resolve::resolve(&idx.snapshot(), node);
+    Ok(compile::compile(
+        &np,
+        &compile::CompileOptions { log_group },
+    ))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -139,10 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node,
             log_group,
         } => {
-            let idx = load_index(&manifests)
-                .with_context(|| format!("loading manifests from {}", manifests.display()))?;
-            let np = resolve::resolve(&idx.snapshot(), &node);
-            let rs = compile::compile(&np, &compile::CompileOptions { log_group });
+            let rs = ruleset_from(&manifests, &node, log_group)?;
             let header = format!(
                 "kube-nftpolicy ruleset for node {node:?}, from {}\nLoad with: nft -f <this file>",
                 manifests.display()
@@ -157,10 +163,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             log_group,
             nft,
         } => {
-            let idx = load_index(&manifests)
-                .with_context(|| format!("loading manifests from {}", manifests.display()))?;
-            let np = resolve::resolve(&idx.snapshot(), &node);
-            let rs = compile::compile(&np, &compile::CompileOptions { log_group });
+            let rs = ruleset_from(&manifests, &node, log_group)?;
             let mut dp = dataplane::Dataplane::new(Nft::new(nft));
             if dry_run {
                 print!("{}", dp.plan(&rs)?.script);
