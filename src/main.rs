@@ -218,12 +218,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The error chain on one line. Our error types already include their cause in their
+/// message, so a cause whose text the previous message contains is not repeated.
+fn describe_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn main() -> ExitCode {
     init_tracing();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe_error(&e));
             ExitCode::FAILURE
         }
     }
