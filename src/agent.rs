@@ -342,13 +342,12 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
     // Local policed pods after the last successful sync, to forget the per-pod series of those
     // that leave.
     let mut policed: std::collections::BTreeSet<crate::model::ObjectKey> = Default::default();
+    // Chains flushed by the last sync are deleted by a follow-up sync shortly after.
+    let mut followup_at: Option<Instant> = None;
+    let mut lists_just_completed = false;
     loop {
-        // Wait for a change, a retry, or the resync timer.
-        let wake = retry_at.map_or(next_resync, |r| r.min(next_resync));
-        let woke_by_change = tokio::select! {
-            _ = shared.changed.notified() => true,
-            _ = tokio::time::sleep_until(wake.into()) => false,
-        };
+        // Until every kind has been listed once, only a change can matter: never touch the
+        // kernel, and do not wake up on timers.
         if !shared.all_listed() {
             if !waited_for_lists {
                 tracing::info!(
@@ -356,8 +355,22 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
                 );
                 waited_for_lists = true;
             }
+            shared.changed.notified().await;
+            lists_just_completed = shared.all_listed();
             continue;
         }
+        // Wait for a change, a retry, a follow-up, or the resync timer.
+        let wake = [Some(next_resync), retry_at, followup_at]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(next_resync);
+        let woke_by_change = std::mem::take(&mut lists_just_completed)
+            || tokio::select! {
+                _ = shared.changed.notified() => true,
+                _ = tokio::time::sleep_until(wake.into()) => false,
+            };
+        followup_at = None;
         if woke_by_change {
             // Coalesce a burst, and keep syncs at least min_sync_interval apart.
             tokio::time::sleep(config.coalesce).await;
@@ -460,6 +473,9 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
                     chains: rs.chains.len(),
                 });
                 publish_attribution(&shared, &np, &snapshot);
+                if lock(&dataplane).pending_deletions() > 0 {
+                    followup_at = Some(Instant::now() + Duration::from_secs(1));
+                }
                 let now_policed: std::collections::BTreeSet<_> =
                     np.pods.iter().map(|p| p.key.clone()).collect();
                 for gone in policed.difference(&now_policed) {

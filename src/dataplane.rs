@@ -98,6 +98,11 @@ impl Dataplane {
         self.force_full = true;
     }
 
+    /// Chains flushed by the last sync and waiting to be deleted by the next one.
+    pub fn pending_deletions(&self) -> usize {
+        self.pending_delete.len()
+    }
+
     /// The ruleset the kernel holds, as far as we know.
     pub fn applied(&self) -> Option<&Ruleset> {
         self.applied.as_ref()

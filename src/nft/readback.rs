@@ -86,6 +86,24 @@ fn chain_state(chain: &Chain) -> ChainState {
 /// Read our table: its chains (with rule counts and counters) and its sets.
 /// `rules_of` chooses which chains to dump rules for (each is one netlink round trip).
 pub fn read(rules_of: &dyn Fn(&str) -> bool) -> Result<KernelState, ReadbackError> {
+    // A dump that overlaps a ruleset change is interrupted by the kernel (NLM_F_DUMP_INTR);
+    // reading again gives a consistent view.
+    let mut attempt = 0;
+    loop {
+        match read_once(rules_of) {
+            Err(ReadbackError::Netlink {
+                source:
+                    rustables::error::QueryError::ProcessNetlinkError(
+                        rustables::error::DecodeError::ConcurrentGenerationUpdate,
+                    ),
+                ..
+            }) if attempt < 5 => attempt += 1,
+            other => return other,
+        }
+    }
+}
+
+fn read_once(rules_of: &dyn Fn(&str) -> bool) -> Result<KernelState, ReadbackError> {
     if !table_exists()? {
         return Ok(KernelState::default());
     }
