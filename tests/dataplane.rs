@@ -445,3 +445,80 @@ fn sctp_rules_load_even_without_an_sctp_module() {
         "note: SCTP traffic probes are not run: this kernel has no sctp module (the rules load and TCP/UDP are checked)"
     );
 }
+
+#[test]
+fn apply_and_cleanup_commands_touch_only_our_table() {
+    let _g = serial();
+    let c = cluster(Layout::Routed);
+    let node = Endpoint::node("node-1");
+    let bin = env!("CARGO_BIN_EXE_kube-nftpolicy");
+    // Someone else's table in the same namespace must survive everything we do.
+    c.nft(node.clone(), "table inet someone-else {\n chain c {\n  type filter hook input priority 0; policy accept;\n  counter\n }\n}\n");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("state.yaml"),
+        manifests(&c, &[], WEB_ALLOWS_CLIENT),
+    )
+    .expect("write");
+    let path = dir.path().to_string_lossy().to_string();
+
+    let dry = c.exec_ok(
+        node.clone(),
+        &[
+            bin,
+            "apply",
+            "--manifests",
+            &path,
+            "--node",
+            "node-1",
+            "--dry-run",
+        ],
+        None,
+    );
+    assert!(
+        dry.contains("add chain inet kube-nftpolicy ingress/default/web"),
+        "{dry}"
+    );
+    assert!(
+        c.exec(
+            node.clone(),
+            &["nft", "list", "table", "inet", "kube-nftpolicy"],
+            None
+        )
+        .status
+        .code()
+            != Some(0),
+        "--dry-run changes nothing"
+    );
+
+    c.exec_ok(
+        node.clone(),
+        &[bin, "apply", "--manifests", &path, "--node", "node-1"],
+        None,
+    );
+    let web = c.pod_ip("default", "web", Family::V4);
+    assert_eq!(
+        c.probe_all(
+            &[
+                Probe::tcp(pod("client"), web, 80),
+                Probe::tcp(pod("other"), web, 80)
+            ],
+            T
+        ),
+        vec![true, false]
+    );
+
+    c.exec_ok(node.clone(), &[bin, "cleanup"], None);
+    let tables = c.exec_ok(node.clone(), &["nft", "list", "tables"], None);
+    assert!(!tables.contains("kube-nftpolicy"), "{tables}");
+    assert!(
+        tables.contains("table inet someone-else"),
+        "cleanup leaves other tables alone: {tables}"
+    );
+    assert!(
+        c.probe(&Probe::tcp(pod("other"), web, 80), T),
+        "without our table nothing is enforced"
+    );
+    // A second cleanup is a no-op, not an error.
+    c.exec_ok(node, &[bin, "cleanup"], None);
+}
