@@ -29,15 +29,12 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use fake_apiserver::{FakeApiServer, FakeApiServerOptions, objects_from_yaml};
-use kernel::{namespace_yaml, pod_yaml};
+use kernel::{labels, namespace_yaml, pod_yaml, serial, without_counts};
 use netns::{Cluster, ClusterSpec, Endpoint, Family, Layout, Probe};
-
-static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Per-probe timeout (a denied probe costs this much; probes of a round run in parallel).
 const T: Duration = Duration::from_millis(500);
@@ -46,19 +43,6 @@ const CONVERGE: Duration = Duration::from_secs(10);
 const BIN: &str = env!("CARGO_BIN_EXE_kube-nftpolicy");
 const NODE: &str = "node-1";
 const NETPOL_PATH: &str = "/apis/networking.k8s.io/v1/networkpolicies";
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 // ───────────────────────────── the cluster and its state ─────────────────────────────
 
@@ -261,33 +245,7 @@ fn hold_for(c: &Cluster, expected: Conn, what: &str, d: Duration, check: impl Fn
 
 /// `nft list table inet kube-nftpolicy` in the node, counters blanked; `None` if absent.
 fn table(c: &Cluster) -> Option<String> {
-    let out = c.exec(
-        Endpoint::node(NODE),
-        &["nft", "list", "table", "inet", "kube-nftpolicy"],
-        None,
-    );
-    out.status
-        .success()
-        .then(|| normalize(&String::from_utf8_lossy(&out.stdout)))
-}
-
-/// Drops `packets N bytes M` so that listings taken around traffic compare equal.
-fn normalize(listing: &str) -> String {
-    let mut out = String::new();
-    for line in listing.lines() {
-        let mut tokens = line.split_whitespace();
-        let mut kept = Vec::new();
-        while let Some(t) = tokens.next() {
-            if t == "packets" || t == "bytes" {
-                tokens.next();
-            } else {
-                kept.push(t);
-            }
-        }
-        out.push_str(&kept.join(" "));
-        out.push('\n');
-    }
-    out
+    kernel::try_list_table(c, NODE).map(|t| without_counts(&t))
 }
 
 fn has_chain(listing: &str, chain: &str) -> bool {

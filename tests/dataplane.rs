@@ -10,10 +10,11 @@ mod netns;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::Mutex;
 use std::time::Duration;
 
-use kernel::{NodeDataplanes, list_table, namespace_yaml, pod_yaml};
+use kernel::{
+    NodeDataplanes, labels, list_table, namespace_yaml, pod_yaml, serial, without_counts,
+};
 use kube_nftpolicy::compile::{CompileOptions, compile};
 use kube_nftpolicy::dataplane::SyncError;
 use kube_nftpolicy::index::Index;
@@ -23,21 +24,7 @@ use kube_nftpolicy::nft::transaction::Kind;
 use kube_nftpolicy::resolve::resolve;
 use netns::{Cluster, ClusterSpec, Endpoint, Family, Layout, Probe, Proto};
 
-static SERIAL: Mutex<()> = Mutex::new(());
 const T: Duration = Duration::from_millis(600);
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 /// One node, pods web (serving TCP 80, UDP 53), client, other, all in `default`.
 fn cluster(layout: Layout) -> Cluster {
@@ -223,22 +210,6 @@ fn changes_apply_to_new_connections_while_one_is_open() {
         T,
     );
     assert_eq!(got, vec![true, false]);
-}
-
-/// The table with counter values blanked (they legitimately move between two listings).
-fn without_counts(table: &str) -> String {
-    table
-        .lines()
-        .map(|l| match l.find("counter packets") {
-            Some(i) => format!(
-                "{}counter ...{}",
-                &l[..i],
-                l[i..].split_once(" drop").map_or("", |_| " drop")
-            ),
-            None => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 fn ruleset_for(c: &Cluster, text: &str) -> kube_nftpolicy::ruleset::Ruleset {

@@ -19,22 +19,13 @@ mod netns;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use kernel::{NodeDataplanes, namespace_yaml, pod_yaml};
+use kernel::{NodeDataplanes, namespace_yaml, pod_yaml, serial};
 use netns::{Cluster, ClusterSpec, Endpoint, Family, Layout, Probe, Proto};
 use serde::Deserialize;
 
-/// Kernel tests share two CPUs; running them one at a time keeps probe timing honest.
-static SERIAL: Mutex<()> = Mutex::new(());
 const PROBE_TIMEOUT: Duration = Duration::from_millis(600);
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -40,10 +40,9 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kernel::{namespace_yaml, pod_yaml};
+use kernel::{namespace_yaml, pod_yaml, serial};
 use netns::{Cluster, ClusterSpec, Endpoint, Family, Layout, Probe};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-nftpolicy");
@@ -81,14 +80,6 @@ const WEB_INGRESS: [(&str, &str); 3] = [
 
 const WEB_ALLOWS_CLIENT: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-allows-client, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n";
 const DENY_ALL_INGRESS: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-all-ingress, namespace: default}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n";
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 // ───────────────────────────── cluster and manifests ─────────────────────────────
 
@@ -186,14 +177,7 @@ fn allowed_probes(c: &Cluster) -> Vec<Probe> {
 }
 
 fn list_table(c: &Cluster) -> Option<String> {
-    let out = c.exec(
-        Endpoint::node(NODE),
-        &["nft", "list", "table", "inet", "kube-nftpolicy"],
-        None,
-    );
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    kernel::try_list_table(c, NODE)
 }
 
 /// Polls `check` until it returns `Ok`, or panics with its last complaint after `within`.

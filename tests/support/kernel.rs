@@ -18,6 +18,55 @@ use kube_nftpolicy::ruleset::Ruleset;
 
 use crate::netns::{Cluster, PodSpec};
 
+/// Kernel tests share two CPUs and each builds a cluster; one at a time keeps probe timing
+/// honest. Every kernel test takes this guard first.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Labels from pairs.
+pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A table listing with the counter values dropped, so listings taken around traffic compare.
+pub fn without_counts(listing: &str) -> String {
+    let mut out = String::new();
+    for line in listing.lines() {
+        let mut tokens = line.split_whitespace();
+        let mut kept = Vec::new();
+        while let Some(t) = tokens.next() {
+            if t == "packets" || t == "bytes" {
+                tokens.next();
+            } else {
+                kept.push(t);
+            }
+        }
+        out.push_str(&kept.join(" "));
+        out.push('\n');
+    }
+    out
+}
+
+/// `nft list table inet kube-nftpolicy` inside a node, `None` when the table is absent.
+pub fn try_list_table(cluster: &Cluster, node: &str) -> Option<String> {
+    let out = cluster.exec(
+        crate::netns::Endpoint::node(node),
+        &["nft", "list", "table", "inet", "kube-nftpolicy"],
+        None,
+    );
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Labels as a YAML flow map.
 pub fn labels_yaml(labels: &BTreeMap<String, String>) -> String {
     let inner: Vec<String> = labels
