@@ -25,6 +25,7 @@ pub mod compile;
 pub mod dataplane;
 pub mod denylog;
 pub mod evaluate;
+pub mod explain;
 pub mod index;
 pub mod manifest;
 pub mod metrics;

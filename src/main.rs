@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kube_nftpolicy::nft::exec::Nft;
-use kube_nftpolicy::{agent, compile, dataplane, index, manifest, resolve, ruleset};
+use kube_nftpolicy::{agent, compile, dataplane, explain, index, manifest, resolve, ruleset};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -55,6 +55,28 @@ enum Command {
     },
     /// Run the agent: watch the cluster (or follow manifests) and keep this node's table in sync.
     Run(RunArgs),
+    /// Explain whether a connection is allowed, and which policies decide it.
+    /// Exit status: 0 allowed, 3 denied.
+    Explain {
+        /// A manifest file, or a directory of .yaml/.yml/.json files.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Source: `namespace/pod` or an IP address.
+        #[arg(long)]
+        from: String,
+        /// Destination: `namespace/pod` or an IP address.
+        #[arg(long)]
+        to: String,
+        /// Destination port.
+        #[arg(long)]
+        port: u16,
+        /// TCP, UDP or SCTP.
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+        /// Force IPv4 (4) or IPv6 (6); by default IPv4 when both ends have it.
+        #[arg(long)]
+        family: Option<u8>,
+    },
     /// Remove our table from the current network namespace (and nothing else).
     Cleanup {
         /// The nft binary.
@@ -119,12 +141,8 @@ fn init_tracing() {
         .init();
 }
 
-/// Load manifests (printing every warning to stderr) and compile `node`'s ruleset.
-fn ruleset_from(
-    path: &std::path::Path,
-    node: &str,
-    log_group: Option<u16>,
-) -> anyhow::Result<ruleset::Ruleset> {
+/// Load manifests into an index, printing every warning to stderr.
+fn load_index(path: &std::path::Path) -> anyhow::Result<index::Index> {
     let m = manifest::load(path)
         .with_context(|| format!("loading manifests from {}", path.display()))?;
     for w in &m.warnings {
@@ -134,7 +152,16 @@ fn ruleset_from(
     idx.reset_namespaces(m.namespaces);
     idx.reset_pods(m.pods);
     idx.reset_policies(m.policies);
-    let np = resolve::resolve(&idx.snapshot(), node);
+    Ok(idx)
+}
+
+/// Load manifests and compile `node`'s ruleset.
+fn ruleset_from(
+    path: &std::path::Path,
+    node: &str,
+    log_group: Option<u16>,
+) -> anyhow::Result<ruleset::Ruleset> {
+    let np = resolve::resolve(&load_index(path)?.snapshot(), node);
     Ok(compile::compile(
         &np,
         &compile::CompileOptions { log_group },
@@ -206,6 +233,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             rt.block_on(agent::run(config))
+        }
+        Command::Explain {
+            manifests,
+            from,
+            to,
+            port,
+            protocol,
+            family,
+        } => {
+            let idx = load_index(&manifests)?;
+            let protocol = kube_nftpolicy::model::Protocol::parse(Some(&protocol))
+                .ok_or_else(|| anyhow::anyhow!("--protocol {protocol}: want TCP, UDP or SCTP"))?;
+            let family = match family {
+                None => None,
+                Some(4) => Some(kube_nftpolicy::model::Family::V4),
+                Some(6) => Some(kube_nftpolicy::model::Family::V6),
+                Some(other) => anyhow::bail!("--family {other}: want 4 or 6"),
+            };
+            let e = explain::explain(
+                &idx.snapshot(),
+                &from.parse()?,
+                &to.parse()?,
+                protocol,
+                port,
+                family,
+            )?;
+            print!("{}", e.report);
+            if e.allowed {
+                Ok(())
+            } else {
+                std::process::exit(3);
+            }
         }
         Command::Cleanup { nft } => {
             if dataplane::cleanup(&Nft::new(nft))? {

@@ -114,3 +114,39 @@ fn render_cases() {
         assert!(!stderr.contains("panicked"), "{}: {stderr}", c.name);
     }
 }
+
+#[test]
+fn explain_exit_codes() {
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/04-allow-pod-to-pod-port"
+    );
+    let run = |from: &str, port: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kube-nftpolicy"))
+            .args([
+                "explain",
+                "--manifests",
+                example,
+                "--from",
+                from,
+                "--to",
+                "default/backend",
+                "--port",
+                port,
+            ])
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run the binary")
+    };
+    let ok = run("default/frontend", "8080");
+    assert_eq!(ok.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("verdict: ALLOWED"));
+    let denied = run("default/frontend", "9090");
+    assert_eq!(denied.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&denied.stdout).contains("verdict: DENIED"));
+    let bad = run("not-an-endpoint", "80");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("neither namespace/pod nor an IP address")
+    );
+}
