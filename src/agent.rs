@@ -406,7 +406,10 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
             if periodic {
                 match dp.check_drift() {
                     Ok(d) => drift = d,
-                    Err(e) => tracing::warn!(error = %e, "drift check failed; forcing a full sync"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "drift check failed; forcing a full sync");
+                        dp.request_full_sync();
+                    }
                 }
             }
             if force_full {
