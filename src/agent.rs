@@ -20,12 +20,10 @@ use tokio::sync::Notify;
 
 use crate::admin::{self, Health};
 use crate::compile::{CompileOptions, compile};
-use crate::dataplane::{Dataplane, SyncError};
+use crate::dataplane::Dataplane;
 use crate::denylog::{DenyLogConfig, DenyLogger, Verdict};
 use crate::index::Index;
-use crate::metrics::{
-    DropCounter, Metrics, RulesetStats, SuppressReason, SyncFailure, SyncKind, WatchResource,
-};
+use crate::metrics::{DropCounter, Metrics, RulesetStats, SuppressReason, SyncKind, WatchResource};
 use crate::nft::exec::Nft;
 use crate::nft::transaction::Kind;
 use crate::resolve::{NodePolicy, resolve};
@@ -292,15 +290,6 @@ async fn follow_manifests(path: PathBuf, poll: Duration, shared: Arc<Shared>) {
     }
 }
 
-fn sync_failure(e: &SyncError) -> SyncFailure {
-    match e.reason() {
-        "readback" => SyncFailure::Readback,
-        "nft_exec" => SyncFailure::NftExec,
-        "nft_rejected" => SyncFailure::NftRejected,
-        _ => SyncFailure::Other,
-    }
-}
-
 fn publish_attribution(shared: &Shared, np: &NodePolicy, idx: &crate::index::Snapshot) {
     let mut by_ip = HashMap::new();
     for (key, pod) in idx.pods.iter() {
@@ -493,7 +482,7 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
                 policed = now_policed;
             }
             Err(e) => {
-                shared.metrics.sync_failed(sync_failure(&e));
+                shared.metrics.sync_failed(e.failure());
                 shared.health.record_sync_failure();
                 // The change is still pending.
                 if let Some(t) = changed_at {

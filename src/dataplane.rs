@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use crate::metrics::SyncFailure;
 use crate::model::policy::Direction;
 use crate::nft::exec::{ExecError, Nft};
 use crate::nft::readback::{self, ReadbackError};
@@ -26,12 +27,12 @@ pub enum SyncError {
 }
 
 impl SyncError {
-    /// Bounded label for metrics.
-    pub fn reason(&self) -> &'static str {
+    /// The bounded failure kind for metrics.
+    pub fn failure(&self) -> SyncFailure {
         match self {
-            Self::Readback(_) => "readback",
-            Self::Exec(ExecError::Spawn { .. }) => "nft_exec",
-            Self::Exec(ExecError::Rejected { .. }) => "nft_rejected",
+            Self::Readback(_) => SyncFailure::Readback,
+            Self::Exec(ExecError::Spawn { .. }) => SyncFailure::NftExec,
+            Self::Exec(ExecError::Rejected { .. }) => SyncFailure::NftRejected,
         }
     }
 }
