@@ -897,6 +897,23 @@ impl Agent<'_> {
 
 // ───────────────────────────── tests ─────────────────────────────
 
+/// `web-allows-client` is in force: client reaches web on TCP 80, other does not.
+fn assert_enforced(c: &Cluster, what: &str) {
+    let w = web(c, Family::V4);
+    let got = c.probe_all(
+        &[
+            Probe::tcp(pod("client"), w, 80),
+            Probe::tcp(pod("other"), w, 80),
+        ],
+        T,
+    );
+    assert_eq!(
+        got,
+        vec![true, false],
+        "{what}: want client allowed, other denied"
+    );
+}
+
 #[test]
 fn readyz_flips_after_first_sync() {
     let _g = serial();
@@ -949,18 +966,7 @@ fn readyz_flips_after_first_sync() {
     // Valid manifests: ready within the deadline, and enforcing by then.
     agent.write_manifests(&manifests(&c, ALL_PODS, WEB_ALLOWS_CLIENT));
     let took = agent.wait_ready();
-    let w = web(&c, Family::V4);
-    assert_eq!(
-        c.probe_all(
-            &[
-                Probe::tcp(pod("client"), w, 80),
-                Probe::tcp(pod("other"), w, 80)
-            ],
-            T
-        ),
-        vec![true, false],
-        "ready means enforced: client allowed, other denied"
-    );
+    assert_enforced(&c, "ready means enforced: client allowed, other denied");
     assert_eq!(agent.get("/healthz").status, 200);
     let s = agent.scrape();
     assert_eq!(
@@ -984,7 +990,7 @@ fn readyz_flips_after_first_sync() {
         list_table(&c).is_some_and(|t| t.contains("web-allows-client")),
         "the ruleset stays after the agent stops"
     );
-    assert!(!c.probe(&Probe::tcp(pod("other"), w, 80), T));
+    assert!(!c.probe(&Probe::tcp(pod("other"), web(&c, Family::V4), 80), T));
 }
 
 #[test]
@@ -1561,18 +1567,7 @@ fn drift_repairs_are_counted() {
         );
     }
     agent.wait_log("kernel state drifted from the applied ruleset");
-    let w = web(&c, Family::V4);
-    assert_eq!(
-        c.probe_all(
-            &[
-                Probe::tcp(pod("client"), w, 80),
-                Probe::tcp(pod("other"), w, 80)
-            ],
-            T
-        ),
-        vec![true, false],
-        "enforcement is back"
-    );
+    assert_enforced(&c, "enforcement is back");
 }
 
 /// BUG (src/agent.rs): `Metrics::forget_pod` is never called, so a deleted pod keeps its
