@@ -11,6 +11,8 @@
 //! Each node's ruleset is synced by the real dataplane inside the node's namespace; later
 //! steps are partial syncs, so these tests also prove partial syncs converge.
 
+#[path = "support/examples.rs"]
+mod examples;
 #[path = "support/kernel.rs"]
 mod kernel;
 #[path = "support/netns.rs"]
@@ -21,6 +23,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use examples::{Expectations, example_dirs, expectations};
 use kernel::{NodeDataplanes, namespace_yaml, pod_yaml, serial};
 use netns::{Cluster, ClusterSpec, Endpoint, Family, Layout, Probe, Proto};
 use serde::Deserialize;
@@ -380,34 +383,6 @@ fn upstream_scenarios_routed_ipv6_two_nodes_and_bridge_ipv4_one_node() {
 
 // ───────────────────────────── seed examples ─────────────────────────────
 
-#[derive(Deserialize)]
-struct Expectations {
-    probes: Vec<ExpectedProbe>,
-}
-
-#[derive(Deserialize)]
-struct ExpectedProbe {
-    from: String,
-    to: String,
-    port: u16,
-    protocol: String,
-    allowed: bool,
-    #[serde(default)]
-    why: String,
-    #[serde(default)]
-    family: Option<u8>,
-}
-
-fn examples() -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("examples"))
-        .expect("examples")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("expect/probes.yaml").exists())
-        .collect();
-    v.sort();
-    v
-}
-
 /// Build the cluster an example describes: its pods (serving every probed port), its nodes,
 /// and the outside addresses its probes use.
 fn example_cluster(dir: &Path, layout: Layout, exp: &Expectations) -> (ClusterSpec, String) {
@@ -498,12 +473,9 @@ fn endpoint_addr(cluster: &Cluster, end: &str, family: Family) -> IpAddr {
 fn run_examples(layout: Layout) -> usize {
     let mut failures = Vec::new();
     let mut total = 0;
-    for dir in examples() {
+    for dir in example_dirs() {
         let name = dir.file_name().expect("name").to_string_lossy().to_string();
-        let exp: Expectations = serde_yaml_ng::from_str(
-            &std::fs::read_to_string(dir.join("expect/probes.yaml")).expect("read"),
-        )
-        .expect("expectations");
+        let exp = expectations(&dir);
         let (spec, manifests) = example_cluster(&dir, layout, &exp);
         let cluster = Cluster::new(spec);
         let mut planes = NodeDataplanes::new(&cluster);

@@ -1,28 +1,16 @@
 //! `explain` (the pure evaluator behind it) against every seed example's expectations: the
 //! same truth the kernel tests check with real packets, answered without a kernel.
 
+#[path = "support/examples.rs"]
+mod examples;
+
 use std::path::PathBuf;
+
+use examples::{example_dirs, expectations};
 
 use kube_nftpolicy::explain::{Endpoint, explain};
 use kube_nftpolicy::index::{Index, Snapshot};
 use kube_nftpolicy::model::{Family, Protocol};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct Expectations {
-    probes: Vec<Expected>,
-}
-
-#[derive(Deserialize)]
-struct Expected {
-    from: String,
-    to: String,
-    port: u16,
-    protocol: String,
-    allowed: bool,
-    #[serde(default)]
-    family: Option<u8>,
-}
 
 fn endpoint(s: &str) -> Option<Endpoint> {
     if s.starts_with("node:") {
@@ -47,18 +35,10 @@ fn snapshot(dir: &std::path::Path) -> Snapshot {
 
 #[test]
 fn explain_agrees_with_every_example() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .expect("examples")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("expect/probes.yaml").exists())
-        .collect();
-    dirs.sort();
     let (mut checked, mut failures) = (0, Vec::new());
-    for dir in dirs {
+    for dir in example_dirs() {
         let snap = snapshot(&dir);
-        let text = std::fs::read_to_string(dir.join("expect/probes.yaml")).expect("read");
-        let exp: Expectations = serde_yaml_ng::from_str(&text).expect("yaml");
+        let exp = expectations(&dir);
         for e in exp.probes {
             let (Some(from), Some(to)) = (endpoint(&e.from), endpoint(&e.to)) else {
                 continue;
