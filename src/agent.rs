@@ -464,7 +464,10 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
                     set_elements: rs.element_count(),
                     chains: rs.chains.len(),
                 });
-                publish_attribution(&shared, &np, &snapshot);
+                // Only the denied-connection log reads the attribution tables.
+                if config.log_group.is_some() {
+                    publish_attribution(&shared, &np, &snapshot);
+                }
                 if lock(&dataplane).pending_deletions() > 0 {
                     followup_at = Some(Instant::now() + Duration::from_secs(1));
                 }

@@ -77,6 +77,16 @@ pub fn drop_chain_name(direction: Direction, pod: &ObjectKey) -> String {
     fit_name(format!("{chain}/drop"))
 }
 
+/// Is this (kernel) chain name one of our terminal drop chains?
+pub fn is_drop_chain_name(name: &str) -> bool {
+    name.ends_with("/drop")
+}
+
+/// Is this (kernel) chain name one of our per-policy chains?
+pub fn is_policy_chain_name(name: &str) -> bool {
+    name.starts_with("policy/")
+}
+
 /// `policy/<ns>/<name>/ingress`: the per-policy chain.
 pub fn policy_chain_name(direction: Direction, policy: &ObjectKey) -> String {
     fit_name(format!(
@@ -107,10 +117,6 @@ fn addr_match(f: Family) -> &'static str {
         Family::V4 => "ip",
         Family::V6 => "ip6",
     }
-}
-
-fn family_of(ip: &IpAddr) -> Family {
-    Family::of(ip)
 }
 
 /// Accumulates shared sets, detecting hash collisions.
@@ -156,7 +162,7 @@ fn peer_set(sets: &mut Sets, peer: &PeerPods, family: Family) -> String {
             elements: peer
                 .addrs
                 .iter()
-                .filter(|ip| family_of(ip) == family)
+                .filter(|ip| Family::of(ip) == family)
                 .map(ToString::to_string)
                 .collect(),
         }
@@ -195,7 +201,7 @@ fn named_set(sets: &mut Sets, owner: &str, named: &NamedTargets, family: Family)
             elements: named
                 .targets
                 .iter()
-                .filter(|(ip, _, _)| family_of(ip) == family)
+                .filter(|(ip, _, _)| Family::of(ip) == family)
                 .map(|(ip, proto, port)| format!("{ip} . {} . {port}", proto.nft_name()))
                 .collect(),
         }
@@ -437,7 +443,7 @@ pub fn compile(np: &NodePolicy, opts: &CompileOptions) -> Ruleset {
             let chain = pod_chain_name(d, &pod.key);
             let drop = drop_chain_name(d, &pod.key);
             for ip in &pod.ips {
-                maps.entry((d, family_of(ip)))
+                maps.entry((d, Family::of(ip)))
                     .or_default()
                     .push((*ip, chain.clone()));
             }

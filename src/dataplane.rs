@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use crate::compile::{is_drop_chain_name, is_policy_chain_name};
 use crate::metrics::SyncFailure;
 use crate::model::policy::Direction;
 use crate::nft::exec::{ExecError, Nft};
@@ -74,13 +75,10 @@ pub struct Dataplane {
     force_full: bool,
 }
 
-fn is_drop_chain(name: &str) -> bool {
-    name.ends_with("/drop")
-}
-
-/// Chains whose rules rustables can decode and that drift checks compare.
+/// Chains whose rules rustables can decode and that drift checks compare: all but the
+/// policy chains, whose concatenated lookups it cannot read.
 fn checkable(name: &str) -> bool {
-    !name.starts_with("policy/")
+    !is_policy_chain_name(name)
 }
 
 impl Dataplane {
@@ -120,8 +118,9 @@ impl Dataplane {
                 // want (an empty one was flushed earlier and can be deleted now).
                 let wanted: std::collections::HashSet<&str> =
                     desired.chains.iter().map(|c| c.name.as_str()).collect();
-                let kernel =
-                    readback::read(&|name: &str| is_drop_chain(name) || !wanted.contains(name))?;
+                let kernel = readback::read(&|name: &str| {
+                    is_drop_chain_name(name) || !wanted.contains(name)
+                })?;
                 Ok(transaction::full(desired, &kernel))
             }
         }
@@ -183,7 +182,7 @@ impl Dataplane {
         let Some(applied) = &self.applied else {
             return Ok(Vec::new());
         };
-        let kernel = readback::read(&|name: &str| is_drop_chain(name))?;
+        let kernel = readback::read(&|name: &str| is_drop_chain_name(name))?;
         Ok(drop_counters(applied, &kernel))
     }
 }

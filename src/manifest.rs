@@ -240,38 +240,13 @@ impl Collector {
             "NetworkPolicy" => {
                 default_namespace(&mut value);
                 let what = describe(&kind, &value);
-                let np = self.typed::<NetworkPolicy>(origin, &what, &value).or_else(|| {
-                    // Fail closed: keep isolating the selected pods even if the rules are unreadable.
-                    let shell = serde_json::json!({
-                        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                        "metadata": value.get("metadata"),
-                        "spec": {
-                            "podSelector": value.pointer("/spec/podSelector"),
-                            "policyTypes": value.pointer("/spec/policyTypes"),
-                            "ingress": if value.pointer("/spec/ingress").is_some() { Some(Vec::<Value>::new()) } else { None },
-                            "egress": if value.pointer("/spec/egress").is_some() { Some(Vec::<Value>::new()) } else { None },
-                        }
-                    });
-                    let mut np: NetworkPolicy = serde_json::from_value(shell).ok()?;
-                    if let Some(spec) = np.spec.as_mut() {
-                        // An egress section that could not be read still makes the policy apply to egress.
-                        if spec.policy_types.is_none() {
-                            let mut types = vec!["Ingress".to_string()];
-                            if value.pointer("/spec/egress").is_some() {
-                                types.push("Egress".to_string());
-                            }
-                            spec.policy_types = Some(types);
-                        }
-                    }
-                    np.metadata.annotations = Some(BTreeMap::from([("kube-nftpolicy/unreadable".to_string(), "true".to_string())]));
-                    Some(np)
-                });
-                let Some(np) = np else { return };
-                let unreadable = np
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .is_some_and(|a| a.contains_key("kube-nftpolicy/unreadable"));
+                let (np, unreadable) = match self.typed::<NetworkPolicy>(origin, &what, &value) {
+                    Some(np) => (np, false),
+                    None => match isolation_only(&value) {
+                        Some(np) => (np, true),
+                        None => return,
+                    },
+                };
                 let mut w = Vec::new();
                 match Policy::from_k8s(&np, &mut w) {
                     Ok(mut policy) => {
@@ -345,6 +320,28 @@ impl Collector {
             warnings: self.warnings,
         }
     }
+}
+
+/// A NetworkPolicy whose spec could not be read, reduced to what still tells which pods it
+/// isolates and in which directions: it then isolates them and allows nothing (fail closed).
+fn isolation_only(value: &Value) -> Option<NetworkPolicy> {
+    let has = |field: &str| value.pointer(&format!("/spec/{field}")).is_some();
+    let mut types = value.pointer("/spec/policyTypes").cloned();
+    if types.is_none() {
+        // An egress section that could not be read still makes the policy apply to egress.
+        let mut t = vec!["Ingress"];
+        if has("egress") {
+            t.push("Egress");
+        }
+        types = Some(serde_json::json!(t));
+    }
+    let shell = serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": value.get("metadata"),
+        "spec": {"podSelector": value.pointer("/spec/podSelector"), "policyTypes": types},
+    });
+    serde_json::from_value(shell).ok()
 }
 
 /// `kubectl apply` puts objects without a namespace into `default`.

@@ -13,7 +13,7 @@ use crate::index::Snapshot;
 use crate::model::cidr::subtract;
 use crate::model::policy::Direction;
 use crate::model::{
-    Cidr, IpBlock, Labels, NAMESPACE_NAME_LABEL, NamespaceScope, ObjectKey, Peer, PodInfo, Policy,
+    Cidr, IpBlock, Labels, NAMESPACE_NAME_LABEL, NamespaceScope, ObjectKey, Peer, PodInfo,
     PortMatch, Protocol, Selector,
 };
 
@@ -303,9 +303,7 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
             let resolved = rules
                 .iter()
                 .enumerate()
-                .map(|(index, rule)| {
-                    resolve_rule(&mut r, policy, direction, index, rule, &selected)
-                })
+                .map(|(index, rule)| resolve_rule(&mut r, direction, index, rule, &selected))
                 .collect();
             policies.push(PolicyRules {
                 policy: key.clone(),
@@ -338,7 +336,6 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
 
 fn resolve_rule(
     r: &mut Resolver<'_>,
-    _policy: &Policy,
     direction: Direction,
     index: usize,
     rule: &crate::model::Rule,

@@ -114,12 +114,18 @@ pub fn quote_comment(s: &str) -> String {
 }
 
 impl Set {
+    /// `type ipv4_addr` or, for a verdict map, `type ipv4_addr : verdict`.
+    pub fn type_clause(&self) -> String {
+        if self.verdict_map {
+            format!("type {} : verdict", self.key_type)
+        } else {
+            format!("type {}", self.key_type)
+        }
+    }
+
     /// The declaration line(s) without elements, as used inside `add set`.
     pub fn spec(&self) -> String {
-        let mut s = format!("type {}", self.key_type);
-        if self.verdict_map {
-            s.push_str(" : verdict");
-        }
+        let mut s = self.type_clause();
         s.push_str("; ");
         if self.interval {
             s.push_str("flags interval; ");
@@ -160,11 +166,7 @@ pub fn render(ruleset: &Ruleset, header: &str) -> String {
     let _ = writeln!(out, "\tcomment {}", quote_comment(&ruleset.comment));
     for set in &ruleset.sets {
         let _ = writeln!(out, "\n\t{} {} {{", set.keyword(), set.name);
-        let mut ty = format!("type {}", set.key_type);
-        if set.verdict_map {
-            ty.push_str(" : verdict");
-        }
-        let _ = writeln!(out, "\t\t{ty}");
+        let _ = writeln!(out, "\t\t{}", set.type_clause());
         if set.interval {
             let _ = writeln!(out, "\t\tflags interval");
         }

@@ -549,6 +549,7 @@ fn seed_examples_bridge() {
     let _g = serial();
     let start = Instant::now();
     let n = run_examples(Layout::Bridge);
+    assert!(n >= 200, "only {n} probes");
     eprintln!(
         "seed examples, bridge: {n} probes in {:.1}s",
         start.elapsed().as_secs_f64()

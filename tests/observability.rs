@@ -1570,7 +1570,7 @@ fn drift_repairs_are_counted() {
     assert_enforced(&c, "enforcement is back");
 }
 
-/// BUG (src/agent.rs): `Metrics::forget_pod` is never called, so a deleted pod keeps its
+/// Regression: `Metrics::forget_pod` was never called, so a deleted pod kept its
 /// `denied_connections_total` series for the life of the agent, unlike its drop counters.
 #[test]
 fn denied_connection_series_end_with_the_pod() {
@@ -1621,10 +1621,10 @@ fn denied_connection_series_end_with_the_pod() {
     }
 }
 
-/// BUG (src/main.rs `init_tracing`): the log is coloured with terminal escape sequences even
-/// when stderr is a file or a pipe, as it is under a container runtime. A log collector then
-/// stores `\x1b[3msrc\x1b[0m\x1b[2m=\x1b[0mdefault/other`, and searching the denied-connection
-/// lines for `src=default/other` finds nothing.
+/// Regression (src/main.rs `init_tracing`): the log was coloured with terminal escape
+/// sequences even when stderr is a file or a pipe, as it is under a container runtime. A log
+/// collector then stored `\x1b[3msrc\x1b[0m\x1b[2m=\x1b[0mdefault/other`, and searching the
+/// denied-connection lines for `src=default/other` found nothing.
 #[test]
 fn log_has_no_terminal_escapes_when_not_a_terminal() {
     let _g = serial();
