@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod cli;
 pub mod compile;
 pub mod dataplane;
 pub mod denylog;

@@ -1,132 +1,15 @@
-//! The `kube-nftpolicy` binary: argument parsing, logging setup, and error → exit code.
+//! The `kube-nftpolicy` binary: logging setup, dispatch of the parsed command (see `cli`), and
+//! error → exit code.
 //! Everything else lives in the library.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::Parser as _;
+use kube_nftpolicy::cli::{Cli, Command};
 use kube_nftpolicy::nft::exec::Nft;
 use kube_nftpolicy::{agent, compile, dataplane, explain, index, manifest, resolve, ruleset};
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "kube-nftpolicy",
-    version,
-    about = "Kubernetes NetworkPolicy enforcement with one nftables table per node"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Print the nft script that makes a node enforce the policies in the manifests.
-    Render {
-        /// A manifest file, or a directory of .yaml/.yml/.json files.
-        #[arg(long)]
-        manifests: PathBuf,
-        /// Node whose pods the ruleset protects.
-        #[arg(long, env = "NODE_NAME")]
-        node: String,
-        /// Also send drops to this NFLOG group (as `run --log-denied` would).
-        #[arg(long)]
-        log_group: Option<u16>,
-    },
-    /// Make the kernel of the current network namespace enforce the manifests (one sync).
-    Apply {
-        /// A manifest file, or a directory of .yaml/.yml/.json files.
-        #[arg(long)]
-        manifests: PathBuf,
-        /// Node whose pods the ruleset protects.
-        #[arg(long, env = "NODE_NAME")]
-        node: String,
-        /// Print the transaction instead of sending it.
-        #[arg(long)]
-        dry_run: bool,
-        /// Also send drops to this NFLOG group.
-        #[arg(long)]
-        log_group: Option<u16>,
-        /// The nft binary.
-        #[arg(long, default_value = "nft")]
-        nft: PathBuf,
-    },
-    /// Run the agent: watch the cluster (or follow manifests) and keep this node's table in sync.
-    Run(RunArgs),
-    /// Explain whether a connection is allowed, and which policies decide it.
-    /// Exit status: 0 allowed, 3 denied.
-    Explain {
-        /// A manifest file, or a directory of .yaml/.yml/.json files.
-        #[arg(long)]
-        manifests: PathBuf,
-        /// Source: `namespace/pod` or an IP address.
-        #[arg(long)]
-        from: String,
-        /// Destination: `namespace/pod` or an IP address.
-        #[arg(long)]
-        to: String,
-        /// Destination port.
-        #[arg(long)]
-        port: u16,
-        /// TCP, UDP or SCTP.
-        #[arg(long, default_value = "TCP")]
-        protocol: String,
-        /// Force IPv4 (4) or IPv6 (6); by default IPv4 when both ends have it.
-        #[arg(long)]
-        family: Option<u8>,
-    },
-    /// Remove our table from the current network namespace (and nothing else).
-    Cleanup {
-        /// The nft binary.
-        #[arg(long, default_value = "nft")]
-        nft: PathBuf,
-    },
-}
-
-#[derive(clap::Args, Debug)]
-struct RunArgs {
-    /// This node's name (as in `spec.nodeName`).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: String,
-    /// Kubeconfig file; without it, in-cluster config (or ~/.kube/config) is used.
-    #[arg(long, conflicts_with = "manifests")]
-    kubeconfig: Option<PathBuf>,
-    /// Follow manifest files instead of a cluster (the embedded mode).
-    #[arg(long)]
-    manifests: Option<PathBuf>,
-    /// How often to look for changed manifest files, in milliseconds.
-    #[arg(long, default_value_t = 500)]
-    manifests_poll_ms: u64,
-    /// Address for /metrics, /healthz and /readyz.
-    #[arg(long, default_value = "0.0.0.0:9753")]
-    metrics_addr: std::net::SocketAddr,
-    /// Log denied connections (drops are also sent to an NFLOG group).
-    #[arg(long)]
-    log_denied: bool,
-    /// NFLOG group used by --log-denied.
-    #[arg(long, default_value_t = 100)]
-    nflog_group: u16,
-    /// Wait this long after a change for more changes before syncing (ms).
-    #[arg(long, default_value_t = 50)]
-    coalesce_ms: u64,
-    /// Minimum time between two syncs (ms).
-    #[arg(long, default_value_t = 200)]
-    min_sync_interval_ms: u64,
-    /// How often to read the kernel back and repair drift (s).
-    #[arg(long, default_value_t = 30)]
-    resync_interval_s: u64,
-    /// How often to force a full sync (s).
-    #[arg(long, default_value_t = 3600)]
-    full_sync_interval_s: u64,
-    /// How often to read drop counters for metrics (s).
-    #[arg(long, default_value_t = 5)]
-    counters_interval_s: u64,
-    /// The nft binary.
-    #[arg(long, default_value = "nft")]
-    nft: PathBuf,
-}
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

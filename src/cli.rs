@@ -1,0 +1,125 @@
+//! The command line: every subcommand and flag the binary accepts. It lives in the library,
+//! not in `main.rs`, so tests can check that the arguments in `deploy/` are ones the agent
+//! really accepts, with the same parser the binary uses.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kube-nftpolicy",
+    version,
+    about = "Kubernetes NetworkPolicy enforcement with one nftables table per node"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the nft script that makes a node enforce the policies in the manifests.
+    Render {
+        /// A manifest file, or a directory of .yaml/.yml/.json files.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Node whose pods the ruleset protects.
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// Also send drops to this NFLOG group (as `run --log-denied` would).
+        #[arg(long)]
+        log_group: Option<u16>,
+    },
+    /// Make the kernel of the current network namespace enforce the manifests (one sync).
+    Apply {
+        /// A manifest file, or a directory of .yaml/.yml/.json files.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Node whose pods the ruleset protects.
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// Print the transaction instead of sending it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also send drops to this NFLOG group.
+        #[arg(long)]
+        log_group: Option<u16>,
+        /// The nft binary.
+        #[arg(long, default_value = "nft")]
+        nft: PathBuf,
+    },
+    /// Run the agent: watch the cluster (or follow manifests) and keep this node's table in sync.
+    Run(RunArgs),
+    /// Explain whether a connection is allowed, and which policies decide it.
+    /// Exit status: 0 allowed, 3 denied.
+    Explain {
+        /// A manifest file, or a directory of .yaml/.yml/.json files.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Source: `namespace/pod` or an IP address.
+        #[arg(long)]
+        from: String,
+        /// Destination: `namespace/pod` or an IP address.
+        #[arg(long)]
+        to: String,
+        /// Destination port.
+        #[arg(long)]
+        port: u16,
+        /// TCP, UDP or SCTP.
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+        /// Force IPv4 (4) or IPv6 (6); by default IPv4 when both ends have it.
+        #[arg(long)]
+        family: Option<u8>,
+    },
+    /// Remove our table from the current network namespace (and nothing else).
+    Cleanup {
+        /// The nft binary.
+        #[arg(long, default_value = "nft")]
+        nft: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// This node's name (as in `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Kubeconfig file; without it, in-cluster config (or ~/.kube/config) is used.
+    #[arg(long, conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Follow manifest files instead of a cluster (the embedded mode).
+    #[arg(long)]
+    pub manifests: Option<PathBuf>,
+    /// How often to look for changed manifest files, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub manifests_poll_ms: u64,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:9753")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Log denied connections (drops are also sent to an NFLOG group).
+    #[arg(long)]
+    pub log_denied: bool,
+    /// NFLOG group used by --log-denied.
+    #[arg(long, default_value_t = 100)]
+    pub nflog_group: u16,
+    /// Wait this long after a change for more changes before syncing (ms).
+    #[arg(long, default_value_t = 50)]
+    pub coalesce_ms: u64,
+    /// Minimum time between two syncs (ms).
+    #[arg(long, default_value_t = 200)]
+    pub min_sync_interval_ms: u64,
+    /// How often to read the kernel back and repair drift (s).
+    #[arg(long, default_value_t = 30)]
+    pub resync_interval_s: u64,
+    /// How often to force a full sync (s).
+    #[arg(long, default_value_t = 3600)]
+    pub full_sync_interval_s: u64,
+    /// How often to read drop counters for metrics (s).
+    #[arg(long, default_value_t = 5)]
+    pub counters_interval_s: u64,
+    /// The nft binary.
+    #[arg(long, default_value = "nft")]
+    pub nft: PathBuf,
+}
