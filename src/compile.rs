@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use crate::model::policy::Direction;
-use crate::model::{Cidr, Family, ObjectKey, Protocol};
+use crate::model::{Cidr, Family, NamespaceScope, ObjectKey, Protocol, Selector};
 use crate::resolve::{NamedTargets, NodePolicy, PeerPods, ResolvedPeer};
 use crate::ruleset::{Chain, ChainRole, Ruleset, Set};
 
@@ -123,6 +123,17 @@ fn addr_match(f: Family) -> &'static str {
 #[derive(Default)]
 struct Sets {
     by_name: BTreeMap<String, (String, Set)>,
+    origins: SetOrigins,
+}
+
+/// Which resolved object each content-derived set was built from, so an incremental update
+/// can rewrite exactly the sets whose source changed (see `incremental`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetOrigins {
+    /// Peer selector pair and family → set name.
+    pub peers: BTreeMap<(NamespaceScope, Selector, Family), String>,
+    /// (policy, direction, rule index, family) → named-port set name.
+    pub named: BTreeMap<(ObjectKey, Direction, usize, Family), String>,
 }
 
 impl Sets {
@@ -150,23 +161,32 @@ impl Sets {
     }
 }
 
+/// The elements of a peer set: the peer pods' addresses of one family, in address order.
+pub fn peer_set_elements(peer: &PeerPods, family: Family) -> Vec<String> {
+    peer.addrs
+        .iter()
+        .filter(|ip| Family::of(ip) == family)
+        .map(ToString::to_string)
+        .collect()
+}
+
 fn peer_set(sets: &mut Sets, peer: &PeerPods, family: Family) -> String {
     let identity = format!("{family:?}|{:?}|{}", peer.scope, peer.pods);
-    sets.add(&format!("peers-{}", family.suffix()), &identity, |name| {
+    let name = sets.add(&format!("peers-{}", family.suffix()), &identity, |name| {
         Set {
             name,
             key_type: addr_type(family).into(),
             verdict_map: false,
             interval: false,
             comment: peer.describe(),
-            elements: peer
-                .addrs
-                .iter()
-                .filter(|ip| Family::of(ip) == family)
-                .map(ToString::to_string)
-                .collect(),
+            elements: peer_set_elements(peer, family),
         }
-    })
+    });
+    sets.origins
+        .peers
+        .entry((peer.scope.clone(), peer.pods.clone(), family))
+        .or_insert_with(|| name.clone());
+    name
 }
 
 fn cidr_set(sets: &mut Sets, block_text: &str, ranges: &[Cidr], family: Family) -> String {
@@ -181,6 +201,16 @@ fn cidr_set(sets: &mut Sets, block_text: &str, ranges: &[Cidr], family: Family) 
             elements: ranges.iter().map(ToString::to_string).collect(),
         }
     })
+}
+
+/// The elements of a named-port set: (address . protocol . port) of one family, in order.
+pub fn named_set_elements(named: &NamedTargets, family: Family) -> Vec<String> {
+    named
+        .targets
+        .iter()
+        .filter(|(ip, _, _)| Family::of(ip) == family)
+        .map(|(ip, proto, port)| format!("{ip} . {} . {port}", proto.nft_name()))
+        .collect()
 }
 
 fn named_set(sets: &mut Sets, owner: &str, named: &NamedTargets, family: Family) -> String {
@@ -198,12 +228,7 @@ fn named_set(sets: &mut Sets, owner: &str, named: &NamedTargets, family: Family)
             verdict_map: false,
             interval: false,
             comment: format!("{owner}: named ports {names}"),
-            elements: named
-                .targets
-                .iter()
-                .filter(|(ip, _, _)| Family::of(ip) == family)
-                .map(|(ip, proto, port)| format!("{ip} . {} . {port}", proto.nft_name()))
-                .collect(),
+            elements: named_set_elements(named, family),
         }
     })
 }
@@ -263,6 +288,10 @@ fn policy_rules(sets: &mut Sets, pr: &crate::resolve::PolicyRules) -> Vec<String
         let named_match = |sets: &mut Sets, f: Family| {
             named.map(|n| {
                 let set = named_set(sets, &owner, n, f);
+                sets.origins
+                    .named
+                    .entry((pr.policy.clone(), d, rule.index, f))
+                    .or_insert_with(|| set.clone());
                 format!("{} daddr . meta l4proto . th dport @{set}", addr_match(f))
             })
         };
@@ -393,6 +422,11 @@ fn base_chain(
 
 /// Compile a node's policy into its ruleset.
 pub fn compile(np: &NodePolicy, opts: &CompileOptions) -> Ruleset {
+    compile_traced(np, opts).0
+}
+
+/// [`compile`], also saying which resolved object each content-derived set came from.
+pub fn compile_traced(np: &NodePolicy, opts: &CompileOptions) -> (Ruleset, SetOrigins) {
     let mut sets = Sets::default();
     let mut chains = vec![
         base_chain(
@@ -541,12 +575,13 @@ pub fn compile(np: &NodePolicy, opts: &CompileOptions) -> Ruleset {
     }
     all_sets.extend(sets.by_name.into_values().map(|(_, s)| s));
 
-    Ruleset {
+    let ruleset = Ruleset {
         comment: format!(
             "NetworkPolicy for node {}; managed by kube-nftpolicy, do not edit",
             np.node
         ),
         sets: all_sets,
         chains,
-    }
+    };
+    (ruleset, sets.origins)
 }

@@ -4,7 +4,7 @@
 //! the sync loop takes cheap snapshots. The generation only moves on a real change: an update
 //! that leaves the trimmed object equal does nothing, so a noisy pod status never causes a sync.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::model::{NamespaceInfo, ObjectKey, PodInfo, Policy};
@@ -94,16 +94,64 @@ pub struct Snapshot {
     pub generation: u64,
 }
 
-/// The single-writer index. Each mutation reports whether it changed anything.
-#[derive(Debug, Default)]
+/// What changed since the last [`Index::take_changes`]: lets the compiler redo only the work
+/// a change touches (see `incremental`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Pods added, updated or deleted.
+    pub pods: BTreeSet<ObjectKey>,
+    /// Namespaces added, updated or deleted.
+    pub namespaces: BTreeSet<String>,
+    /// Policies added, updated or deleted.
+    pub policies: BTreeSet<ObjectKey>,
+    /// A whole kind was replaced (a relist): assume anything may have changed.
+    pub everything: bool,
+}
+
+impl Changes {
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        !self.everything
+            && self.pods.is_empty()
+            && self.namespaces.is_empty()
+            && self.policies.is_empty()
+    }
+
+    /// Everything may have changed (the state of a fresh compiler).
+    pub fn everything() -> Self {
+        Self {
+            everything: true,
+            ..Self::default()
+        }
+    }
+
+    fn mark_everything(&mut self) {
+        *self = Self::everything();
+    }
+}
+
+/// The single-writer index. Each mutation reports whether it changed anything, and records
+/// what it changed until the sync loop takes the record.
+#[derive(Debug)]
 pub struct Index {
     state: Snapshot,
+    changes: Changes,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Index {
     /// An empty index.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            state: Snapshot::default(),
+            // Whoever reads the changes first has seen nothing yet.
+            changes: Changes::everything(),
+        }
     }
 
     fn bump(&mut self, changed: bool) -> bool {
@@ -115,14 +163,15 @@ impl Index {
 
     /// Add or update a pod.
     pub fn apply_pod(&mut self, pod: PodInfo) -> bool {
-        let changed = self.state.pods.apply(pod.key.clone(), pod);
-        self.bump(changed)
+        let key = pod.key.clone();
+        let changed = self.state.pods.apply(key.clone(), pod);
+        self.record(changed, |c| c.pods.insert(key))
     }
 
     /// Remove a pod.
     pub fn delete_pod(&mut self, key: &ObjectKey) -> bool {
         let changed = self.state.pods.delete(key);
-        self.bump(changed)
+        self.record(changed, |c| c.pods.insert(key.clone()))
     }
 
     /// Replace all pods.
@@ -131,19 +180,20 @@ impl Index {
             .state
             .pods
             .reset(pods.into_iter().map(|p| (p.key.clone(), p)));
-        self.bump(changed)
+        self.record_reset(changed)
     }
 
     /// Add or update a namespace.
     pub fn apply_namespace(&mut self, ns: NamespaceInfo) -> bool {
-        let changed = self.state.namespaces.apply(ns.name.clone(), ns);
-        self.bump(changed)
+        let name = ns.name.clone();
+        let changed = self.state.namespaces.apply(name.clone(), ns);
+        self.record(changed, |c| c.namespaces.insert(name))
     }
 
     /// Remove a namespace.
     pub fn delete_namespace(&mut self, name: &str) -> bool {
         let changed = self.state.namespaces.delete(&name.to_string());
-        self.bump(changed)
+        self.record(changed, |c| c.namespaces.insert(name.to_string()))
     }
 
     /// Replace all namespaces.
@@ -152,19 +202,20 @@ impl Index {
             .state
             .namespaces
             .reset(namespaces.into_iter().map(|n| (n.name.clone(), n)));
-        self.bump(changed)
+        self.record_reset(changed)
     }
 
     /// Add or update a policy.
     pub fn apply_policy(&mut self, policy: Policy) -> bool {
-        let changed = self.state.policies.apply(policy.key.clone(), policy);
-        self.bump(changed)
+        let key = policy.key.clone();
+        let changed = self.state.policies.apply(key.clone(), policy);
+        self.record(changed, |c| c.policies.insert(key))
     }
 
     /// Remove a policy.
     pub fn delete_policy(&mut self, key: &ObjectKey) -> bool {
         let changed = self.state.policies.delete(key);
-        self.bump(changed)
+        self.record(changed, |c| c.policies.insert(key.clone()))
     }
 
     /// Replace all policies.
@@ -173,7 +224,33 @@ impl Index {
             .state
             .policies
             .reset(policies.into_iter().map(|p| (p.key.clone(), p)));
+        self.record_reset(changed)
+    }
+
+    fn record(&mut self, changed: bool, note: impl FnOnce(&mut Changes) -> bool) -> bool {
+        // After a relist everything is redone anyway; a list of keys would only grow.
+        if changed && !self.changes.everything {
+            note(&mut self.changes);
+        }
         self.bump(changed)
+    }
+
+    fn record_reset(&mut self, changed: bool) -> bool {
+        if changed {
+            self.changes.mark_everything();
+        }
+        self.bump(changed)
+    }
+
+    /// What changed since the last call (the first call reports everything).
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// A snapshot and what changed since the last [`Index::take_changes`], taken together so
+    /// the two always agree.
+    pub fn snapshot_with_changes(&mut self) -> (Snapshot, Changes) {
+        (self.snapshot(), self.take_changes())
     }
 
     /// Current generation.

@@ -9,15 +9,16 @@
 //!  resolve    pure: snapshot + node name → NodePolicy
 //!         ▼
 //!  compile    pure: NodePolicy → Ruleset (tables, chains, sets, maps; deterministic names)
+//!             (incremental: a change to a pod on another node edits only its set elements)
 //!         ▼
 //!  nft        Ruleset → `nft -f -` transaction (full or partial), read-back over netlink
 //!         ▼
 //!  kernel     enforces; counters feed metrics
 //! ```
 //!
-//! The pure core (`model`, `index`, `resolve`, `compile`, `ruleset`, `nft::transaction`) does
-//! no I/O and never awaits. The edges (`manifest`, `nft::exec`, `nft::readback`, `watch`,
-//! `agent`, `admin`, `nflog`) are thin.
+//! The pure core (`model`, `index`, `resolve`, `compile`, `incremental`, `ruleset`,
+//! `nft::transaction`) does no I/O and never awaits. The edges (`manifest`, `nft::exec`,
+//! `nft::readback`, `watch`, `agent`, `admin`, `nflog`) are thin.
 
 pub mod admin;
 pub mod agent;
@@ -27,6 +28,7 @@ pub mod dataplane;
 pub mod denylog;
 pub mod evaluate;
 pub mod explain;
+pub mod incremental;
 pub mod index;
 pub mod manifest;
 pub mod metrics;

@@ -139,7 +139,7 @@ pub struct NamedTargets {
 }
 
 /// Labels a namespace selector sees for `ns`, even when the Namespace object is unknown.
-fn namespace_labels(snapshot: &Snapshot, ns: &str) -> Labels {
+pub(crate) fn namespace_labels(snapshot: &Snapshot, ns: &str) -> Labels {
     match snapshot.namespaces.get(&ns.to_string()) {
         Some(info) => info.labels.clone(),
         None => Labels::from([(NAMESPACE_NAME_LABEL.to_string(), ns.to_string())]),

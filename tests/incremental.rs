@@ -1,0 +1,474 @@
+//! The incremental compiler must always produce what a full `compile(resolve(snapshot))`
+//! produces. Named cases pin the fast path's tricky spots (shared addresses, named ports,
+//! which changes take the full path); a seeded random walk of a few thousand changes over a
+//! small, deliberately awkward cluster compares the two after every step.
+
+use std::net::IpAddr;
+
+use kube_nftpolicy::compile::{CompileOptions, compile};
+use kube_nftpolicy::incremental::{NodeCompiler, UpdateKind};
+use kube_nftpolicy::index::Index;
+use kube_nftpolicy::model::policy::{NamespaceScope, Peer, PortMatch, PortSpec, Protocol, Rule};
+use kube_nftpolicy::model::{
+    IpBlock, Labels, NamedPort, NamespaceInfo, ObjectKey, PodInfo, Policy, Selector,
+};
+use kube_nftpolicy::resolve::resolve;
+use kube_nftpolicy::ruleset::render;
+
+const NODE: &str = "node-a";
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn sel(pairs: &[(&str, &str)]) -> Selector {
+    Selector {
+        match_labels: labels(pairs),
+        expressions: vec![],
+    }
+}
+
+fn pod(ns: &str, name: &str, node: &str, app: &str, ips: &[&str]) -> PodInfo {
+    PodInfo {
+        key: ObjectKey::new(ns, name),
+        node: Some(node.to_string()),
+        labels: labels(&[("app", app)]),
+        ips: ips.iter().map(|s| s.parse().expect("test ip")).collect(),
+        named_ports: vec![NamedPort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        }],
+        host_network: false,
+        finished: false,
+    }
+}
+
+fn namespace(name: &str, team: &str) -> NamespaceInfo {
+    NamespaceInfo {
+        name: name.to_string(),
+        labels: labels(&[("team", team), ("kubernetes.io/metadata.name", name)]),
+    }
+}
+
+fn tcp(port: PortMatch) -> PortSpec {
+    PortSpec {
+        protocol: Protocol::Tcp,
+        port,
+    }
+}
+
+/// `web` in `a` is isolated both ways: ingress from app=client pods of team=x namespaces;
+/// egress to named port `http` on app=api pods anywhere.
+fn policies() -> Vec<Policy> {
+    vec![Policy {
+        key: ObjectKey::new("a", "web"),
+        pod_selector: sel(&[("app", "web")]),
+        ingress: Some(vec![Rule {
+            peers: Some(vec![Peer::Pods {
+                namespaces: NamespaceScope::Selector(sel(&[("team", "x")])),
+                pods: sel(&[("app", "client")]),
+            }]),
+            ports: Some(vec![tcp(PortMatch::Range(80, 80))]),
+        }]),
+        egress: Some(vec![Rule {
+            peers: Some(vec![Peer::Pods {
+                namespaces: NamespaceScope::Selector(Selector::everything()),
+                pods: sel(&[("app", "api")]),
+            }]),
+            ports: Some(vec![tcp(PortMatch::Named("http".into()))]),
+        }]),
+        invalid: None,
+    }]
+}
+
+fn base_index() -> Index {
+    let mut idx = Index::new();
+    idx.reset_namespaces(vec![
+        namespace("a", "x"),
+        namespace("b", "x"),
+        namespace("c", "y"),
+    ]);
+    idx.reset_pods(vec![
+        pod("a", "web", NODE, "web", &["10.0.0.1", "fd00::1"]),
+        pod(
+            "b",
+            "client-1",
+            "node-b",
+            "client",
+            &["10.0.1.1", "fd00::101"],
+        ),
+        pod("c", "api-1", "node-b", "api", &["10.0.2.1"]),
+    ]);
+    idx.reset_policies(policies());
+    idx
+}
+
+/// Update `c` from the index and check it against a from-scratch compile.
+fn step(c: &mut NodeCompiler, idx: &mut Index, what: &str) -> UpdateKind {
+    let (snap, changes) = idx.snapshot_with_changes();
+    let kind = c.update(snap.clone(), &changes);
+    let np = resolve(&snap, NODE);
+    let full = compile(&np, &CompileOptions::default());
+    assert_eq!(
+        c.node_policy(),
+        &np,
+        "{what}: node policy differs from a full resolve"
+    );
+    if c.ruleset() != &full {
+        panic!(
+            "{what}: ruleset differs from a full compile\n--- incremental\n{}\n--- full\n{}",
+            render(c.ruleset(), ""),
+            render(&full, "")
+        );
+    }
+    kind
+}
+
+fn set_with<'a>(c: &'a NodeCompiler, comment_part: &str, name_prefix: &str) -> &'a [String] {
+    c.ruleset()
+        .sets
+        .iter()
+        .find(|s| s.name.starts_with(name_prefix) && s.comment.contains(comment_part))
+        .map(|s| s.elements.as_slice())
+        .unwrap_or_else(|| panic!("no {name_prefix} set about {comment_part}"))
+}
+
+struct Case {
+    name: &'static str,
+    change: fn(&mut Index),
+    kind: UpdateKind,
+    /// (set name prefix, comment fragment, expected elements)
+    expect: &'static [(&'static str, &'static str, &'static [&'static str])],
+}
+
+const CLIENTS: &str = "pods app=client";
+
+#[test]
+fn named_cases() {
+    let cases = [
+        Case {
+            name: "remote pod joins a peer set",
+            change: |idx| {
+                idx.apply_pod(pod("a", "client-2", "node-b", "client", &["10.0.1.2"]));
+            },
+            kind: UpdateKind::Incremental,
+            expect: &[("peers-v4", CLIENTS, &["10.0.1.1", "10.0.1.2"])],
+        },
+        Case {
+            name: "remote pod leaves by relabel",
+            change: |idx| {
+                idx.apply_pod(pod(
+                    "b",
+                    "client-1",
+                    "node-b",
+                    "other",
+                    &["10.0.1.1", "fd00::101"],
+                ));
+            },
+            kind: UpdateKind::Incremental,
+            expect: &[("peers-v4", CLIENTS, &[]), ("peers-v6", CLIENTS, &[])],
+        },
+        Case {
+            name: "remote pod in a namespace the selector rejects changes nothing",
+            change: |idx| {
+                idx.apply_pod(pod("c", "client-9", "node-b", "client", &["10.0.3.9"]));
+            },
+            kind: UpdateKind::Incremental,
+            expect: &[("peers-v4", CLIENTS, &["10.0.1.1"])],
+        },
+        Case {
+            name: "address shared by two members stays while one remains",
+            change: |idx| {
+                idx.apply_pod(pod("b", "client-2", "node-b", "client", &["10.0.1.1"]));
+                idx.delete_pod(&ObjectKey::new("b", "client-1"));
+            },
+            kind: UpdateKind::Incremental,
+            expect: &[
+                ("peers-v4", CLIENTS, &["10.0.1.1"]),
+                ("peers-v6", CLIENTS, &[]),
+            ],
+        },
+        Case {
+            name: "remote pod's address changes",
+            change: |idx| {
+                idx.apply_pod(pod(
+                    "b",
+                    "client-1",
+                    "node-b",
+                    "client",
+                    &["10.0.1.7", "fd00::101"],
+                ));
+            },
+            kind: UpdateKind::Incremental,
+            expect: &[
+                ("peers-v4", CLIENTS, &["10.0.1.7"]),
+                ("peers-v6", CLIENTS, &["fd00::101"]),
+            ],
+        },
+        Case {
+            name: "remote pod declaring a named port joins an egress named set",
+            change: |idx| {
+                idx.apply_pod(pod("b", "api-2", "node-b", "api", &["10.0.2.2"]));
+            },
+            kind: UpdateKind::Incremental,
+            expect: &[(
+                "named-v4",
+                "named ports http",
+                &["10.0.2.1 . tcp . 8080", "10.0.2.2 . tcp . 8080"],
+            )],
+        },
+        Case {
+            name: "remote pod's named port moves",
+            change: |idx| {
+                let mut p = pod("c", "api-1", "node-b", "api", &["10.0.2.1"]);
+                p.named_ports[0].port = 9090;
+                idx.apply_pod(p);
+            },
+            kind: UpdateKind::Incremental,
+            expect: &[("named-v4", "named ports http", &["10.0.2.1 . tcp . 9090"])],
+        },
+        Case {
+            name: "finished remote pod leaves every set",
+            change: |idx| {
+                let mut p = pod("c", "api-1", "node-b", "api", &["10.0.2.1"]);
+                p.finished = true;
+                idx.apply_pod(p);
+            },
+            kind: UpdateKind::Incremental,
+            expect: &[("named-v4", "named ports http", &[])],
+        },
+        Case {
+            name: "pod on this node takes the full path",
+            change: |idx| {
+                idx.apply_pod(pod("b", "client-3", NODE, "client", &["10.0.1.3"]));
+            },
+            kind: UpdateKind::Full,
+            expect: &[("peers-v4", CLIENTS, &["10.0.1.1", "10.0.1.3"])],
+        },
+        Case {
+            name: "namespace relabel takes the full path",
+            change: |idx| {
+                idx.apply_namespace(namespace("b", "y"));
+            },
+            kind: UpdateKind::Full,
+            expect: &[("peers-v4", CLIENTS, &[])],
+        },
+        Case {
+            name: "identical update changes nothing",
+            change: |idx| {
+                idx.apply_pod(pod(
+                    "b",
+                    "client-1",
+                    "node-b",
+                    "client",
+                    &["10.0.1.1", "fd00::101"],
+                ));
+            },
+            kind: UpdateKind::Unchanged,
+            expect: &[("peers-v4", CLIENTS, &["10.0.1.1"])],
+        },
+    ];
+    for case in cases {
+        let mut idx = base_index();
+        let mut c = NodeCompiler::new(NODE, CompileOptions::default());
+        assert_eq!(
+            step(&mut c, &mut idx, case.name),
+            UpdateKind::Full,
+            "{}: first build",
+            case.name
+        );
+        (case.change)(&mut idx);
+        assert_eq!(
+            step(&mut c, &mut idx, case.name),
+            case.kind,
+            "{}: update kind",
+            case.name
+        );
+        for (prefix, about, want) in case.expect {
+            assert_eq!(
+                set_with(&c, about, prefix),
+                *want,
+                "{}: {prefix} set about {about}",
+                case.name
+            );
+        }
+    }
+}
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
+    }
+}
+
+const NAMESPACES: &[&str] = &["a", "b", "c", "d"];
+const APPS: &[&str] = &["web", "client", "api", "db"];
+const NODES: &[&str] = &[NODE, "node-b", "node-c"];
+
+/// A pod with awkward properties drawn at random: few addresses (so they collide), either
+/// family or both, named ports that differ between pods, host network, finished.
+fn random_pod(r: &mut Rng) -> PodInfo {
+    let ns = r.pick(NAMESPACES);
+    let name = format!("p{}", r.below(24));
+    let mut ips: Vec<IpAddr> = Vec::new();
+    if r.below(5) != 0 {
+        ips.push(format!("10.0.0.{}", r.below(12)).parse().expect("ip"));
+    }
+    if r.below(3) == 0 {
+        ips.push(format!("fd00::{}", r.below(12)).parse().expect("ip"));
+    }
+    let mut named_ports = Vec::new();
+    if r.below(2) == 0 {
+        named_ports.push(NamedPort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: [8080, 9090][r.below(2)],
+        });
+    }
+    if r.below(4) == 0 {
+        named_ports.push(NamedPort {
+            name: "dns".into(),
+            protocol: Protocol::Udp,
+            port: 53,
+        });
+    }
+    PodInfo {
+        key: ObjectKey::new(ns, name),
+        node: Some(r.pick(NODES).to_string()),
+        labels: labels(&[("app", r.pick(APPS)), ("tier", r.pick(&["1", "2"]))]),
+        ips,
+        named_ports,
+        host_network: r.below(12) == 0,
+        finished: r.below(12) == 0,
+    }
+}
+
+fn random_policy(r: &mut Rng) -> Policy {
+    let ns = r.pick(NAMESPACES);
+    let name = format!("np{}", r.below(10));
+    let peer = |r: &mut Rng| match r.below(4) {
+        0 => Peer::Pods {
+            namespaces: NamespaceScope::Own(ns.to_string()),
+            pods: sel(&[("app", r.pick(APPS))]),
+        },
+        1 => Peer::Pods {
+            namespaces: NamespaceScope::Selector(sel(&[("team", r.pick(&["x", "y"]))])),
+            pods: sel(&[("tier", r.pick(&["1", "2"]))]),
+        },
+        2 => Peer::Pods {
+            namespaces: NamespaceScope::Selector(Selector::everything()),
+            pods: Selector::everything(),
+        },
+        _ => Peer::IpBlock(IpBlock {
+            cidr: "10.0.0.0/28".parse().expect("cidr"),
+            except: vec!["10.0.0.4/30".parse().expect("cidr")],
+        }),
+    };
+    let ports = |r: &mut Rng| match r.below(4) {
+        0 => None,
+        1 => Some(vec![tcp(PortMatch::Range(80, 90))]),
+        2 => Some(vec![tcp(PortMatch::Named("http".into()))]),
+        _ => Some(vec![
+            PortSpec {
+                protocol: Protocol::Udp,
+                port: PortMatch::Named("dns".into()),
+            },
+            tcp(PortMatch::Range(443, 443)),
+        ]),
+    };
+    let rules = |r: &mut Rng| {
+        (0..r.below(3))
+            .map(|_| Rule {
+                peers: (r.below(4) != 0).then(|| (0..1 + r.below(2)).map(|_| peer(r)).collect()),
+                ports: ports(r),
+            })
+            .collect::<Vec<_>>()
+    };
+    let ingress = (r.below(3) != 0).then(|| rules(r));
+    let egress = (r.below(3) != 0).then(|| rules(r));
+    Policy {
+        key: ObjectKey::new(ns, name),
+        pod_selector: if r.below(4) == 0 {
+            Selector::everything()
+        } else {
+            sel(&[("app", r.pick(APPS))])
+        },
+        ingress,
+        egress,
+        invalid: None,
+    }
+}
+
+#[test]
+fn random_walk_matches_full_compile() {
+    for seed in [1u64, 7, 42, 1234] {
+        let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut idx = Index::new();
+        idx.reset_namespaces(
+            NAMESPACES
+                .iter()
+                .map(|n| namespace(n, ["x", "y"][n.len() % 2]))
+                .collect(),
+        );
+        idx.reset_pods((0..40).map(|_| random_pod(&mut r)).collect());
+        idx.reset_policies((0..8).map(|_| random_policy(&mut r)).collect());
+        let mut c = NodeCompiler::new(NODE, CompileOptions::default());
+        step(&mut c, &mut idx, &format!("seed {seed}: initial"));
+        let mut incremental = 0;
+        for i in 0..600 {
+            let what = match r.below(20) {
+                0 => {
+                    idx.apply_policy(random_policy(&mut r));
+                    "policy applied"
+                }
+                1 => {
+                    let ns = r.pick(NAMESPACES);
+                    idx.apply_namespace(namespace(ns, r.pick(&["x", "y"])));
+                    "namespace relabelled"
+                }
+                2..=5 => {
+                    let p = random_pod(&mut r);
+                    idx.delete_pod(&p.key);
+                    "pod deleted"
+                }
+                6 => {
+                    // A burst: several pods at once, as a rollout gives.
+                    for _ in 0..5 {
+                        idx.apply_pod(random_pod(&mut r));
+                    }
+                    "burst of pods"
+                }
+                _ => {
+                    idx.apply_pod(random_pod(&mut r));
+                    "pod applied"
+                }
+            };
+            if step(&mut c, &mut idx, &format!("seed {seed} step {i}: {what}"))
+                == UpdateKind::Incremental
+            {
+                incremental += 1;
+            }
+        }
+        // The walk must exercise the fast path, or it proves nothing about it.
+        assert!(
+            incremental > 150,
+            "seed {seed}: only {incremental} incremental updates"
+        );
+    }
+}
