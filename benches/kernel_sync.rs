@@ -16,7 +16,7 @@ use kube_nftpolicy::compile::{CompileOptions, compile};
 use kube_nftpolicy::dataplane::Dataplane;
 use kube_nftpolicy::nft::exec::Nft;
 use kube_nftpolicy::resolve::resolve;
-use kube_nftpolicy::ruleset::Ruleset;
+use kube_nftpolicy::ruleset::{Ruleset, render};
 use nix::sched::{CloneFlags, setns};
 
 const NODE: &str = "node-7";
@@ -28,6 +28,12 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
+}
+
+fn median(v: &[Duration]) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    v[v.len() / 2]
 }
 
 fn stats(name: &str, mut v: Vec<Duration>) {
@@ -86,14 +92,55 @@ fn main() {
         rs.element_count()
     );
 
-    let mut full = Vec::new();
-    let mut dp = Dataplane::new(Nft::default());
+    // The floor: `nft -f` loading the rendered script from a file, against our full sync of
+    // the same ruleset, interleaved so both see the same machine.
+    let script = std::env::temp_dir().join(format!("{name}.nft"));
+    std::fs::write(&script, render(&rs, "kernel_sync benchmark")).expect("write script");
+    let delete_table = || {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", kube_nftpolicy::ruleset::TABLE])
+            .stderr(std::process::Stdio::null())
+            .status();
+    };
+    let nft_file = || {
+        let t = Instant::now();
+        let ok = Command::new("nft")
+            .arg("-f")
+            .arg(&script)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "nft -f {} failed", script.display());
+        t.elapsed()
+    };
+    let (mut file_fresh, mut sync_fresh, mut file_again, mut sync_again) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {
+        delete_table();
+        file_fresh.push(nft_file());
+        file_again.push(nft_file());
+        delete_table();
+        let mut dp = Dataplane::new(Nft::default());
+        sync_fresh.push(dp.sync(&rs).expect("full sync").duration);
         dp.request_full_sync();
-        let r = dp.sync(&rs).expect("full sync");
-        full.push(r.duration);
+        sync_again.push(dp.sync(&rs).expect("full sync").duration);
     }
-    stats("full sync (whole node, table already present)", full);
+    let _ = std::fs::remove_file(&script);
+    let ratio = |a: &[Duration], b: &[Duration]| median(a).as_secs_f64() / median(b).as_secs_f64();
+    let (r_fresh, r_again) = (
+        ratio(&sync_fresh, &file_fresh),
+        ratio(&sync_again, &file_again),
+    );
+    stats("nft -f <rendered script>, table absent", file_fresh);
+    stats("full sync, table absent", sync_fresh);
+    stats("nft -f <rendered script>, table present", file_again);
+    stats("full sync, table present", sync_again);
+    println!(
+        "full sync / nft -f: {r_fresh:.2} (table absent), {r_again:.2} (table present); target <= 1.2"
+    );
+
+    let mut dp = Dataplane::new(Nft::default());
+    dp.sync(&rs).expect("full sync");
 
     // A local pod appears and disappears: map elements, per-pod chains, peer sets.
     let mut with_pod = synthetic::index(&s);

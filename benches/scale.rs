@@ -1,28 +1,73 @@
-//! CPU cost of the pure core at the scale targets: resolve, compile, render, and building a
-//! partial transaction, for one node of a 10,000-pod / 1,000-policy cluster.
+//! CPU cost of the pure core at the scale targets, for one node of a generated cluster:
+//! resolve, compile, render, a partial transaction, and incremental updates after one pod
+//! changes — at 1/10, 1× and 10× of the 10,000-pod / 1,000-policy target.
 //!
-//! Run: `cargo bench --bench scale`. Figures are recorded in docs/benchmarks.md.
+//! Run: `cargo bench --bench scale` (`SCALES=1` for the target size only). Figures are
+//! recorded in docs/benchmarks.md.
 
 #[path = "support/synthetic.rs"]
 mod synthetic;
 
 use std::collections::BTreeSet;
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use kube_nftpolicy::compile::{CompileOptions, compile};
+use kube_nftpolicy::incremental::{NodeCompiler, UpdateKind};
+use kube_nftpolicy::index::Index;
+use kube_nftpolicy::model::PodInfo;
 use kube_nftpolicy::nft::transaction;
 use kube_nftpolicy::resolve::resolve;
 use kube_nftpolicy::ruleset::render;
 
-fn bench(c: &mut Criterion) {
-    let s = synthetic::TARGET;
-    let idx = synthetic::index(&s);
+const NODE: &str = "node-7";
+
+/// Time `iters` incremental updates that alternate between applying `changed` and restoring
+/// `original` (so the state never drifts), each followed by the partial transaction the
+/// dataplane would send. The previous ruleset is copied outside the timed part.
+fn toggle_pod(
+    idx: &mut Index,
+    nc: &mut NodeCompiler,
+    original: Option<&PodInfo>,
+    changed: &PodInfo,
+    expect: UpdateKind,
+    iters: u64,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let before = nc.ruleset().clone();
+        let applied = idx.snapshot().pods.get(&changed.key).map(|p| &**p) == Some(changed);
+        if !applied {
+            idx.apply_pod(changed.clone());
+        } else {
+            match original {
+                Some(p) => idx.apply_pod(p.clone()),
+                None => idx.delete_pod(&changed.key),
+            };
+        }
+        let t = Instant::now();
+        let (snap, changes) = idx.snapshot_with_changes();
+        let kind = nc.update(snap, &changes);
+        let tx = transaction::partial(&before, nc.ruleset(), &BTreeSet::new());
+        total += t.elapsed();
+        assert_eq!(kind, expect, "update path");
+        assert!(
+            tx.element_changes + tx.chains_written > 0,
+            "the change must reach this node"
+        );
+        black_box(tx);
+    }
+    total
+}
+
+fn bench_scale(c: &mut Criterion, label: &str, s: &synthetic::Scale) {
+    let mut idx = synthetic::index(s);
     let snap = idx.snapshot();
-    let np = resolve(&snap, "node-7");
+    let np = resolve(&snap, NODE);
     let rs = compile(&np, &CompileOptions::default());
     eprintln!(
-        "node-7: {} isolated local pods, {} policy chains, {} chains, {} sets, {} set elements, script {} bytes",
+        "{label}: {NODE} has {} isolated local pods, {} policy chains, {} chains, {} sets, {} set elements, script {} bytes",
         np.pods.len(),
         np.policies.len(),
         rs.chains.len(),
@@ -31,41 +76,88 @@ fn bench(c: &mut Criterion) {
         render(&rs, "").len()
     );
 
-    let mut g = c.benchmark_group("10k-pods-1k-policies");
-    g.sample_size(20);
+    let mut g = c.benchmark_group(label);
+    g.sample_size(if s.pods > 20_000 { 10 } else { 20 });
     g.bench_function("snapshot", |b| b.iter(|| black_box(idx.snapshot())));
-    g.bench_function("resolve one node", |b| {
-        b.iter(|| black_box(resolve(&snap, "node-7")))
-    });
-    g.bench_function("compile one node", |b| {
+    g.bench_function("resolve", |b| b.iter(|| black_box(resolve(&snap, NODE))));
+    g.bench_function("compile", |b| {
         b.iter(|| black_box(compile(&np, &CompileOptions::default())))
     });
-    g.bench_function("render one node", |b| b.iter(|| black_box(render(&rs, ""))));
-
-    // One pod elsewhere changes labels: every node's peer sets may change.
-    let mut idx2 = synthetic::index(&s);
-    idx2.apply_pod(synthetic::pod(12, &s, 3));
-    let rs2 = compile(
-        &resolve(&idx2.snapshot(), "node-7"),
-        &CompileOptions::default(),
-    );
-    let t = transaction::partial(&rs, &rs2, &BTreeSet::new());
-    eprintln!(
-        "partial transaction for one remote label change: {} bytes, {} element changes",
-        t.script.len(),
-        t.element_changes
-    );
-    g.bench_function("partial transaction (one remote pod relabelled)", |b| {
-        b.iter(|| black_box(transaction::partial(&rs, &rs2, &BTreeSet::new())))
-    });
-    g.bench_function("full pipeline: snapshot+resolve+compile+diff", |b| {
+    g.bench_function("render", |b| b.iter(|| black_box(render(&rs, ""))));
+    g.bench_function("full: resolve+compile+render", |b| {
         b.iter(|| {
-            let np = resolve(&idx2.snapshot(), "node-7");
-            let rs2 = compile(&np, &CompileOptions::default());
-            black_box(transaction::partial(&rs, &rs2, &BTreeSet::new()))
+            let np = resolve(&snap, NODE);
+            black_box(render(&compile(&np, &CompileOptions::default()), ""))
         })
     });
+
+    // One pod elsewhere changes labels: a full recompute, then the partial transaction.
+    let mut relabelled = synthetic::index(s);
+    relabelled.apply_pod(synthetic::pod(12, s, 3));
+    let rs2 = compile(
+        &resolve(&relabelled.snapshot(), NODE),
+        &CompileOptions::default(),
+    );
+    g.bench_function("partial transaction (diff of two rulesets)", |b| {
+        b.iter(|| black_box(transaction::partial(&rs, &rs2, &BTreeSet::new())))
+    });
+    g.bench_function(
+        "full recompute after a change: snapshot+resolve+compile+diff",
+        |b| {
+            b.iter(|| {
+                let np = resolve(&relabelled.snapshot(), NODE);
+                let rs2 = compile(&np, &CompileOptions::default());
+                black_box(transaction::partial(&rs, &rs2, &BTreeSet::new()))
+            })
+        },
+    );
+
+    // Incremental updates: the agent's path. Each includes the snapshot, the update and the
+    // partial transaction.
+    let mut nc = NodeCompiler::new(NODE, CompileOptions::default());
+    let (snap0, ch0) = idx.snapshot_with_changes();
+    assert_eq!(nc.update(snap0, &ch0), UpdateKind::Full);
+    let remote = 12; // pod-12 lives on node-12
+    let original = synthetic::pod(remote, s, 0);
+    // A new `tier` moves it between the peer sets of the cluster-wide egress policies.
+    let mut relabel = original.clone();
+    relabel
+        .labels
+        .insert("tier".into(), format!("t{}", (remote + 1) % 3));
+    g.bench_function("incremental: one remote pod relabelled", |b| {
+        b.iter_custom(|n| {
+            toggle_pod(
+                &mut idx,
+                &mut nc,
+                Some(&original),
+                &relabel,
+                UpdateKind::Incremental,
+                n,
+            )
+        })
+    });
+    let added = synthetic::pod(s.pods + 12, s, 0); // a new pod on another node
+    assert_ne!(added.node.as_deref(), Some(NODE));
+    g.bench_function("incremental: one remote pod added", |b| {
+        b.iter_custom(|n| toggle_pod(&mut idx, &mut nc, None, &added, UpdateKind::Incremental, n))
+    });
+    let local_index = s.pods + (7 + s.nodes - s.pods % s.nodes) % s.nodes;
+    let local = synthetic::pod(local_index, s, 0); // a new pod on node-7 itself
+    assert_eq!(local.node.as_deref(), Some(NODE));
+    g.bench_function("one local pod added (full path)", |b| {
+        b.iter_custom(|n| toggle_pod(&mut idx, &mut nc, None, &local, UpdateKind::Full, n))
+    });
     g.finish();
+}
+
+fn bench(c: &mut Criterion) {
+    let only_target = std::env::var("SCALES").is_ok_and(|v| v == "1");
+    bench_scale(c, "1x: 10k pods, 1k policies", &synthetic::TARGET);
+    if only_target {
+        return;
+    }
+    bench_scale(c, "0.1x: 1k pods, 100 policies", &synthetic::TENTH);
+    bench_scale(c, "10x: 100k pods, 10k policies", &synthetic::TEN_TIMES);
 }
 
 criterion_group!(benches, bench);

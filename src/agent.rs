@@ -19,14 +19,15 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 
 use crate::admin::{self, Health};
-use crate::compile::{CompileOptions, compile};
+use crate::compile::CompileOptions;
 use crate::dataplane::Dataplane;
 use crate::denylog::{DenyLogConfig, DenyLogger, Verdict};
+use crate::incremental::{NodeCompiler, UpdateKind};
 use crate::index::Index;
 use crate::metrics::{DropCounter, Metrics, RulesetStats, SuppressReason, SyncKind, WatchResource};
 use crate::nft::exec::Nft;
 use crate::nft::transaction::Kind;
-use crate::resolve::{NodePolicy, resolve};
+use crate::resolve::NodePolicy;
 
 /// Everything the agent needs to run.
 #[derive(Clone, Debug)]
@@ -318,10 +319,50 @@ fn publish_attribution(shared: &Shared, np: &NodePolicy, idx: &crate::index::Sna
     }
 }
 
+/// What the rest of the loop needs to know about one compile + sync.
+struct SyncSummary {
+    update: UpdateKind,
+    compile_time: Duration,
+    generation: u64,
+    stats: RulesetStats,
+    /// Local pods under policy.
+    policed: std::collections::BTreeSet<crate::model::ObjectKey>,
+}
+
+impl SyncSummary {
+    fn of(nc: &NodeCompiler, update: UpdateKind, compile_time: Duration, generation: u64) -> Self {
+        let np = nc.node_policy();
+        let rs = nc.ruleset();
+        Self {
+            update,
+            compile_time,
+            generation,
+            stats: RulesetStats {
+                policed_ingress: np.pods.iter().filter(|p| p.ingress.is_some()).count(),
+                policed_egress: np.pods.iter().filter(|p| p.egress.is_some()).count(),
+                policies: np
+                    .policies
+                    .iter()
+                    .map(|p| &p.policy)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len(),
+                set_elements: rs.element_count(),
+                chains: rs.chains.len(),
+            },
+            policed: np.pods.iter().map(|p| p.key.clone()).collect(),
+        }
+    }
+}
+
 async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc<Shared>) {
     let opts = CompileOptions {
         log_group: config.log_group,
     };
+    // The compiled state lives across syncs so most changes redo only what they touch.
+    let compiler = Arc::new(Mutex::new(NodeCompiler::new(
+        config.node.clone(),
+        opts.clone(),
+    )));
     let mut last_sync: Option<Instant> = None;
     let mut next_resync = Instant::now() + config.resync_interval;
     let mut next_full = Instant::now() + config.full_sync_interval;
@@ -378,18 +419,22 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
             }
         }
 
-        let (snapshot, changed_at) = {
-            let idx = lock(&shared.index);
-            let snap = idx.snapshot();
-            (snap, lock(&shared.pending_since).take())
+        let (snapshot, changes, changed_at) = {
+            let mut idx = lock(&shared.index);
+            let (snap, changes) = idx.snapshot_with_changes();
+            (snap, changes, lock(&shared.pending_since).take())
         };
-        let node = config.node.clone();
-        let opts2 = opts.clone();
         let dp = dataplane.clone();
+        let nc = compiler.clone();
+        let shared2 = shared.clone();
+        let log_denied = config.log_group.is_some();
         let force_full = now >= next_full;
         let result = tokio::task::spawn_blocking(move || {
-            let np = resolve(&snapshot, &node);
-            let rs = compile(&np, &opts2);
+            let mut nc = lock(&nc);
+            let started = Instant::now();
+            let generation = snapshot.generation;
+            let update = nc.update(snapshot, &changes);
+            let compile_time = started.elapsed();
             let mut dp = lock(&dp);
             let mut drift = None;
             if periodic {
@@ -404,13 +449,21 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
             if force_full {
                 dp.request_full_sync();
             }
-            let out = dp.sync(&rs);
-            (np, rs, snapshot, drift, out)
+            let out = dp.sync(nc.ruleset());
+            if out.is_ok() && log_denied {
+                // Only the denied-connection log reads the attribution tables.
+                publish_attribution(&shared2, nc.node_policy(), nc.snapshot());
+            }
+            let summary = SyncSummary::of(&nc, update, compile_time, generation);
+            (summary, drift, out)
         })
         .await;
-        let Ok((np, rs, snapshot, drift, out)) = result else {
+        let Ok((summary, drift, out)) = result else {
             tracing::error!("sync task panicked; will retry with a full sync");
             lock(&dataplane).request_full_sync();
+            // The compiler may have stopped half-way through an update: rebuild it.
+            *lock(&compiler) = NodeCompiler::new(config.node.clone(), opts.clone());
+            lock(&shared.index).mark_everything_changed();
             retry_at = Some(Instant::now() + backoff);
             continue;
         };
@@ -444,35 +497,21 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
                     tracing::info!(
                         kind = k.as_str(),
                         duration_ms = format!("{:.1}", report.duration.as_secs_f64() * 1e3),
+                        compile = summary.update.as_str(),
+                        compile_ms = format!("{:.2}", summary.compile_time.as_secs_f64() * 1e3),
                         bytes = report.script_bytes,
                         chains_written = report.chains_written,
                         element_changes = report.element_changes,
-                        pods = np.pods.len(),
-                        generation = snapshot.generation,
+                        pods = summary.policed.len(),
+                        generation = summary.generation,
                         "sync"
                     );
                 }
-                shared.metrics.set_ruleset_stats(RulesetStats {
-                    policed_ingress: np.pods.iter().filter(|p| p.ingress.is_some()).count(),
-                    policed_egress: np.pods.iter().filter(|p| p.egress.is_some()).count(),
-                    policies: np
-                        .policies
-                        .iter()
-                        .map(|p| &p.policy)
-                        .collect::<std::collections::BTreeSet<_>>()
-                        .len(),
-                    set_elements: rs.element_count(),
-                    chains: rs.chains.len(),
-                });
-                // Only the denied-connection log reads the attribution tables.
-                if config.log_group.is_some() {
-                    publish_attribution(&shared, &np, &snapshot);
-                }
+                shared.metrics.set_ruleset_stats(summary.stats);
                 if lock(&dataplane).pending_deletions() > 0 {
                     followup_at = Some(Instant::now() + Duration::from_secs(1));
                 }
-                let now_policed: std::collections::BTreeSet<_> =
-                    np.pods.iter().map(|p| p.key.clone()).collect();
+                let now_policed = summary.policed;
                 for gone in policed.difference(&now_policed) {
                     // Series are labelled with the names as encoded in the log prefix.
                     for d in crate::model::policy::Direction::ALL {

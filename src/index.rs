@@ -5,20 +5,25 @@
 //! that leaves the trimmed object equal does nothing, so a noisy pod status never causes a sync.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use imbl::OrdMap;
 use std::sync::Arc;
 
 use crate::model::{NamespaceInfo, ObjectKey, PodInfo, Policy};
 
 /// A map of one kind of object with change detection.
+///
+/// A persistent (structurally shared) map, so a snapshot costs O(1) to take and to drop
+/// whatever the cluster size, and a write after a snapshot copies only one path of the tree.
 #[derive(Clone, Debug)]
-pub struct Store<K: Ord, V> {
-    items: BTreeMap<K, Arc<V>>,
+pub struct Store<K: Ord + Clone, V> {
+    items: OrdMap<K, Arc<V>>,
 }
 
-impl<K: Ord, V> Default for Store<K, V> {
+impl<K: Ord + Clone, V> Default for Store<K, V> {
     fn default() -> Self {
         Self {
-            items: BTreeMap::new(),
+            items: OrdMap::new(),
         }
     }
 }
@@ -240,6 +245,11 @@ impl Index {
             self.changes.mark_everything();
         }
         self.bump(changed)
+    }
+
+    /// Make the next [`Index::take_changes`] report everything (after the reader lost track).
+    pub fn mark_everything_changed(&mut self) {
+        self.changes.mark_everything();
     }
 
     /// What changed since the last call (the first call reports everything).

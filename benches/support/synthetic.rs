@@ -25,6 +25,22 @@ pub const TARGET: Scale = Scale {
     nodes: 91,
 };
 
+/// A tenth of the target, with the same ~110 pods per node.
+pub const TENTH: Scale = Scale {
+    namespaces: 10,
+    pods: 1_000,
+    policies: 100,
+    nodes: 9,
+};
+
+/// Ten times the target, with the same ~110 pods per node.
+pub const TEN_TIMES: Scale = Scale {
+    namespaces: 1_000,
+    pods: 100_000,
+    policies: 10_000,
+    nodes: 910,
+};
+
 fn labels(pairs: &[(&str, String)]) -> Labels {
     pairs
         .iter()
@@ -130,10 +146,10 @@ pub fn policy(j: usize, s: &Scale) -> Policy {
                 },
             ]),
         ),
-        // egress to tier pods in all namespaces, port range
-        _ => (
-            None,
-            Some(vec![Rule {
+        // egress to tier pods in all namespaces on a port range; half of them also reach
+        // the named port `http` of same-namespace pods of that tier
+        _ => {
+            let wide = Rule {
                 peers: Some(vec![Peer::Pods {
                     namespaces: NamespaceScope::Selector(Selector::everything()),
                     pods: sel(&[("tier", format!("t{}", j % 3))]),
@@ -142,8 +158,24 @@ pub fn policy(j: usize, s: &Scale) -> Policy {
                     protocol: Protocol::Tcp,
                     port: PortMatch::Range(8000, 8100),
                 }]),
-            }]),
-        ),
+            };
+            let named = Rule {
+                peers: Some(vec![Peer::Pods {
+                    namespaces: NamespaceScope::Own(ns.clone()),
+                    pods: sel(&[("tier", format!("t{}", j % 3))]),
+                }]),
+                ports: Some(vec![PortSpec {
+                    protocol: Protocol::Tcp,
+                    port: PortMatch::Named("http".into()),
+                }]),
+            };
+            let rules = if j % 10 == 4 {
+                vec![wide, named]
+            } else {
+                vec![wide]
+            };
+            (None, Some(rules))
+        }
     };
     Policy {
         key,
