@@ -203,3 +203,132 @@ pub fn index(s: &Scale) -> Index {
     idx.reset_policies((0..s.policies).map(|j| policy(j, s)).collect());
     idx
 }
+
+// ── The same objects as Kubernetes JSON, for benchmarks that serve them from the fake API
+// ── server to the real agent.
+
+fn labels_json(l: &Labels) -> serde_json::Value {
+    serde_json::Value::Object(
+        l.iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect(),
+    )
+}
+
+fn selector_json(s: &Selector) -> serde_json::Value {
+    assert!(
+        s.expressions.is_empty(),
+        "the synthetic cluster uses matchLabels only"
+    );
+    serde_json::json!({ "matchLabels": labels_json(&s.match_labels) })
+}
+
+pub fn namespace_json(n: &NamespaceInfo) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": n.name, "labels": labels_json(&n.labels)},
+        "status": {"phase": "Active"},
+    })
+}
+
+pub fn pod_json(p: &PodInfo) -> serde_json::Value {
+    let ports: Vec<serde_json::Value> = p
+        .named_ports
+        .iter()
+        .map(|np| {
+            serde_json::json!({"name": np.name, "containerPort": np.port, "protocol": np.protocol.to_string()})
+        })
+        .collect();
+    let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": p.key.name, "namespace": p.key.namespace, "labels": labels_json(&p.labels)},
+        "spec": {
+            "nodeName": p.node,
+            "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10", "ports": ports}],
+        },
+        "status": {
+            "phase": "Running",
+            "podIP": ips.first(),
+            "podIPs": ips.iter().map(|ip| serde_json::json!({"ip": ip})).collect::<Vec<_>>(),
+        },
+    })
+}
+
+pub fn policy_json(p: &Policy) -> serde_json::Value {
+    let peer = |peer: &Peer| match peer {
+        Peer::Pods { namespaces, pods } => {
+            let mut v = serde_json::json!({ "podSelector": selector_json(pods) });
+            if let NamespaceScope::Selector(ns) = namespaces {
+                v["namespaceSelector"] = selector_json(ns);
+            }
+            v
+        }
+        Peer::IpBlock(b) => serde_json::json!({"ipBlock": {
+            "cidr": b.cidr.to_string(),
+            "except": b.except.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        }}),
+    };
+    let port = |ps: &PortSpec| {
+        let mut v = serde_json::json!({ "protocol": ps.protocol.to_string() });
+        match &ps.port {
+            PortMatch::All => {}
+            PortMatch::Range(lo, hi) => {
+                v["port"] = (*lo).into();
+                if hi > lo {
+                    v["endPort"] = (*hi).into();
+                }
+            }
+            PortMatch::Named(n) => v["port"] = n.clone().into(),
+        }
+        v
+    };
+    let rules = |rules: &[Rule], peers_key: &str| {
+        rules
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::json!({});
+                if let Some(peers) = &r.peers {
+                    v[peers_key] = peers.iter().map(peer).collect::<Vec<_>>().into();
+                }
+                if let Some(ports) = &r.ports {
+                    v["ports"] = ports.iter().map(port).collect::<Vec<_>>().into();
+                }
+                v
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut spec = serde_json::json!({ "podSelector": selector_json(&p.pod_selector) });
+    let mut types = Vec::new();
+    if let Some(r) = &p.ingress {
+        spec["ingress"] = rules(r, "from").into();
+        types.push("Ingress");
+    }
+    if let Some(r) = &p.egress {
+        spec["egress"] = rules(r, "to").into();
+        types.push("Egress");
+    }
+    spec["policyTypes"] = types.into();
+    serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": p.key.name, "namespace": p.key.namespace},
+        "spec": spec,
+    })
+}
+
+/// Namespaces, pods and policies of the cluster as Kubernetes JSON objects.
+pub fn objects_json(s: &Scale) -> Vec<serde_json::Value> {
+    let mut idx = index(s);
+    let snap = idx.snapshot_with_changes().0;
+    let mut out: Vec<serde_json::Value> = snap
+        .namespaces
+        .iter()
+        .map(|(_, n)| namespace_json(n))
+        .collect();
+    out.extend(snap.pods.iter().map(|(_, p)| pod_json(p)));
+    out.extend(snap.policies.iter().map(|(_, p)| policy_json(p)));
+    out
+}

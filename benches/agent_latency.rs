@@ -1,0 +1,249 @@
+//! The real agent at cluster scale: event-to-kernel latency and memory.
+//!
+//! Serves the 10,000-pod / 1,000-policy synthetic cluster from the fake API server (real
+//! list/watch over HTTP) to the release `kube-nftpolicy run` binary for `node-7`, both inside
+//! a network namespace this benchmark creates (needs root). Then, one at a time, it adds a pod
+//! on another node that `node-7`'s egress policies reach, and times from the API server
+//! accepting it to the kernel announcing the new set element (`nft monitor`, which prints
+//! each committed change), and the same for deleting it. It also reports the agent's peak RSS
+//! (VmHWM) with the whole cluster in its caches.
+//!
+//! Run: `cargo bench --bench agent_latency` (as root). `AGENT_SAMPLES` sets the number of
+//! adds (default 200). Figures are recorded in docs/benchmarks.md.
+
+#[path = "../tests/support/fake_apiserver.rs"]
+mod fake_apiserver;
+#[path = "support/synthetic.rs"]
+mod synthetic;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use fake_apiserver::FakeApiServer;
+use nix::sched::{CloneFlags, setns};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kube-nftpolicy");
+const NODE: &str = "node-7";
+const METRICS: &str = "127.0.0.1:19901";
+
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Kills a child process when dropped, so a failed run leaves nothing behind.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn http_get(path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&METRICS.parse().ok()?, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let code = body.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body))
+}
+
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+fn status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn report(name: &str, mut v: Vec<Duration>) {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let q = |p: f64| ms(v[((v.len() as f64 * p) as usize).min(v.len() - 1)]);
+    println!(
+        "{name:<40} median {:>6.1} ms  p90 {:>6.1} ms  p99 {:>6.1} ms  min {:>6.1} ms  max {:>6.1} ms  (n={})",
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        ms(v[0]),
+        ms(v[v.len() - 1]),
+        v.len()
+    );
+}
+
+/// Wait for a line of `nft monitor` that mentions `needle`, returning when it was read.
+fn wait_for(lines: &mpsc::Receiver<(Instant, String)>, verb: &str, needle: &str) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok((at, line)) if line.starts_with(verb) && line.contains(needle) => return at,
+            Ok(_) => {}
+            Err(_) => panic!("the kernel never showed `{verb} … {needle}` within 10 s"),
+        }
+    }
+}
+
+fn main() {
+    let samples: usize = std::env::var("AGENT_SAMPLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let name = format!("knplat{}", std::process::id());
+    let ok = Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("agent_latency: cannot create a network namespace (run as root)");
+        std::process::exit(1);
+    }
+    let _ns = Netns(name.clone());
+    let fd = File::open(format!("/run/netns/{name}")).expect("open netns");
+    // Threads and processes started from here on live in the namespace: the fake API server
+    // listens on its loopback, and the agent programs its nftables, never the host's.
+    setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns");
+    Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .expect("lo up");
+
+    let s = synthetic::TARGET;
+    let server = FakeApiServer::new();
+    let t = Instant::now();
+    for obj in synthetic::objects_json(&s) {
+        server.apply(obj);
+    }
+    println!(
+        "fake API server loaded with {} objects in {:.1} s",
+        s.pods + s.namespaces + s.policies,
+        t.elapsed().as_secs_f64()
+    );
+    let dir = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let kubeconfig = dir.join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let log = File::create(dir.join("agent.log")).expect("agent log");
+
+    let started = Instant::now();
+    let agent = Guard(
+        Command::new(BIN)
+            .args(["run", "--node-name", NODE, "--metrics-addr", METRICS])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the agent"),
+    );
+    let pid = agent.0.id();
+    let ready = loop {
+        if let Some((200, _)) = http_get("/readyz") {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "agent not ready in 120 s; see {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (_, metrics) = http_get("/metrics").expect("scrape");
+    let elements = metric(&metrics, "kube_nftpolicy_set_elements").unwrap_or(0.0);
+    let expected = {
+        let snap = synthetic::index(&s).snapshot();
+        let np = kube_nftpolicy::resolve::resolve(&snap, NODE);
+        kube_nftpolicy::compile::compile(&np, &Default::default()).element_count()
+    };
+    println!(
+        "agent ready (initial lists + first full sync) after {:.2} s; {elements} set elements in the kernel (expected {expected})",
+        ready.as_secs_f64()
+    );
+    assert_eq!(
+        elements as usize, expected,
+        "the agent must see the same cluster the benchmark generated"
+    );
+    let hwm_ready = status_kb(pid, "VmHWM");
+
+    // Every committed change in this namespace, time-stamped as it is read.
+    let mut monitor = Guard(
+        Command::new("nft")
+            .args(["monitor", "elements"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("nft monitor"),
+    );
+    let out = monitor.0.stdout.take().expect("monitor stdout");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (mut adds, mut deletes) = (Vec::new(), Vec::new());
+    for k in 0..samples {
+        // A new pod on another node (node-2) whose tier is in node-7's egress peer sets.
+        let mut pod = synthetic::pod(s.pods + 91 * k + 12, &s, 0);
+        let ip = pod.ips[0].to_string();
+        pod.key.name = format!("bench-{k}");
+        let t0 = Instant::now();
+        server.apply(synthetic::pod_json(&pod));
+        adds.push(wait_for(&lines, "add element", &format!("{{ {ip} }}")).duration_since(t0));
+        // Apart by more than the minimum sync interval, so each change is a sync of its own.
+        std::thread::sleep(Duration::from_millis(250));
+        let t0 = Instant::now();
+        server.delete("Pod", Some(pod.key.namespace.as_str()), &pod.key.name);
+        deletes.push(wait_for(&lines, "delete element", &format!("{{ {ip} }}")).duration_since(t0));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    report("one remote pod added, event → kernel", adds);
+    report("one remote pod deleted, event → kernel", deletes);
+    println!(
+        "agent memory: VmHWM {} KiB after the first sync, {} KiB at the end; VmRSS now {} KiB",
+        hwm_ready,
+        status_kb(pid, "VmHWM"),
+        status_kb(pid, "VmRSS")
+    );
+    let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+    let compile: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" sync") && l.contains("compile=\"incremental\""))
+        .collect();
+    println!(
+        "{} incremental syncs in the agent log; last: {}",
+        compile.len(),
+        compile.last().unwrap_or(&"")
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
