@@ -17,7 +17,7 @@ use std::net::IpAddr;
 
 use crate::model::policy::Direction;
 use crate::model::{Cidr, Family, NamespaceScope, ObjectKey, Protocol, Selector};
-use crate::resolve::{NamedTargets, NodePolicy, PeerPods, ResolvedPeer};
+use crate::resolve::{LocalPod, NamedTargets, NodePolicy, PeerPods, PolicyRules, ResolvedPeer};
 use crate::ruleset::{Chain, ChainRole, Ruleset, Set};
 
 /// Knobs that change the rendered ruleset.
@@ -121,7 +121,7 @@ fn addr_match(f: Family) -> &'static str {
 
 /// Accumulates shared sets, detecting hash collisions.
 #[derive(Default)]
-struct Sets {
+pub(crate) struct Sets {
     by_name: BTreeMap<String, (String, Set)>,
     origins: SetOrigins,
 }
@@ -268,7 +268,7 @@ fn accept_rule(matches: &[&str], comment: &str) -> String {
 }
 
 /// Rules of one policy chain: per rule, per peer, per family, per kind of port match.
-fn policy_rules(sets: &mut Sets, pr: &crate::resolve::PolicyRules) -> Vec<String> {
+fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> Vec<String> {
     let d = pr.direction;
     let peers_key = match d {
         Direction::Ingress => "from",
@@ -382,6 +382,120 @@ fn policy_rules(sets: &mut Sets, pr: &crate::resolve::PolicyRules) -> Vec<String
     out
 }
 
+/// What a pod chain needs to know about each policy of the node.
+#[derive(Debug, Default)]
+pub(crate) struct PolicyFacts {
+    /// (policy, direction) → whether its chain has rules (otherwise nothing jumps to it).
+    has_rules: BTreeMap<(ObjectKey, Direction), bool>,
+    /// Policies that are invalid (they isolate but allow nothing).
+    invalid: BTreeMap<ObjectKey, bool>,
+}
+
+impl PolicyFacts {
+    pub(crate) fn of(np: &NodePolicy) -> Self {
+        Self {
+            has_rules: np
+                .policies
+                .iter()
+                .map(|p| ((p.policy.clone(), p.direction), !p.rules.is_empty()))
+                .collect(),
+            invalid: np
+                .policies
+                .iter()
+                .map(|p| (p.policy.clone(), p.invalid.is_some()))
+                .collect(),
+        }
+    }
+}
+
+/// The two chains of one isolated pod in one direction.
+pub(crate) struct PodChains {
+    /// `ingress/<ns>/<pod>`: jumps to each isolating policy, then to the drop chain.
+    pub(crate) chain: Chain,
+    /// `ingress/<ns>/<pod>/drop`: the counted drop.
+    pub(crate) drop: Chain,
+}
+
+/// The chains of `pod` for direction `d`, if some policy isolates it that way.
+pub(crate) fn pod_chains(
+    pod: &LocalPod,
+    d: Direction,
+    facts: &PolicyFacts,
+    opts: &CompileOptions,
+) -> Option<PodChains> {
+    let policies = pod.isolated_by(d)?;
+    let chain = pod_chain_name(d, &pod.key);
+    let drop = drop_chain_name(d, &pod.key);
+    let mut rules = vec!["ct state invalid drop".to_string()];
+    for p in policies {
+        if facts.has_rules.get(&(p.clone(), d)).copied().unwrap_or(false) {
+            rules.push(format!("jump {}", policy_chain_name(d, p)));
+        }
+    }
+    // What isolates the pod lives in a rule comment: rules are rewritten on change,
+    // object comments are not (the kernel keeps the first comment of a chain).
+    let mut names: Vec<String> = Vec::new();
+    for p in policies {
+        let invalid = facts.invalid.get(p).copied().unwrap_or(false);
+        names.push(if invalid {
+            format!("{p} (invalid: allows nothing)")
+        } else {
+            p.to_string()
+        });
+    }
+    rules.push(format!(
+        "goto {drop} comment {}",
+        crate::ruleset::quote_comment(&format!("isolated by {}", names.join(", ")))
+    ));
+    let mut drop_rule = String::new();
+    if let Some(group) = opts.log_group {
+        drop_rule.push_str(&format!(
+            "log prefix \"{}\" group {group} ",
+            log_prefix(d, &pod.key)
+        ));
+    }
+    drop_rule.push_str("counter packets 0 bytes 0 drop");
+    Some(PodChains {
+        chain: Chain {
+            name: chain,
+            role: ChainRole::Pod,
+            comment: format!("{d} of pod {}", pod.key),
+            rules,
+        },
+        drop: Chain {
+            name: drop,
+            role: ChainRole::Drop {
+                namespace: pod.key.namespace.clone(),
+                pod: pod.key.name.clone(),
+                direction: d.as_str(),
+            },
+            comment: match d {
+                Direction::Ingress => {
+                    format!("ingress to pod {} not allowed by any policy", pod.key)
+                }
+                Direction::Egress => {
+                    format!("egress from pod {} not allowed by any policy", pod.key)
+                }
+            },
+            rules: vec![drop_rule],
+        },
+    })
+}
+
+/// The chain of one policy in one direction, registering the sets it uses; `None` when it
+/// has no rules (the pods it isolates then jump nowhere and fall through to their drop).
+pub(crate) fn policy_chain(sets: &mut Sets, pr: &PolicyRules) -> Option<Chain> {
+    if pr.rules.is_empty() {
+        return None;
+    }
+    Some(Chain {
+        name: policy_chain_name(pr.direction, &pr.policy),
+        role: ChainRole::Policy,
+        comment: format!("NetworkPolicy {} {} rules", pr.policy, pr.direction),
+        rules: policy_rules(sets, pr),
+    })
+}
+
 const ND_TYPES: &str =
     "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect";
 
@@ -458,99 +572,26 @@ pub fn compile_traced(np: &NodePolicy, opts: &CompileOptions) -> (Ruleset, SetOr
     let mut maps: BTreeMap<(Direction, Family), Vec<(IpAddr, String)>> = BTreeMap::new();
     let mut other_chains = Vec::new();
 
-    let policy_chain_has_rules: BTreeMap<(ObjectKey, Direction), bool> = np
-        .policies
-        .iter()
-        .map(|p| ((p.policy.clone(), p.direction), !p.rules.is_empty()))
-        .collect();
-
-    let invalid: BTreeMap<&ObjectKey, bool> = np
-        .policies
-        .iter()
-        .map(|p| (&p.policy, p.invalid.is_some()))
-        .collect();
+    let facts = PolicyFacts::of(np);
     for pod in &np.pods {
         for d in Direction::ALL {
-            let Some(policies) = pod.isolated_by(d) else {
+            let Some(pc) = pod_chains(pod, d, &facts, opts) else {
                 continue;
             };
-            let chain = pod_chain_name(d, &pod.key);
-            let drop = drop_chain_name(d, &pod.key);
             for ip in &pod.ips {
                 maps.entry((d, Family::of(ip)))
                     .or_default()
-                    .push((*ip, chain.clone()));
+                    .push((*ip, pc.chain.name.clone()));
             }
-            let mut rules = vec!["ct state invalid drop".to_string()];
-            for p in policies {
-                if policy_chain_has_rules
-                    .get(&(p.clone(), d))
-                    .copied()
-                    .unwrap_or(false)
-                {
-                    rules.push(format!("jump {}", policy_chain_name(d, p)));
-                }
-            }
-            // What isolates the pod lives in a rule comment: rules are rewritten on change,
-            // object comments are not (the kernel keeps the first comment of a chain).
-            let mut names: Vec<String> = Vec::new();
-            for p in policies {
-                let invalid = invalid.get(p).copied().unwrap_or(false);
-                names.push(if invalid {
-                    format!("{p} (invalid: allows nothing)")
-                } else {
-                    p.to_string()
-                });
-            }
-            rules.push(format!(
-                "goto {drop} comment {}",
-                crate::ruleset::quote_comment(&format!("isolated by {}", names.join(", ")))
-            ));
-            other_chains.push(Chain {
-                name: chain,
-                role: ChainRole::Pod,
-                comment: format!("{d} of pod {}", pod.key),
-                rules,
-            });
-            let mut drop_rule = String::new();
-            if let Some(group) = opts.log_group {
-                drop_rule.push_str(&format!(
-                    "log prefix \"{}\" group {group} ",
-                    log_prefix(d, &pod.key)
-                ));
-            }
-            drop_rule.push_str("counter packets 0 bytes 0 drop");
-            other_chains.push(Chain {
-                name: drop,
-                role: ChainRole::Drop {
-                    namespace: pod.key.namespace.clone(),
-                    pod: pod.key.name.clone(),
-                    direction: d.as_str(),
-                },
-                comment: match d {
-                    Direction::Ingress => {
-                        format!("ingress to pod {} not allowed by any policy", pod.key)
-                    }
-                    Direction::Egress => {
-                        format!("egress from pod {} not allowed by any policy", pod.key)
-                    }
-                },
-                rules: vec![drop_rule],
-            });
+            other_chains.push(pc.chain);
+            other_chains.push(pc.drop);
         }
     }
 
     for pr in &np.policies {
-        if pr.rules.is_empty() {
-            continue; // pods still jump nowhere and fall through to their drop
+        if let Some(chain) = policy_chain(&mut sets, pr) {
+            other_chains.push(chain);
         }
-        let rules = policy_rules(&mut sets, pr);
-        other_chains.push(Chain {
-            name: policy_chain_name(pr.direction, &pr.policy),
-            role: ChainRole::Policy,
-            comment: format!("NetworkPolicy {} {} rules", pr.policy, pr.direction),
-            rules,
-        });
     }
     other_chains.sort_by(|a, b| a.name.cmp(&b.name));
     chains.extend(other_chains);
