@@ -144,8 +144,8 @@ fn bench_scale(c: &mut Criterion, label: &str, s: &synthetic::Scale) {
     let local_index = s.pods + (7 + s.nodes - s.pods % s.nodes) % s.nodes;
     let local = synthetic::pod(local_index, s, 0); // a new pod on node-7 itself
     assert_eq!(local.node.as_deref(), Some(NODE));
-    g.bench_function("one local pod added (full path)", |b| {
-        b.iter_custom(|n| toggle_pod(&mut idx, &mut nc, None, &local, UpdateKind::Full, n))
+    g.bench_function("incremental: one local pod added", |b| {
+        b.iter_custom(|n| toggle_pod(&mut idx, &mut nc, None, &local, UpdateKind::Incremental, n))
     });
     g.finish();
 }

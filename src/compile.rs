@@ -122,8 +122,11 @@ fn addr_match(f: Family) -> &'static str {
 /// Accumulates shared sets, detecting hash collisions.
 #[derive(Default)]
 pub(crate) struct Sets {
-    by_name: BTreeMap<String, (String, Set)>,
-    origins: SetOrigins,
+    /// Name → (identity, set).
+    pub(crate) by_name: BTreeMap<String, (String, Set)>,
+    pub(crate) origins: SetOrigins,
+    /// Names registered since the current policy chain began.
+    touched: Vec<String>,
 }
 
 /// Which resolved object each content-derived set was built from, so an incremental update
@@ -134,6 +137,8 @@ pub struct SetOrigins {
     pub peers: BTreeMap<(NamespaceScope, Selector, Family), String>,
     /// (policy, direction, rule index, family) → named-port set name.
     pub named: BTreeMap<(ObjectKey, Direction, usize, Family), String>,
+    /// (policy, direction) → every set its chain registered (a set lives while one does).
+    pub by_policy: BTreeMap<(ObjectKey, Direction), Vec<String>>,
 }
 
 impl Sets {
@@ -148,12 +153,16 @@ impl Sets {
             };
             let name = format!("{prefix}-{}", stable_hash(&keyed));
             match self.by_name.get(&name) {
-                Some((id, _)) if id == identity => return name,
+                Some((id, _)) if id == identity => {
+                    self.touched.push(name.clone());
+                    return name;
+                }
                 Some(_) => salt += 1, // a 40-bit collision: vanishingly rare, but never merge sets
                 None => {
                     let set = make(name.clone());
                     self.by_name
                         .insert(name.clone(), (identity.to_string(), set));
+                    self.touched.push(name.clone());
                     return name;
                 }
             }
@@ -428,7 +437,12 @@ pub(crate) fn pod_chains(
     let drop = drop_chain_name(d, &pod.key);
     let mut rules = vec!["ct state invalid drop".to_string()];
     for p in policies {
-        if facts.has_rules.get(&(p.clone(), d)).copied().unwrap_or(false) {
+        if facts
+            .has_rules
+            .get(&(p.clone(), d))
+            .copied()
+            .unwrap_or(false)
+        {
             rules.push(format!("jump {}", policy_chain_name(d, p)));
         }
     }
@@ -488,11 +502,19 @@ pub(crate) fn policy_chain(sets: &mut Sets, pr: &PolicyRules) -> Option<Chain> {
     if pr.rules.is_empty() {
         return None;
     }
+    sets.touched.clear();
+    let rules = policy_rules(sets, pr);
+    let mut used = std::mem::take(&mut sets.touched);
+    used.sort();
+    used.dedup();
+    sets.origins
+        .by_policy
+        .insert((pr.policy.clone(), pr.direction), used);
     Some(Chain {
         name: policy_chain_name(pr.direction, &pr.policy),
         role: ChainRole::Policy,
         comment: format!("NetworkPolicy {} {} rules", pr.policy, pr.direction),
-        rules: policy_rules(sets, pr),
+        rules,
     })
 }
 
@@ -541,6 +563,16 @@ pub fn compile(np: &NodePolicy, opts: &CompileOptions) -> Ruleset {
 
 /// [`compile`], also saying which resolved object each content-derived set came from.
 pub fn compile_traced(np: &NodePolicy, opts: &CompileOptions) -> (Ruleset, SetOrigins) {
+    let (rs, origins, _) = compile_with_identities(np, opts);
+    (rs, origins)
+}
+
+/// [`compile_traced`], also giving each content-derived set's identity (what its name
+/// hashes), so an incremental update can tell a shared set from a hash collision.
+pub(crate) fn compile_with_identities(
+    np: &NodePolicy,
+    opts: &CompileOptions,
+) -> (Ruleset, SetOrigins, BTreeMap<String, String>) {
     let mut sets = Sets::default();
     let mut chains = vec![
         base_chain(
@@ -614,7 +646,11 @@ pub fn compile_traced(np: &NodePolicy, opts: &CompileOptions) -> (Ruleset, SetOr
             });
         }
     }
-    all_sets.extend(sets.by_name.into_values().map(|(_, s)| s));
+    let mut identities = BTreeMap::new();
+    for (name, (identity, set)) in sets.by_name {
+        identities.insert(name, identity);
+        all_sets.push(set);
+    }
 
     let ruleset = Ruleset {
         comment: format!(
@@ -624,5 +660,5 @@ pub fn compile_traced(np: &NodePolicy, opts: &CompileOptions) -> (Ruleset, SetOr
         sets: all_sets,
         chains,
     };
-    (ruleset, sets.origins)
+    (ruleset, sets.origins, identities)
 }

@@ -5,8 +5,11 @@
 //! 11 ms at 10,000 pods. Most changes in a large cluster are pods on *other* nodes starting,
 //! stopping or being relabelled, and such a change can only move that pod's addresses in and
 //! out of peer sets and egress named-port sets. [`NodeCompiler`] matches the one pod against
-//! each peer selector the node uses and edits just the affected set elements in place.
-//! Anything else (a pod on this node, a namespace, a policy, a relist) takes the full path.
+//! each peer selector the node uses and edits just the affected set elements in place. A pod
+//! on this node also re-resolves the policies of its namespace that select it (peers come
+//! from what is already resolved) and rewrites its own chains, its dispatch-map entries and
+//! those policies' chains. Anything else (a namespace, a policy, a relist) takes the full
+//! path.
 //!
 //! Pure, like the rest of the core. The result is always equal to a full
 //! `compile(resolve(snapshot))`; `tests/incremental.rs` checks that on random change sequences.
@@ -15,12 +18,19 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::compile::{CompileOptions, SetOrigins, compile_traced, named_set_elements};
+use crate::compile::{
+    CompileOptions, PolicyFacts, SetOrigins, Sets, compile_with_identities, dispatch_map_name,
+    drop_chain_name, named_set_elements, pod_chain_name, pod_chains, policy_chain,
+    policy_chain_name,
+};
 use crate::index::{Changes, Snapshot};
 use crate::model::policy::Direction;
 use crate::model::{Family, Labels, NamespaceScope, ObjectKey, PodInfo, Protocol, Selector};
-use crate::resolve::{NamedTargets, NodePolicy, PeerPods, ResolvedPeer, namespace_labels, resolve};
-use crate::ruleset::Ruleset;
+use crate::resolve::{
+    LocalPod, NamedTargets, NodePolicy, PeerPods, ResolvedPeer, Resolver, namespace_labels,
+    resolve, resolve_policy,
+};
+use crate::ruleset::{Chain, ChainRole, Ruleset, Set};
 
 /// More pod changes than this in one update are cheaper to redo from scratch.
 const MAX_INCREMENTAL_PODS: usize = 256;
@@ -61,6 +71,8 @@ pub struct NodeCompiler {
     /// Addresses of policy-target pods → the pods holding them (two pods may briefly share
     /// one while an address is reused).
     owners: HashMap<IpAddr, Vec<ObjectKey>>,
+    /// Content-derived set name → the identity its name hashes.
+    identities: BTreeMap<String, String>,
 }
 
 /// A selector pair as peer sets are keyed.
@@ -78,6 +90,7 @@ impl NodeCompiler {
             origins: SetOrigins::default(),
             set_index: HashMap::new(),
             owners: HashMap::new(),
+            identities: BTreeMap::new(),
         };
         c.rebuild(Snapshot::default());
         c
@@ -104,32 +117,28 @@ impl NodeCompiler {
             self.snapshot = snapshot;
             return UpdateKind::Unchanged;
         }
-        match self.remote_pod_changes(&snapshot, changes) {
-            Some(pods) => {
-                for (old, new) in pods {
-                    self.apply_remote_pod(&snapshot, old.as_deref(), new.as_deref());
-                }
-                self.snapshot = snapshot;
-                UpdateKind::Incremental
-            }
-            None => {
+        let Some(pods) = self.pod_changes(&snapshot, changes) else {
+            self.rebuild(snapshot);
+            return UpdateKind::Full;
+        };
+        for (old, new) in pods {
+            self.edit_memberships(&snapshot, old.as_deref(), new.as_deref());
+            if !self.edit_local_pod(&snapshot, old.as_deref(), new.as_deref()) {
                 self.rebuild(snapshot);
-                UpdateKind::Full
+                return UpdateKind::Full;
             }
         }
+        self.snapshot = snapshot;
+        UpdateKind::Incremental
     }
 
     fn rebuild(&mut self, snapshot: Snapshot) {
         self.np = resolve(&snapshot, &self.node);
-        let (rs, origins) = compile_traced(&self.np, &self.opts);
-        self.set_index = rs
-            .sets
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.name.clone(), i))
-            .collect();
+        let (rs, origins, identities) = compile_with_identities(&self.np, &self.opts);
         self.rs = rs;
         self.origins = origins;
+        self.identities = identities;
+        self.reindex_sets();
         self.owners.clear();
         for (key, pod) in snapshot.pods.iter() {
             if pod.is_policy_target() {
@@ -141,10 +150,20 @@ impl NodeCompiler {
         self.snapshot = snapshot;
     }
 
-    /// The (old, new) versions of every changed pod, when all of them are pods of other
-    /// nodes and nothing else changed; `None` when the full path is needed.
+    fn reindex_sets(&mut self) {
+        self.set_index = self
+            .rs
+            .sets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect();
+    }
+
+    /// The (old, new) versions of every changed pod, when only pods changed (and not too
+    /// many); `None` when the full path is needed.
     #[allow(clippy::type_complexity)]
-    fn remote_pod_changes(
+    fn pod_changes(
         &self,
         snapshot: &Snapshot,
         changes: &Changes,
@@ -156,22 +175,23 @@ impl NodeCompiler {
         {
             return None;
         }
-        let here = |p: &Option<Arc<PodInfo>>| {
-            p.as_ref()
-                .is_some_and(|p| p.node.as_deref() == Some(self.node.as_str()))
-        };
-        changes
-            .pods
-            .iter()
-            .map(|key| {
-                let old = self.snapshot.pods.get(key).cloned();
-                let new = snapshot.pods.get(key).cloned();
-                (!here(&old) && !here(&new)).then_some((old, new))
-            })
-            .collect()
+        Some(
+            changes
+                .pods
+                .iter()
+                .map(|key| {
+                    (
+                        self.snapshot.pods.get(key).cloned(),
+                        snapshot.pods.get(key).cloned(),
+                    )
+                })
+                .collect(),
+        )
     }
 
-    fn apply_remote_pod(
+    /// Move a changed pod's addresses in and out of the peer and egress named-port sets
+    /// (wherever the pod runs).
+    fn edit_memberships(
         &mut self,
         snapshot: &Snapshot,
         old: Option<&PodInfo>,
@@ -213,6 +233,234 @@ impl NodeCompiler {
             self.edit_peer(&peer, &key, old.filter(|_| was), new.filter(|_| now));
         }
         self.edit_egress_named(snapshot, &key, old, new, &membership);
+    }
+
+    /// A pod of this node changed: re-resolve the policies of its namespace that select it
+    /// (before or after), redo its isolation, and rewrite its chains, its dispatch-map
+    /// entries and those policies' chains and sets. False when a set name collides, which
+    /// only the full path handles.
+    fn edit_local_pod(
+        &mut self,
+        snapshot: &Snapshot,
+        old: Option<&PodInfo>,
+        new: Option<&PodInfo>,
+    ) -> bool {
+        let local = |p: Option<&PodInfo>| {
+            p.filter(|p| p.is_policy_target() && p.node.as_deref() == Some(self.node.as_str()))
+                .cloned()
+        };
+        let (old, new) = (local(old), local(new));
+        let Some(key) = old.as_ref().or(new.as_ref()).map(|p| p.key.clone()) else {
+            return true; // not a pod of this node that policy applies to
+        };
+        let ns = key.namespace.clone();
+        let in_namespace: Vec<Arc<crate::model::Policy>> = snapshot
+            .policies
+            .range(ObjectKey::new(ns.as_str(), "")..)
+            .take_while(|(k, _)| k.namespace == ns)
+            .map(|(_, p)| p.clone())
+            .collect();
+        let selects = |policy: &crate::model::Policy, p: &Option<PodInfo>| {
+            p.as_ref()
+                .is_some_and(|p| policy.pod_selector.matches(&p.labels))
+        };
+        let affected: Vec<&Arc<crate::model::Policy>> = in_namespace
+            .iter()
+            .filter(|pol| selects(pol, &old) || selects(pol, &new))
+            .collect();
+
+        // Resolve: the affected policies, from the peers already resolved.
+        let peers = pod_peers(&self.np)
+            .map(|pp| ((pp.scope.clone(), pp.pods.clone()), pp.clone()))
+            .collect();
+        let mut resolver = Resolver::new(snapshot, peers);
+        let node = self.node.as_str();
+        let local_in_ns: Vec<&Arc<PodInfo>> = snapshot
+            .pods
+            .range(ObjectKey::new(ns.as_str(), "")..)
+            .take_while(|(k, _)| k.namespace == ns)
+            .map(|(_, p)| p)
+            .filter(|p| p.is_policy_target() && p.node.as_deref() == Some(node))
+            .collect();
+        let mut redone: Vec<(ObjectKey, Direction)> = Vec::new();
+        for policy in &affected {
+            for d in Direction::ALL {
+                let Some(rules) = policy.rules(d) else {
+                    continue;
+                };
+                let selected: Vec<&Arc<PodInfo>> = local_in_ns
+                    .iter()
+                    .copied()
+                    .filter(|p| policy.pod_selector.matches(&p.labels))
+                    .collect();
+                let at = self
+                    .np
+                    .policies
+                    .binary_search_by(|p| (&p.policy, p.direction).cmp(&(&policy.key, d)));
+                match (selected.is_empty(), at) {
+                    (true, Ok(i)) => {
+                        self.np.policies.remove(i);
+                    }
+                    (true, Err(_)) => {}
+                    (false, at) => {
+                        let pr = resolve_policy(&mut resolver, policy, d, rules, &selected);
+                        match at {
+                            Ok(i) => self.np.policies[i] = pr,
+                            Err(i) => self.np.policies.insert(i, pr),
+                        }
+                    }
+                }
+                redone.push((policy.key.clone(), d));
+            }
+        }
+
+        // Resolve: the pod's own isolation.
+        let old_entry = self
+            .np
+            .pods
+            .binary_search_by(|p| p.key.cmp(&key))
+            .ok()
+            .map(|i| self.np.pods.remove(i));
+        if let Some(pod) = &new {
+            let isolated_by = |d: Direction| {
+                let by: Vec<ObjectKey> = in_namespace
+                    .iter()
+                    .filter(|pol| pol.rules(d).is_some() && selects(pol, &new))
+                    .map(|pol| pol.key.clone())
+                    .collect();
+                (!by.is_empty()).then_some(by)
+            };
+            let entry = LocalPod {
+                key: key.clone(),
+                ips: pod.ips.clone(),
+                ingress: isolated_by(Direction::Ingress),
+                egress: isolated_by(Direction::Egress),
+            };
+            if entry.ingress.is_some() || entry.egress.is_some() {
+                if let Err(i) = self.np.pods.binary_search_by(|p| p.key.cmp(&key)) {
+                    self.np.pods.insert(i, entry);
+                }
+            }
+        }
+
+        // Compile: the policies' chains and sets first (a pod chain jumps only to policy
+        // chains that have rules), then the pod's chains and dispatch entries.
+        let mut sets = Sets::default();
+        for (policy, d) in &redone {
+            remove_chain(&mut self.rs, &policy_chain_name(*d, policy));
+            self.origins.by_policy.remove(&(policy.clone(), *d));
+            let Ok(i) = self
+                .np
+                .policies
+                .binary_search_by(|p| (&p.policy, p.direction).cmp(&(policy, *d)))
+            else {
+                continue;
+            };
+            if let Some(chain) = policy_chain(&mut sets, &self.np.policies[i]) {
+                insert_chain(&mut self.rs, chain);
+            }
+        }
+        if !self.take_sets(sets) {
+            return false;
+        }
+        let facts = PolicyFacts::of(&self.np);
+        let new_entry = self
+            .np
+            .pods
+            .binary_search_by(|p| p.key.cmp(&key))
+            .ok()
+            .map(|i| self.np.pods[i].clone());
+        for d in Direction::ALL {
+            remove_chain(&mut self.rs, &pod_chain_name(d, &key));
+            remove_chain(&mut self.rs, &drop_chain_name(d, &key));
+            for entry in old_entry.iter().filter(|e| e.isolated_by(d).is_some()) {
+                for ip in &entry.ips {
+                    let map = dispatch_map_name(d, Family::of(ip));
+                    let gone = Some((*ip, pod_chain_name(d, &key)));
+                    if let Some(set) = self.set_mut(&map) {
+                        set.elements.retain(|e| dispatch_key(e) != gone);
+                    }
+                }
+            }
+            if let Some(entry) = &new_entry {
+                if let Some(pc) = pod_chains(entry, d, &facts, &self.opts) {
+                    for ip in &entry.ips {
+                        let map = dispatch_map_name(d, Family::of(ip));
+                        let element = format!("{ip} : goto {}", pc.chain.name);
+                        let want = (*ip, pc.chain.name.clone());
+                        if let Some(set) = self.set_mut(&map) {
+                            if let Err(i) = set
+                                .elements
+                                .binary_search_by(|e| dispatch_key(e).cmp(&Some(want.clone())))
+                            {
+                                set.elements.insert(i, element);
+                            }
+                        }
+                    }
+                    insert_chain(&mut self.rs, pc.chain);
+                    insert_chain(&mut self.rs, pc.drop);
+                }
+            }
+        }
+        true
+    }
+
+    fn set_mut(&mut self, name: &str) -> Option<&mut Set> {
+        let i = *self.set_index.get(name)?;
+        self.rs.sets.get_mut(i)
+    }
+
+    /// Adopt the sets the re-resolved policies registered: refresh the elements of those we
+    /// have, add new ones, and drop sets no policy chain registers any more. False on a
+    /// name collision with a different identity.
+    fn take_sets(&mut self, sets: Sets) -> bool {
+        let Sets {
+            by_name, origins, ..
+        } = sets;
+        for (name, (identity, set)) in by_name {
+            match self.identities.get(&name) {
+                Some(known) if *known != identity => return false,
+                Some(_) => {
+                    if let Some(mine) = self.set_mut(&name) {
+                        mine.elements = set.elements;
+                    }
+                }
+                None => {
+                    let first_content = self.rs.sets.partition_point(|s| s.verdict_map);
+                    let at = first_content
+                        + self.rs.sets[first_content..].partition_point(|s| s.name < set.name);
+                    self.rs.sets.insert(at, set);
+                    self.identities.insert(name, identity);
+                    self.reindex_sets();
+                }
+            }
+        }
+        for (k, v) in origins.peers {
+            self.origins.peers.entry(k).or_insert(v);
+        }
+        for (k, v) in origins.named {
+            self.origins.named.insert(k, v);
+        }
+        self.origins.by_policy.extend(origins.by_policy);
+        // A content set lives while some policy chain registers it.
+        let live: BTreeSet<&String> = self.origins.by_policy.values().flatten().collect();
+        let dead: Vec<String> = self
+            .identities
+            .keys()
+            .filter(|n| !live.contains(n))
+            .cloned()
+            .collect();
+        if !dead.is_empty() {
+            let dead_set: BTreeSet<&String> = dead.iter().collect();
+            self.rs.sets.retain(|s| !dead_set.contains(&s.name));
+            self.origins.peers.retain(|_, n| !dead_set.contains(n));
+            self.origins.named.retain(|_, n| !dead_set.contains(n));
+            for n in &dead {
+                self.identities.remove(n);
+            }
+            self.reindex_sets();
+        }
+        true
     }
 
     /// Every selector pair the node's rules use.
@@ -455,6 +703,35 @@ fn by_target(element: &str, t: &Target) -> std::cmp::Ordering {
         Some((ip, proto, port))
     })();
     parsed.cmp(&Some(*t))
+}
+
+/// A dispatch-map element's key and verdict chain (`<ip> : goto <chain>`).
+fn dispatch_key(element: &str) -> Option<(IpAddr, String)> {
+    let (ip, chain) = element.split_once(" : goto ")?;
+    Some((ip.parse().ok()?, chain.to_string()))
+}
+
+/// Chains after the base chains are kept sorted by name.
+fn insert_chain(rs: &mut Ruleset, chain: Chain) {
+    let first = rs
+        .chains
+        .partition_point(|c| matches!(c.role, ChainRole::Base { .. }));
+    let at = first + rs.chains[first..].partition_point(|c| c.name < chain.name);
+    if rs.chains.get(at).is_some_and(|c| c.name == chain.name) {
+        rs.chains[at] = chain;
+    } else {
+        rs.chains.insert(at, chain);
+    }
+}
+
+fn remove_chain(rs: &mut Ruleset, name: &str) {
+    let first = rs
+        .chains
+        .partition_point(|c| matches!(c.role, ChainRole::Base { .. }));
+    let at = first + rs.chains[first..].partition_point(|c| c.name.as_str() < name);
+    if rs.chains.get(at).is_some_and(|c| c.name == name) {
+        rs.chains.remove(at);
+    }
 }
 
 /// Does a peer's namespace part take in namespace `ns` (with these labels)?

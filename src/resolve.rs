@@ -146,14 +146,38 @@ pub(crate) fn namespace_labels(snapshot: &Snapshot, ns: &str) -> Labels {
     }
 }
 
-struct Resolver<'a> {
+/// Resolves peers against one snapshot, remembering each selector pair it has resolved.
+pub(crate) struct Resolver<'a> {
     snapshot: &'a Snapshot,
-    /// Every namespace name: declared ones and those only pods mention.
-    namespaces: BTreeSet<String>,
+    /// Every namespace name: declared ones and those only pods mention (computed when a
+    /// namespace selector first needs it).
+    namespaces: Option<BTreeSet<String>>,
     peers: BTreeMap<(NamespaceScope, Selector), Arc<PeerPods>>,
 }
 
 impl<'a> Resolver<'a> {
+    /// A resolver that already knows some selector pairs (they must match `snapshot`).
+    pub(crate) fn new(
+        snapshot: &'a Snapshot,
+        peers: BTreeMap<(NamespaceScope, Selector), Arc<PeerPods>>,
+    ) -> Self {
+        Self {
+            snapshot,
+            namespaces: None,
+            peers,
+        }
+    }
+
+    fn namespaces(&mut self) -> &BTreeSet<String> {
+        let snapshot = self.snapshot;
+        self.namespaces.get_or_insert_with(|| {
+            let mut names: BTreeSet<String> =
+                snapshot.namespaces.iter().map(|(k, _)| k.clone()).collect();
+            names.extend(snapshot.pods.iter().map(|(k, _)| k.namespace.clone()));
+            names
+        })
+    }
+
     fn pods_in(&self, ns: &str) -> impl Iterator<Item = &'a Arc<PodInfo>> + 'a {
         let start = ObjectKey::new(ns, "");
         let ns = ns.to_string();
@@ -165,13 +189,14 @@ impl<'a> Resolver<'a> {
             .filter(|p| p.is_policy_target())
     }
 
-    fn matching_namespaces(&self, scope: &NamespaceScope) -> Vec<String> {
+    fn matching_namespaces(&mut self, scope: &NamespaceScope) -> Vec<String> {
+        let snapshot = self.snapshot;
         match scope {
             NamespaceScope::Own(ns) => vec![ns.clone()],
             NamespaceScope::Selector(sel) => self
-                .namespaces
+                .namespaces()
                 .iter()
-                .filter(|ns| sel.matches(&namespace_labels(self.snapshot, ns)))
+                .filter(|ns| sel.matches(&namespace_labels(snapshot, ns)))
                 .cloned()
                 .collect(),
         }
@@ -263,14 +288,7 @@ fn named_targets(
 
 /// Compute what `node` enforces.
 pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
-    let mut namespaces: BTreeSet<String> =
-        snapshot.namespaces.iter().map(|(k, _)| k.clone()).collect();
-    namespaces.extend(snapshot.pods.iter().map(|(k, _)| k.namespace.clone()));
-    let mut r = Resolver {
-        snapshot,
-        namespaces,
-        peers: BTreeMap::new(),
-    };
+    let mut r = Resolver::new(snapshot, BTreeMap::new());
 
     // Local pods that policy can apply to.
     let local: Vec<&Arc<PodInfo>> = snapshot
@@ -300,18 +318,7 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
                     .get_or_insert_with(Vec::new)
                     .push(key.clone());
             }
-            let resolved = rules
-                .iter()
-                .enumerate()
-                .map(|(index, rule)| resolve_rule(&mut r, direction, index, rule, &selected))
-                .collect();
-            policies.push(PolicyRules {
-                policy: key.clone(),
-                direction,
-                selected: selected.iter().map(|p| p.key.clone()).collect(),
-                invalid: policy.invalid.clone(),
-                rules: resolved,
-            });
+            policies.push(resolve_policy(&mut r, policy, direction, rules, &selected));
         }
     }
 
@@ -331,6 +338,27 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
         node: node.to_string(),
         pods,
         policies,
+    }
+}
+
+/// The rules of one policy in one direction, for the local pods it selects.
+pub(crate) fn resolve_policy(
+    r: &mut Resolver<'_>,
+    policy: &crate::model::Policy,
+    direction: Direction,
+    rules: &[crate::model::Rule],
+    selected: &[&Arc<PodInfo>],
+) -> PolicyRules {
+    PolicyRules {
+        policy: policy.key.clone(),
+        direction,
+        selected: selected.iter().map(|p| p.key.clone()).collect(),
+        invalid: policy.invalid.clone(),
+        rules: rules
+            .iter()
+            .enumerate()
+            .map(|(index, rule)| resolve_rule(r, direction, index, rule, selected))
+            .collect(),
     }
 }
 

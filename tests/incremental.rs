@@ -242,12 +242,38 @@ fn named_cases() {
             expect: &[("named-v4", "named ports http", &[])],
         },
         Case {
-            name: "pod on this node takes the full path",
+            name: "pod on this node joins a peer set",
             change: |idx| {
                 idx.apply_pod(pod("b", "client-3", NODE, "client", &["10.0.1.3"]));
             },
-            kind: UpdateKind::Full,
+            kind: UpdateKind::Incremental,
             expect: &[("peers-v4", CLIENTS, &["10.0.1.1", "10.0.1.3"])],
+        },
+        Case {
+            name: "new pod on this node is isolated by the policy that selects it",
+            change: |idx| {
+                idx.apply_pod(pod("a", "web-2", NODE, "web", &["10.0.0.2"]));
+            },
+            kind: UpdateKind::Incremental,
+            expect: &[(
+                "ingress-v4",
+                "isolated for ingress",
+                &[
+                    "10.0.0.1 : goto ingress/a/web",
+                    "10.0.0.2 : goto ingress/a/web-2",
+                ],
+            )],
+        },
+        Case {
+            name: "pod on this node relabelled out of its only policy",
+            change: |idx| {
+                idx.apply_pod(pod("a", "web", NODE, "other", &["10.0.0.1", "fd00::1"]));
+            },
+            kind: UpdateKind::Incremental,
+            expect: &[
+                ("ingress-v4", "isolated for ingress", &[]),
+                ("egress-v6", "isolated for egress", &[]),
+            ],
         },
         Case {
             name: "namespace relabel takes the full path",
