@@ -12,7 +12,7 @@
 //! Object comments never change for a given name (the kernel ignores a changed comment on an
 //! existing object), which is why all changing detail lives in rule comments.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 
 use super::{Counter, KernelState};
@@ -265,10 +265,17 @@ pub fn partial(applied: &Ruleset, desired: &Ruleset, pending: &BTreeSet<String>)
         match old_sets.get(set.name.as_str()) {
             None => element_changes += add_elements(&mut out, set, &set.elements),
             Some(old) if old.elements != set.elements => {
-                let before: BTreeSet<&String> = old.elements.iter().collect();
-                let after: BTreeSet<&String> = set.elements.iter().collect();
-                let gone: Vec<&String> = before.difference(&after).copied().collect();
-                let came: Vec<&String> = after.difference(&before).copied().collect();
+                // Hash lookups, in element order: a changed peer set may hold thousands of
+                // addresses, and a sync usually moves one or two.
+                let before: HashSet<&String> = old.elements.iter().collect();
+                let after: HashSet<&String> = set.elements.iter().collect();
+                let gone: Vec<&String> =
+                    old.elements.iter().filter(|e| !after.contains(e)).collect();
+                let came: Vec<&String> = set
+                    .elements
+                    .iter()
+                    .filter(|e| !before.contains(e))
+                    .collect();
                 element_changes += delete_elements(&mut out, set, gone);
                 element_changes += add_elements(&mut out, set, came);
             }
