@@ -217,7 +217,8 @@ async fn wait_for_signal() {
     }
 }
 
-async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+/// A client from this kubeconfig file, or from the environment (in-cluster, then `~/.kube/config`).
+pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
