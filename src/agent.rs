@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
 
-use crate::admin::{self, Health};
+use crate::admin::{self, Health, LiveSnapshot};
 use crate::compile::{CompileOptions, compile};
 use crate::dataplane::Dataplane;
 use crate::denylog::{DenyLogConfig, DenyLogger, Verdict};
@@ -81,6 +81,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Health for `/readyz`.
     pub health: Arc<Health>,
+    /// The state of the last sync, for `/debug/explain`.
+    pub live: Arc<LiveSnapshot>,
     /// Pod address → `namespace/name`, for the denied-connection log.
     pods_by_ip: RwLock<HashMap<IpAddr, String>>,
     /// `namespace/name` → isolating policies per direction, for the denied-connection log.
@@ -106,6 +108,7 @@ impl Shared {
             ],
             metrics,
             health,
+            live: Arc::new(LiveSnapshot::default()),
             pods_by_ip: RwLock::new(HashMap::new()),
             isolation: RwLock::new(HashMap::new()),
         }
@@ -148,13 +151,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::new(metrics.clone(), health.clone()));
 
     let listener = admin::bind(config.metrics_addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz, /debug/explain");
     let shutdown = Arc::new(Notify::new());
     let admin_shutdown = shutdown.clone();
     let admin_task = tokio::spawn(admin::serve(
         listener,
         metrics.clone(),
         health.clone(),
+        shared.live.clone(),
         async move { admin_shutdown.notified().await },
     ));
 
@@ -381,9 +385,10 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
 
         let (snapshot, changed_at) = {
             let idx = lock(&shared.index);
-            let snap = idx.snapshot();
+            let snap = Arc::new(idx.snapshot());
             (snap, lock(&shared.pending_since).take())
         };
+        shared.live.publish(snapshot.clone());
         let node = config.node.clone();
         let opts2 = opts.clone();
         let dp = dataplane.clone();

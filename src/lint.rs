@@ -25,7 +25,7 @@
 //! | `peer-matches-nothing` | warning | a peer's `namespaceSelector` matches no namespace, or its `podSelector` no pod |
 //! | `unknown-named-port` | warning | a named port that no pod it applies to declares (or a named port towards ipBlock peers only) |
 //! | `ipblock-covers-pods` | warning | an `ipBlock` (minus its excepts) contains pod addresses |
-//! | `no-dns-egress` | warning | pods isolated for egress may not send DNS (UDP and TCP port 53) anywhere |
+//! | `no-dns-egress` | warning | pods isolated for egress may not send DNS over both UDP and TCP port 53 (to the `k8s-app=kube-dns` pods of `kube-system`, when the manifests have them) |
 //! | `no-kind`, `object-warning` | warning | a document without `kind`; an odd Pod or Namespace (bad IP, clashing port names) |
 //!
 //! The rules that look at pods (`selects-no-pod`, `peer-matches-nothing`,
@@ -606,23 +606,58 @@ fn ipblocks_cover_pods(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
     }
 }
 
-/// Does some rule allow `protocol` port 53 to somewhere?
-fn allows_dns(cx: &Context<'_>, rules: &[&Rule], protocol: Protocol) -> bool {
-    rules.iter().any(|r| match &r.ports {
+/// The label CoreDNS and kube-dns pods carry, in this namespace.
+const DNS_LABEL: (&str, &str) = ("k8s-app", "kube-dns");
+const DNS_NAMESPACE: &str = "kube-system";
+
+/// The cluster DNS pods, when the manifests have them.
+fn dns_pods<'a>(cx: &Context<'a>) -> Vec<&'a PodInfo> {
+    cx.selectable()
+        .filter(|p| {
+            p.key.namespace == DNS_NAMESPACE
+                && p.labels.get(DNS_LABEL.0).map(String::as_str) == Some(DNS_LABEL.1)
+        })
+        .collect()
+}
+
+/// Does some rule allow `protocol` port 53, to the cluster DNS pods when the manifests have
+/// them (a peer must cover one), or to anywhere when they do not?
+fn allows_dns(cx: &Context<'_>, dns: &[&PodInfo], rules: &[&Rule], protocol: Protocol) -> bool {
+    let port_ok = |r: &Rule| match &r.ports {
         None => true,
         Some(ports) => ports.iter().any(|s| {
             s.protocol == protocol
                 && match &s.port {
                     PortMatch::All => true,
                     PortMatch::Range(lo, hi) => (*lo..=*hi).contains(&53),
+                    // A named port resolves on the destination: the DNS pods, or any pod.
                     PortMatch::Named(n) => {
-                        cx.m.pods
-                            .iter()
-                            .any(|pod| pod.resolve_named_port(n, protocol) == Some(53))
+                        let on = |pod: &&PodInfo| pod.resolve_named_port(n, protocol) == Some(53);
+                        if dns.is_empty() {
+                            cx.m.pods.iter().any(|p| on(&p))
+                        } else {
+                            dns.iter().any(on)
+                        }
                     }
                 }
         }),
-    })
+    };
+    let peer_ok = |r: &Rule| match &r.peers {
+        None => true,
+        Some(_) if dns.is_empty() => true,
+        Some(peers) => peers.iter().any(|peer| match peer {
+            Peer::Pods { namespaces, pods } => {
+                let members = cx.peer_pods(namespaces, pods);
+                dns.iter().any(|d| members.iter().any(|m| m.key == d.key))
+            }
+            Peer::IpBlock(block) => dns.iter().any(|d| {
+                d.ips.iter().any(|ip| {
+                    block.cidr.contains(ip) && !block.except.iter().any(|e| e.contains(ip))
+                })
+            }),
+        }),
+    };
+    rules.iter().any(|r| port_ok(r) && peer_ok(r))
 }
 
 /// `no-dns-egress`: the pods this policy isolates for egress, with every egress policy that
@@ -638,6 +673,7 @@ fn no_dns_egress(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
             .filter(|q| q.key.namespace == p.key.namespace && q.egress.is_some())
     };
     let selected = cx.selected_by(p);
+    let dns = dns_pods(cx);
     // (pods concerned, the egress policies that apply to them)
     let groups: Vec<(Vec<String>, Vec<&Policy>)> = if selected.is_empty() {
         if cx.has_pods {
@@ -669,8 +705,8 @@ fn no_dns_egress(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
             .iter()
             .flat_map(|q| q.egress.iter().flatten())
             .collect();
-        let udp = allows_dns(cx, &rules, Protocol::Udp);
-        let tcp = allows_dns(cx, &rules, Protocol::Tcp);
+        let udp = allows_dns(cx, &dns, &rules, Protocol::Udp);
+        let tcp = allows_dns(cx, &dns, &rules, Protocol::Tcp);
         if udp && tcp {
             continue;
         }
@@ -681,6 +717,14 @@ fn no_dns_egress(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
             .extend(pods.iter().cloned());
     }
     let by = some_of(policies.iter().map(ToString::to_string));
+    let whither = if dns.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " to the cluster DNS pods ({})",
+            some_of(dns.iter().map(|d| d.key.to_string()))
+        )
+    };
     let who = |pods: Vec<String>| {
         if pods.is_empty() {
             "the pods it selects".to_string()
@@ -690,11 +734,11 @@ fn no_dns_egress(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
     };
     let message = match (none, udp_only) {
         (Some(pods), _) => format!(
-            "{} are isolated for egress and no egress rule ({by}) allows DNS, UDP or TCP port 53: name resolution fails",
+            "{} are isolated for egress and no egress rule ({by}) allows DNS, UDP or TCP port 53{whither}: name resolution fails",
             who(pods)
         ),
         (None, Some(pods)) => format!(
-            "{} are isolated for egress and the egress rules ({by}) allow DNS over UDP port 53 but not TCP port 53: answers too large for UDP fail",
+            "{} are isolated for egress and the egress rules ({by}) allow DNS over UDP port 53 but not TCP port 53{whither}: answers too large for UDP fail",
             who(pods)
         ),
         (None, None) => return,
