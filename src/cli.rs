@@ -74,7 +74,7 @@ pub enum Command {
         output: Output,
     },
     /// Check NetworkPolicy manifests for mistakes. Exit status: 0 no errors (warnings are
-    /// printed), 2 at least one error.
+    /// printed), 3 at least one error.
     Lint {
         /// A manifest file, or a directory of .yaml/.yml/.json files.
         #[arg(long)]

@@ -79,8 +79,7 @@ pub struct RuleOutcome {
     pub peer: PeerMatch,
     /// Did a `ports` entry match (always, when the rule has no `ports`)?
     pub port: bool,
-    /// Does the rule allow the connection? Not always `peer && port`: a named port never
-    /// matches an ipBlock destination.
+    /// Does the rule allow the connection (a peer and a port matched)?
     pub allows: bool,
 }
 

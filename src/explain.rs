@@ -243,9 +243,6 @@ pub struct RuleReport {
     pub peer: Check,
     /// The ports.
     pub port: Check,
-    /// Why a rule whose peer and port both match still does not allow it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
 }
 
 /// One isolating policy.
@@ -539,7 +536,7 @@ fn rule_report(direction: Direction, spec: Option<&Rule>, r: &RuleOutcome) -> Ru
     let peer = match r.peer {
         PeerMatch::Any => Check {
             matched: true,
-            detail: format!("any peer (no `{peers_field}`)"),
+            detail: format!("any (no `{peers_field}`)"),
         },
         PeerMatch::Peer(i) => Check {
             matched: true,
@@ -555,13 +552,13 @@ fn rule_report(direction: Direction, spec: Option<&Rule>, r: &RuleOutcome) -> Ru
                 .enumerate()
                 .map(|(i, p)| format!("{peers_field}[{i}] {p}"))
                 .collect::<Vec<_>>()
-                .join("; "),
+                .join(" or "),
         },
     };
     let port = match spec.and_then(|s| s.ports.as_deref()) {
         None => Check {
             matched: r.port,
-            detail: "any port (no `ports`)".to_string(),
+            detail: "any (no `ports`)".to_string(),
         },
         Some(ports) => Check {
             matched: r.port,
@@ -572,15 +569,11 @@ fn rule_report(direction: Direction, spec: Option<&Rule>, r: &RuleOutcome) -> Ru
                 .join(", "),
         },
     };
-    let note = (peer.matched && port.matched && !r.allows).then(|| {
-        "the port matched only by name, and a named port never matches an ipBlock peer".to_string()
-    });
     RuleReport {
         rule: format!("{direction}[{}]", r.index),
         allows: r.allows,
         peer,
         port,
-        note,
     }
 }
 
@@ -627,6 +620,15 @@ impl Explanation {
     }
 }
 
+/// `port TCP/80` or `ports TCP/80, UDP/53`.
+fn port_words(detail: &str) -> String {
+    if detail.contains(", ") {
+        format!("ports {detail}")
+    } else {
+        format!("port {detail}")
+    }
+}
+
 fn side_text(out: &mut String, s: &SideReport) {
     let what = match (&s.pod, &s.node) {
         (Some(pod), Some(node)) => format!("{} of {pod} (on {node})", s.direction),
@@ -662,49 +664,55 @@ fn side_text(out: &mut String, s: &SideReport) {
         ),
     };
     for p in &s.policies {
-        if let Some(why) = &p.invalid {
-            let _ = writeln!(out, "    {}: invalid ({why}); allows nothing", p.policy);
-            continue;
-        }
-        if p.rules.is_empty() {
-            let _ = writeln!(
-                out,
-                "    {}: no {} rules; allows nothing",
-                p.policy, s.direction
-            );
-            continue;
+        // When allowed, the rules that allow are the answer; when denied, every rule is.
+        if !s.allowed {
+            if let Some(why) = &p.invalid {
+                let _ = writeln!(out, "    {}: invalid ({why}); allows nothing", p.policy);
+                continue;
+            }
+            if p.rules.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "    {}: no {} rules; allows nothing",
+                    p.policy, s.direction
+                );
+                continue;
+            }
         }
         for r in &p.rules {
-            // When allowed, the rules that allow are the answer; when denied, every rule is.
             if s.allowed && !r.allows {
                 continue;
             }
             let line = if r.allows {
                 format!(
-                    "{} {} allows it: peer {}, port {}",
-                    p.policy, r.rule, r.peer.detail, r.port.detail
+                    "{} {}: allows it (peer {}, {})",
+                    p.policy,
+                    r.rule,
+                    r.peer.detail,
+                    port_words(&r.port.detail)
                 )
             } else {
-                let part = |what: &str, c: &Check| {
-                    let verb = if c.matched {
+                let plural = r.port.detail.contains(", ");
+                format!(
+                    "{} {}: no (peer {} {}; {} {})",
+                    p.policy,
+                    r.rule,
+                    r.peer.detail,
+                    if r.peer.matched {
                         "matches"
                     } else {
                         "does not match"
-                    };
-                    format!("{what} {verb} ({})", c.detail)
-                };
-                format!(
-                    "{} {} does not: {}; {}",
-                    p.policy,
-                    r.rule,
-                    part("peer", &r.peer),
-                    part("port", &r.port)
+                    },
+                    port_words(&r.port.detail),
+                    match (plural, r.port.matched) {
+                        (false, true) => "matches",
+                        (false, false) => "does not match",
+                        (true, true) => "match",
+                        (true, false) => "do not match",
+                    }
                 )
             };
             let _ = writeln!(out, "    {line}");
-            if let Some(note) = &r.note {
-                let _ = writeln!(out, "      ({note})");
-            }
         }
     }
 }

@@ -17,8 +17,8 @@ use kube_nftpolicy::{
 
 /// `explain` found the connection denied.
 const EXIT_DENIED: u8 = 3;
-/// `lint` found at least one error.
-const EXIT_LINT_ERRORS: u8 = 2;
+/// `lint` found at least one error (3, like a denied `explain`: 2 is a usage error, 1 a failure).
+const EXIT_LINT_ERRORS: u8 = 3;
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -122,7 +122,7 @@ fn reports_name_the_deciding_policies_and_rules() {
         "{text}"
     );
     assert!(
-        text.contains("ingress[0] allows it: peer from[0] pods app=frontend in namespace default, port TCP/8080"),
+        text.contains("default/allow-frontend-to-backend ingress[0]: allows it (peer from[0] pods app=frontend in namespace default, port TCP/8080)"),
         "{text}"
     );
 
@@ -145,7 +145,7 @@ fn reports_name_the_deciding_policies_and_rules() {
         "{text}"
     );
     assert!(
-        text.contains("ingress[0] does not: peer does not match (from[0] pods app=frontend in namespace default); port matches (TCP/8080)"),
+        text.contains("ingress[0]: no (peer from[0] pods app=frontend in namespace default does not match; port TCP/8080 matches)"),
         "{text}"
     );
 
@@ -194,8 +194,9 @@ fn egress_side_and_invalid_policies_are_explained() {
     assert!(udp.allowed, "{}", udp.to_text());
     assert_eq!(udp.egress.allowed_by[0].rule, "egress[1]");
     assert!(
-        udp.to_text()
-            .contains("egress[1] allows it: peer any peer (no `to`), port UDP/53"),
+        udp.to_text().contains(
+            "default/allow-dns-and-api egress[1]: allows it (peer any (no `to`), port UDP/53)"
+        ),
         "{}",
         udp.to_text()
     );

@@ -1,7 +1,7 @@
 //! `lint`: every rule has a named case that fires and one that does not (table-driven, on a
 //! small cluster); every seed example is linted and must produce exactly the findings written
 //! in its `expect/lint.yaml`, which name the seeds' known mistakes; the binary's exit status
-//! gates CI (2 on errors) and its JSON is the same report.
+//! gates CI (3 on errors) and its JSON is the same report.
 
 #[path = "support/examples.rs"]
 mod examples;
@@ -782,9 +782,9 @@ fn the_binary_gates_on_errors() {
         }
         cmd.env("NO_COLOR", "1").output().expect("run the binary")
     };
-    // Errors: exit 2, the error printed with its location and a summary.
+    // Errors: exit 3, the error printed with its location and a summary.
     let out = run("15-seed004-nested-ports", false);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("error[dropped-field]: NetworkPolicy default/allow-all-ingress spec.ingress[0].from[0].ports:"),
@@ -802,7 +802,7 @@ fn the_binary_gates_on_errors() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "lint: no findings\n");
     // JSON: the same report.
     let out = run("16-seed004-namespace-and-pod", true);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["errors"], 1);
     assert_eq!(v["warnings"], 2);
