@@ -426,12 +426,7 @@ fn selects_no_pod(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
             Severity::Warning,
             format!(
                 "{} matches no pod of namespace {}: the policy has no effect",
-                if p.pod_selector.is_empty() {
-                    "{}".to_string()
-                } else {
-                    p.pod_selector.to_string()
-                },
-                p.key.namespace
+                p.pod_selector, p.key.namespace
             ),
         ));
     }
@@ -462,30 +457,25 @@ fn peers_match_nothing(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
                 }
             }
             if cx.peer_pods(namespaces, pods).is_empty() {
-                let (field, what) = if pods.is_empty() {
-                    (
-                        format!("{at}.namespaceSelector"),
-                        format!(
-                            "the namespaces it matches ({}) have no pods",
-                            some_of(matched_ns.iter().map(|s| s.to_string()))
-                        ),
-                    )
-                } else {
-                    (
+                let listed = || some_of(matched_ns.iter().map(ToString::to_string));
+                let (field, what) = match namespaces {
+                    NamespaceScope::Own(ns) => (
                         format!("{at}.podSelector"),
                         format!(
-                            "{pods} matches no pod in {}",
-                            match namespaces {
-                                NamespaceScope::Own(ns) => format!(
-                                    "namespace {ns} (without a namespaceSelector, a peer means the policy's own namespace)"
-                                ),
-                                NamespaceScope::Selector(_) => format!(
-                                    "the namespaces the namespaceSelector matches ({})",
-                                    some_of(matched_ns.iter().map(|s| s.to_string()))
-                                ),
-                            }
+                            "{pods} matches no pod in namespace {ns} (without a namespaceSelector, a peer means the policy's own namespace)"
                         ),
-                    )
+                    ),
+                    NamespaceScope::Selector(_) if pods.is_empty() => (
+                        format!("{at}.namespaceSelector"),
+                        format!("the namespaces it matches ({}) have no pods", listed()),
+                    ),
+                    NamespaceScope::Selector(_) => (
+                        format!("{at}.podSelector"),
+                        format!(
+                            "{pods} matches no pod in the namespaces the namespaceSelector matches ({})",
+                            listed()
+                        ),
+                    ),
                 };
                 out.push(cx.finding(
                     p,

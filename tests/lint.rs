@@ -358,6 +358,22 @@ fn cases() -> Vec<Case> {
             )),
         },
         Case {
+            name: "a namespace without pods",
+            rule: "peer-matches-nothing",
+            text: with_cluster(&format!(
+                "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: empty, labels: {{team: b}}}}\n{}",
+                policy(
+                    "p",
+                    "  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {team: b}}}]\n"
+                )
+            )),
+            fires: Some((
+                "spec.ingress[0].from[0].namespaceSelector",
+                Severity::Warning,
+                "the namespaces it matches (empty) have no pods",
+            )),
+        },
+        Case {
             name: "namespace and pod selectors that match",
             rule: "peer-matches-nothing",
             text: with_cluster(&policy(
