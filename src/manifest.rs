@@ -637,6 +637,46 @@ mod tests {
     }
 
     #[test]
+    fn problems_are_structured_for_lint() {
+        let m = parse("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec:\n  podSelector: {}\n  ingress:\n  - from:\n    - podSelector: {}\n      ports: [{port: 80}]\n---\nkind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: q, namespace: a}\nspec: {podSelector: {}, egress: [{to: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}]}\n").expect("parse");
+        let kinds: Vec<(&ProblemKind, Option<&str>, Option<&str>)> = m
+            .problems
+            .iter()
+            .map(|p| (&p.kind, p.object.as_deref(), p.field.as_deref()))
+            .collect();
+        assert_eq!(kinds.len(), 3, "{kinds:?}");
+        assert_eq!(
+            (kinds[0].0, kinds[0].1, kinds[0].2),
+            (
+                &ProblemKind::DefaultedNamespace,
+                Some("NetworkPolicy default/p"),
+                Some("metadata.namespace")
+            )
+        );
+        assert_eq!(
+            (kinds[1].0, kinds[1].2),
+            (
+                &ProblemKind::DroppedField,
+                Some("spec.ingress[0].from[0].ports")
+            )
+        );
+        assert!(
+            matches!(
+                kinds[2].0,
+                ProblemKind::InvalidPolicy(PolicyError::ExceptOutside { .. })
+            ),
+            "{kinds:?}"
+        );
+        assert_eq!(kinds[2].2, Some("spec.egress[0].to[0].ipBlock.except[0]"));
+        // The defaulted namespace is for lint only; the others are load warnings too.
+        assert_eq!(m.warnings.len(), 2, "{:?}", m.warnings);
+        assert_eq!(
+            m.origins.get("NetworkPolicy a/q").map(String::as_str),
+            Some("test.yaml: document 2")
+        );
+    }
+
+    #[test]
     fn unreadable_policy_still_isolates() {
         let m = parse("kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, egress: [{ports: [{port: [1]}]}]}\n").expect("parse");
         let p = &m.policies[0];
