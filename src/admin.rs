@@ -1,7 +1,7 @@
-//! The agent's admin HTTP endpoints: `/healthz`, `/readyz` and `/metrics`.
+//! The agent's admin HTTP endpoints: `/healthz`, `/readyz`, `/metrics` and `/debug/explain`.
 //!
-//! The module exists to turn the agent's internal state into the three answers the kubelet and
-//! Prometheus ask for, and nothing more:
+//! The module exists to turn the agent's internal state into the answers the kubelet,
+//! Prometheus and a person debugging a denied connection ask for, and nothing more:
 //!
 //! * `/healthz` (liveness) answers `ok` as long as the process can serve HTTP at all. It
 //!   deliberately ignores sync state: restarting the agent does not fix a rejected ruleset,
@@ -11,6 +11,10 @@
 //!   the kernel may no longer match the cluster's policies, which is what operators and
 //!   rollouts need to see.
 //! * `/metrics` renders [`Metrics`] in the Prometheus text format.
+//! * `/debug/explain?from=ns/pod&to=ns/pod&port=80/TCP[&output=json][&family=6]` answers
+//!   `kube-nftpolicy explain` from the cluster state the agent last synced from
+//!   ([`LiveSnapshot`]): 200 with the explanation (allowed or denied), 400 for bad parameters,
+//!   404 for an unknown pod, 503 until the initial lists are in.
 //!
 //! [`serve`] takes an already bound listener so that binding errors surface at startup (with
 //! the address in the message, see [`bind`]) and tests can bind `127.0.0.1:0`.
@@ -23,13 +27,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+use crate::explain::{Endpoint, ExplainError, Explainer, PortQuery};
+use crate::index::Snapshot;
 use crate::metrics::Metrics;
+use crate::model::{Family, Protocol};
 
 /// Errors from running the admin server.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +155,29 @@ impl Health {
     }
 }
 
+/// The cluster state the agent last synced from, for `/debug/explain`. The sync loop
+/// publishes each snapshot it takes (a pointer swap); a request clones the `Arc`, so it never
+/// holds up a sync and always sees one consistent state.
+#[derive(Debug, Default)]
+pub struct LiveSnapshot {
+    current: std::sync::RwLock<Option<Arc<Snapshot>>>,
+}
+
+impl LiveSnapshot {
+    /// Make `snapshot` the state `/debug/explain` answers from.
+    pub fn publish(&self, snapshot: Arc<Snapshot>) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(snapshot);
+    }
+
+    /// The latest state, `None` before the initial lists are in.
+    pub fn current(&self) -> Option<Arc<Snapshot>> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
 /// Binds the admin listener, naming the address if that fails.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
     TcpListener::bind(addr)
@@ -160,6 +190,7 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    live: Arc<LiveSnapshot>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AdminError> {
     if let Ok(addr) = listener.local_addr() {
@@ -169,7 +200,12 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(scrape))
-        .with_state(AppState { metrics, health });
+        .route("/debug/explain", get(debug_explain))
+        .with_state(AppState {
+            metrics,
+            health,
+            live,
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -180,6 +216,7 @@ pub async fn serve(
 struct AppState {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    live: Arc<LiveSnapshot>,
 }
 
 async fn healthz() -> &'static str {
@@ -199,6 +236,105 @@ async fn scrape(State(state): State<AppState>) -> Response {
         Err(err) => {
             tracing::error!(error = ?err, "cannot render metrics");
             (StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics").into_response()
+        }
+    }
+}
+
+const EXPLAIN_USAGE: &str = "want /debug/explain?from=<ns/pod|IP>&to=<ns/pod|IP>&port=<80|80/UDP|http|http/TCP>[&output=text|json][&family=4|6]";
+
+/// A parsed `/debug/explain` question.
+struct ExplainQuery {
+    from: Endpoint,
+    to: Endpoint,
+    port: PortQuery,
+    family: Option<Family>,
+    json: bool,
+}
+
+/// Parse the query; `Err` is the status and message of a request that cannot be answered.
+fn explain_params(params: &[(String, String)]) -> Result<ExplainQuery, (StatusCode, String)> {
+    let bad = |msg: String| (StatusCode::BAD_REQUEST, format!("{msg}; {EXPLAIN_USAGE}\n"));
+    let mut seen: std::collections::BTreeMap<&str, &str> = std::collections::BTreeMap::new();
+    for (k, v) in params {
+        if !matches!(k.as_str(), "from" | "to" | "port" | "output" | "family") {
+            return Err(bad(format!("unknown query parameter `{k}`")));
+        }
+        if seen.insert(k, v).is_some() {
+            return Err(bad(format!("query parameter `{k}` given twice")));
+        }
+    }
+    let need = |k: &str| {
+        seen.get(k)
+            .copied()
+            .ok_or_else(|| bad(format!("missing query parameter `{k}`")))
+    };
+    let parse_err = |what: &str, e: ExplainError| bad(format!("{what}: {e}"));
+    let from: Endpoint = need("from")?.parse().map_err(|e| parse_err("from", e))?;
+    let to: Endpoint = need("to")?.parse().map_err(|e| parse_err("to", e))?;
+    let port = PortQuery::parse(need("port")?, Protocol::Tcp).map_err(|e| parse_err("port", e))?;
+    let family = match seen.get("family").copied() {
+        None => None,
+        Some("4") => Some(Family::V4),
+        Some("6") => Some(Family::V6),
+        Some(other) => return Err(bad(format!("family {other:?}: want 4 or 6"))),
+    };
+    let json = match seen.get("output").copied() {
+        None | Some("text") => false,
+        Some("json") => true,
+        Some(other) => return Err(bad(format!("output {other:?}: want text or json"))),
+    };
+    Ok(ExplainQuery {
+        from,
+        to,
+        port,
+        family,
+        json,
+    })
+}
+
+async fn debug_explain(
+    State(state): State<AppState>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let ExplainQuery {
+        from,
+        to,
+        port,
+        family,
+        json,
+    } = match explain_params(&params) {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
+    };
+    let Some(snapshot) = state.live.current() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the initial lists of pods, namespaces and policies are not complete yet\n",
+        )
+            .into_response();
+    };
+    // Resolving a node's policy is CPU work proportional to the cluster: keep it off the
+    // runtime's workers.
+    let answer = tokio::task::spawn_blocking(move || {
+        Explainer::new(&snapshot).explain(&from, &to, &port, family)
+    })
+    .await;
+    match answer {
+        Ok(Ok(e)) if json => match serde_json::to_string_pretty(&e) {
+            Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body + "\n").into_response(),
+            Err(err) => {
+                tracing::error!(error = %err, "cannot render an explanation as JSON");
+                (StatusCode::INTERNAL_SERVER_ERROR, "cannot render JSON\n").into_response()
+            }
+        },
+        Ok(Ok(e)) => e.to_text().into_response(),
+        Ok(Err(e @ ExplainError::UnknownPod(_))) => {
+            (StatusCode::NOT_FOUND, format!("{e}\n")).into_response()
+        }
+        Ok(Err(e)) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+        Err(err) => {
+            tracing::error!(error = %err, "explain task failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "explain failed\n").into_response()
         }
     }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
 
-use crate::admin::{self, Health};
+use crate::admin::{self, Health, LiveSnapshot};
 use crate::compile::CompileOptions;
 use crate::dataplane::Dataplane;
 use crate::denylog::{DenyLogConfig, DenyLogger, Verdict};
@@ -82,6 +82,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Health for `/readyz`.
     pub health: Arc<Health>,
+    /// The state of the last sync, for `/debug/explain`.
+    pub live: Arc<LiveSnapshot>,
     /// Pod address → `namespace/name`, for the denied-connection log.
     pods_by_ip: RwLock<HashMap<IpAddr, String>>,
     /// `namespace/name` → isolating policies per direction, for the denied-connection log.
@@ -107,6 +109,7 @@ impl Shared {
             ],
             metrics,
             health,
+            live: Arc::new(LiveSnapshot::default()),
             pods_by_ip: RwLock::new(HashMap::new()),
             isolation: RwLock::new(HashMap::new()),
         }
@@ -149,13 +152,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::new(metrics.clone(), health.clone()));
 
     let listener = admin::bind(config.metrics_addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz, /debug/explain");
     let shutdown = Arc::new(Notify::new());
     let admin_shutdown = shutdown.clone();
     let admin_task = tokio::spawn(admin::serve(
         listener,
         metrics.clone(),
         health.clone(),
+        shared.live.clone(),
         async move { admin_shutdown.notified().await },
     ));
 
@@ -218,7 +222,8 @@ async fn wait_for_signal() {
     }
 }
 
-async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+/// A client from this kubeconfig file, or from the environment (in-cluster, then `~/.kube/config`).
+pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -424,6 +429,8 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
             let (snap, changes) = idx.snapshot_with_changes();
             (snap, changes, lock(&shared.pending_since).take())
         };
+        // What /debug/explain answers from (a snapshot is a cheap, shared copy).
+        shared.live.publish(Arc::new(snapshot.clone()));
         let dp = dataplane.clone();
         let nc = compiler.clone();
         let shared2 = shared.clone();

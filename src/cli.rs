@@ -51,27 +51,37 @@ pub enum Command {
     },
     /// Run the agent: watch the cluster (or follow manifests) and keep this node's table in sync.
     Run(RunArgs),
-    /// Explain whether a connection is allowed, and which policies decide it.
+    /// Explain whether a connection is allowed, and which policies and rules decide it.
     /// Exit status: 0 allowed, 3 denied.
-    Explain {
+    Explain(ExplainArgs),
+    /// Print the connectivity truth table between pods (`.` allowed, `X` denied), like the
+    /// upstream e2e suite.
+    Matrix {
         /// A manifest file, or a directory of .yaml/.yml/.json files.
         #[arg(long)]
         manifests: PathBuf,
-        /// Source: `namespace/pod` or an IP address.
-        #[arg(long)]
-        from: String,
-        /// Destination: `namespace/pod` or an IP address.
-        #[arg(long)]
-        to: String,
-        /// Destination port.
-        #[arg(long)]
-        port: u16,
-        /// TCP, UDP or SCTP.
-        #[arg(long, default_value = "TCP")]
-        protocol: String,
-        /// Force IPv4 (4) or IPv6 (6); by default IPv4 when both ends have it.
+        /// Only pods of this namespace (repeatable; default: every namespace).
+        #[arg(long = "namespace", value_name = "NAMESPACE")]
+        namespaces: Vec<String>,
+        /// A port: `80`, `80/UDP`, `http`, `http/TCP` (repeatable, one table each).
+        #[arg(long = "port", value_name = "PORT", default_value = "80/TCP")]
+        ports: Vec<String>,
+        /// Force IPv4 (4) or IPv6 (6); by default IPv4 when both pods have it.
         #[arg(long)]
         family: Option<u8>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Check NetworkPolicy manifests for mistakes. Exit status: 0 no errors (warnings are
+    /// printed), 3 at least one error.
+    Lint {
+        /// A manifest file, or a directory of .yaml/.yml/.json files.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Remove our table from the current network namespace (and nothing else).
     Cleanup {
@@ -79,6 +89,45 @@ pub enum Command {
         #[arg(long, default_value = "nft")]
         nft: PathBuf,
     },
+}
+
+/// How `explain`, `matrix` and `lint` print their answer.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// For tools: one JSON document.
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["manifests", "kubeconfig"])))]
+pub struct ExplainArgs {
+    /// A manifest file, or a directory of .yaml/.yml/.json files.
+    #[arg(long)]
+    pub manifests: Option<PathBuf>,
+    /// Ask the live cluster instead: list Namespaces, Pods and NetworkPolicies once.
+    #[arg(long, conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Source: `namespace/pod` or an IP address.
+    #[arg(long)]
+    pub from: String,
+    /// Destination: `namespace/pod` or an IP address.
+    #[arg(long)]
+    pub to: String,
+    /// Destination port: `80`, `80/UDP`, `http` or `http/TCP` (a name is looked up in the
+    /// destination pod's container ports).
+    #[arg(long)]
+    pub port: String,
+    /// TCP, UDP or SCTP, when `--port` names no protocol (default TCP).
+    #[arg(long)]
+    pub protocol: Option<String>,
+    /// Force IPv4 (4) or IPv6 (6); by default IPv4 when both ends have it.
+    #[arg(long)]
+    pub family: Option<u8>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
 }
 
 #[derive(clap::Args, Debug)]
@@ -95,7 +144,7 @@ pub struct RunArgs {
     /// How often to look for changed manifest files, in milliseconds.
     #[arg(long, default_value_t = 500)]
     pub manifests_poll_ms: u64,
-    /// Address for /metrics, /healthz and /readyz.
+    /// Address for /metrics, /healthz, /readyz and /debug/explain.
     #[arg(long, default_value = "0.0.0.0:9753")]
     pub metrics_addr: std::net::SocketAddr,
     /// Log denied connections (drops are also sent to an NFLOG group).

@@ -2,20 +2,22 @@
 //!
 //! Pure and independent of nftables, so the semantics can be tested (and explained to a
 //! user) without a kernel; the kernel tests then check that the compiled ruleset agrees.
+//! [`assess`] keeps the outcome of every rule of every isolating policy, which is what
+//! `explain` shows; [`evaluate`] reduces it to a verdict.
 
 use std::net::IpAddr;
 
 use crate::model::policy::Direction;
 use crate::model::{ObjectKey, Protocol};
-use crate::resolve::{NodePolicy, ResolvedPeer};
+use crate::resolve::{NodePolicy, PolicyRules, ResolvedPeer, ResolvedRule};
 
 /// The outcome for one direction at one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// The pod is not isolated in this direction.
     NotIsolated,
-    /// Allowed by these policies (rule indexes in parentheses).
-    Allowed(Vec<String>),
+    /// Allowed by these rules.
+    Allowed(Vec<RuleRef>),
     /// Isolated by these policies and no rule allows it.
     Denied(Vec<ObjectKey>),
 }
@@ -24,6 +26,23 @@ impl Verdict {
     /// Does the packet pass?
     pub fn passes(&self) -> bool {
         !matches!(self, Verdict::Denied(_))
+    }
+}
+
+/// One rule of one policy: `spec.<direction>[index]`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RuleRef {
+    /// The policy.
+    pub policy: ObjectKey,
+    /// Direction.
+    pub direction: Direction,
+    /// Position in `spec.ingress`/`spec.egress`.
+    pub index: usize,
+}
+
+impl std::fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}[{}])", self.policy, self.direction, self.index)
     }
 }
 
@@ -40,65 +59,155 @@ pub struct Connection {
     pub port: u16,
 }
 
-/// Evaluate one direction for a local pod address. Addresses that are not local isolated
-/// pods are not policed on this node.
-pub fn evaluate(np: &NodePolicy, direction: Direction, c: Connection) -> Verdict {
-    let Some(pod) = np.pods.iter().find(|p| p.ips.contains(&c.local)) else {
-        return Verdict::NotIsolated;
+/// Which peer of a rule the other end matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerMatch {
+    /// The rule has no `from`/`to`: every peer.
+    Any,
+    /// `from[i]`/`to[i]` matched (the first that did).
+    Peer(usize),
+    /// No peer matched.
+    None,
+}
+
+/// How one rule judged the connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleOutcome {
+    /// Position in `spec.ingress`/`spec.egress`.
+    pub index: usize,
+    /// Which peer matched.
+    pub peer: PeerMatch,
+    /// Did a `ports` entry match (always, when the rule has no `ports`)?
+    pub port: bool,
+    /// Does the rule allow the connection (a peer and a port matched)?
+    pub allows: bool,
+}
+
+/// How one isolating policy judged the connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyOutcome {
+    /// The policy.
+    pub policy: ObjectKey,
+    /// Why the policy allows nothing, when it is invalid.
+    pub invalid: Option<String>,
+    /// Every rule, in spec order.
+    pub rules: Vec<RuleOutcome>,
+}
+
+/// Everything one direction at one pod says about a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Assessment {
+    /// The pod is not isolated in this direction (or is not a local pod of this node).
+    NotIsolated,
+    /// Isolated by these policies (sorted), each with its rules' outcomes.
+    Isolated(Vec<PolicyOutcome>),
+}
+
+fn rule_outcome(
+    rule: &ResolvedRule,
+    direction: Direction,
+    c: &Connection,
+    dst: IpAddr,
+) -> RuleOutcome {
+    let matching_peer = |include_ipblocks: bool| match &rule.peers {
+        None => PeerMatch::Any,
+        Some(peers) => peers
+            .iter()
+            .position(|p| match p {
+                ResolvedPeer::Pods(pods) => pods.addrs.contains(&c.peer),
+                ResolvedPeer::IpBlock { ranges, .. } => {
+                    include_ipblocks && ranges.iter().any(|r| r.contains(&c.peer))
+                }
+            })
+            .map_or(PeerMatch::None, PeerMatch::Peer),
     };
-    let Some(policies) = pod.isolated_by(direction) else {
-        return Verdict::NotIsolated;
+    let peer = matching_peer(true);
+    let peer_ok = peer != PeerMatch::None;
+    let (port, allows) = match &rule.ports {
+        None => (true, peer_ok),
+        Some(ports) => {
+            let numeric = ports
+                .numeric
+                .iter()
+                .any(|(p, lo, hi)| *p == c.protocol && (*lo..=*hi).contains(&c.port));
+            let named = ports
+                .named
+                .as_ref()
+                .is_some_and(|n| n.targets.contains(&(dst, c.protocol, c.port)));
+            // A named port never matches an ipBlock destination (egress), and for egress the
+            // named targets already are the peer pods.
+            let allows = (numeric && peer_ok)
+                || (named
+                    && match direction {
+                        Direction::Ingress => peer_ok,
+                        Direction::Egress => matching_peer(false) != PeerMatch::None,
+                    });
+            (numeric || named, allows)
+        }
     };
+    RuleOutcome {
+        index: rule.index,
+        peer,
+        port,
+        allows,
+    }
+}
+
+fn policy_outcome(pr: &PolicyRules, c: &Connection) -> PolicyOutcome {
     // The destination address, where named ports are resolved.
-    let dst = match direction {
+    let dst = match pr.direction {
         Direction::Ingress => c.local,
         Direction::Egress => c.peer,
     };
-    let mut allowed_by = Vec::new();
-    for pr in np
-        .policies
-        .iter()
-        .filter(|pr| pr.direction == direction && policies.contains(&pr.policy))
-    {
-        for rule in &pr.rules {
-            let peer_ok = |include_ipblocks: bool| match &rule.peers {
-                None => true,
-                Some(peers) => peers.iter().any(|p| match p {
-                    ResolvedPeer::Pods(pods) => pods.addrs.contains(&c.peer),
-                    ResolvedPeer::IpBlock { ranges, .. } => {
-                        include_ipblocks && ranges.iter().any(|r| r.contains(&c.peer))
-                    }
-                }),
-            };
-            let ok = match &rule.ports {
-                None => peer_ok(true),
-                Some(ports) => {
-                    let numeric = ports
-                        .numeric
-                        .iter()
-                        .any(|(p, lo, hi)| *p == c.protocol && (*lo..=*hi).contains(&c.port));
-                    let named = ports
-                        .named
-                        .as_ref()
-                        .is_some_and(|n| n.targets.contains(&(dst, c.protocol, c.port)));
-                    // A named port never matches an ipBlock destination (egress), and for
-                    // egress the named targets already are the peer pods.
-                    (numeric && peer_ok(true))
-                        || (named
-                            && match direction {
-                                Direction::Ingress => peer_ok(true),
-                                Direction::Egress => rule.peers.is_none() || peer_ok(false),
-                            })
-                }
-            };
-            if ok {
-                allowed_by.push(format!("{} ({direction}[{}])", pr.policy, rule.index));
+    PolicyOutcome {
+        policy: pr.policy.clone(),
+        invalid: pr.invalid.clone(),
+        rules: pr
+            .rules
+            .iter()
+            .map(|r| rule_outcome(r, pr.direction, c, dst))
+            .collect(),
+    }
+}
+
+/// Judge one direction for a local pod address, rule by rule. Addresses that are not local
+/// isolated pods are not policed on this node.
+pub fn assess(np: &NodePolicy, direction: Direction, c: Connection) -> Assessment {
+    let Some(pod) = np.pods.iter().find(|p| p.ips.contains(&c.local)) else {
+        return Assessment::NotIsolated;
+    };
+    let Some(policies) = pod.isolated_by(direction) else {
+        return Assessment::NotIsolated;
+    };
+    Assessment::Isolated(
+        np.policies
+            .iter()
+            .filter(|pr| pr.direction == direction && policies.contains(&pr.policy))
+            .map(|pr| policy_outcome(pr, &c))
+            .collect(),
+    )
+}
+
+/// Evaluate one direction for a local pod address.
+pub fn evaluate(np: &NodePolicy, direction: Direction, c: Connection) -> Verdict {
+    match assess(np, direction, c) {
+        Assessment::NotIsolated => Verdict::NotIsolated,
+        Assessment::Isolated(policies) => {
+            let allowed: Vec<RuleRef> = policies
+                .iter()
+                .flat_map(|p| {
+                    p.rules.iter().filter(|r| r.allows).map(|r| RuleRef {
+                        policy: p.policy.clone(),
+                        direction,
+                        index: r.index,
+                    })
+                })
+                .collect();
+            if allowed.is_empty() {
+                Verdict::Denied(policies.into_iter().map(|p| p.policy).collect())
+            } else {
+                Verdict::Allowed(allowed)
             }
         }
-    }
-    if allowed_by.is_empty() {
-        Verdict::Denied(policies.to_vec())
-    } else {
-        Verdict::Allowed(allowed_by)
     }
 }

@@ -1,21 +1,26 @@
-//! `kube-nftpolicy explain`: why a connection is allowed or denied, in words.
+//! `kube-nftpolicy explain`: why a connection is allowed or denied.
 //!
 //! "Something is denied and I cannot tell why" is the most common complaint about
 //! NetworkPolicy. This answers it from the same resolved state the ruleset is compiled from:
 //! the egress verdict on the source pod's node and the ingress verdict on the destination
-//! pod's node, each naming the policies and rules involved. Pure: no kernel, no cluster.
+//! pod's node, each naming the isolating policies and, rule by rule, which peer and which port
+//! matched. The answer is a serialisable [`Explanation`] (for `--output json` and
+//! `/debug/explain`); the human report is rendered from it. Pure: no kernel, no cluster.
 
-use std::fmt::Write as _;
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
-use crate::evaluate::{Connection, Verdict, evaluate};
+use serde::Serialize;
+
+use crate::evaluate::{Assessment, Connection, PeerMatch, PolicyOutcome, RuleOutcome, assess};
 use crate::index::Snapshot;
 use crate::model::policy::Direction;
-use crate::model::{Family, ObjectKey, PodInfo, Protocol};
-use crate::resolve::resolve;
+use crate::model::{Family, ObjectKey, PodInfo, Protocol, Rule};
+use crate::resolve::{NodePolicy, resolve};
 
 /// One end of the connection as the user names it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
     /// `namespace/pod`.
     Pod(ObjectKey),
@@ -38,14 +43,121 @@ impl std::str::FromStr for Endpoint {
     }
 }
 
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Pod(key) => key.fmt(f),
+            Endpoint::Address(ip) => ip.fmt(f),
+        }
+    }
+}
+
+/// The destination port as the user names it: a number or a container port name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PortRef {
+    /// `80`.
+    Number(u16),
+    /// `http`: resolved on the destination pod, as NetworkPolicy resolves named ports.
+    Name(String),
+}
+
+/// `--port`: `80`, `80/UDP`, `http` or `http/TCP` (TCP when no protocol is given).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortQuery {
+    /// Number or name.
+    pub port: PortRef,
+    /// Protocol.
+    pub protocol: Protocol,
+}
+
+impl PortQuery {
+    /// A numbered port.
+    pub fn number(protocol: Protocol, port: u16) -> Self {
+        Self {
+            port: PortRef::Number(port),
+            protocol,
+        }
+    }
+
+    /// Parse `N`, `N/PROTO`, `name` or `name/PROTO`; `default_protocol` applies when the text
+    /// names none. The protocol is case-insensitive.
+    pub fn parse(text: &str, default_protocol: Protocol) -> Result<Self, ExplainError> {
+        let bad = |reason: &str| ExplainError::Port {
+            text: text.to_string(),
+            reason: reason.to_string(),
+        };
+        let (port, protocol) = match text.split_once('/') {
+            None => (text, default_protocol),
+            Some((port, proto)) => (
+                port,
+                Protocol::parse(Some(&proto.to_ascii_uppercase()))
+                    .ok_or_else(|| bad("the protocol must be TCP, UDP or SCTP"))?,
+            ),
+        };
+        if port.is_empty() {
+            return Err(bad("no port before the protocol"));
+        }
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            let n = port
+                .parse::<u16>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| bad("a port number must be 1-65535"))?;
+            return Ok(Self::number(protocol, n));
+        }
+        let valid_name = port.len() <= 15
+            && port
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid_name {
+            return Err(bad(
+                "a port name is 1-15 lower-case letters, digits and '-' (as in a container's ports[].name)",
+            ));
+        }
+        Ok(Self {
+            port: PortRef::Name(port.to_string()),
+            protocol,
+        })
+    }
+
+    /// Does the text name a protocol (`80/UDP`)?
+    pub fn names_protocol(text: &str) -> bool {
+        text.contains('/')
+    }
+}
+
+impl std::str::FromStr for PortQuery {
+    type Err = ExplainError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s, Protocol::Tcp)
+    }
+}
+
+impl fmt::Display for PortQuery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.port {
+            PortRef::Number(n) => write!(f, "{n}/{}", self.protocol),
+            PortRef::Name(name) => write!(f, "{name}/{}", self.protocol),
+        }
+    }
+}
+
 /// Why a question cannot be answered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExplainError {
     /// Neither `namespace/pod` nor an address.
     #[error("{0:?} is neither namespace/pod nor an IP address")]
     Endpoint(String),
-    /// The named pod is not in the manifests.
-    #[error("pod {0} is not in the manifests")]
+    /// The port text does not parse.
+    #[error("port {text:?}: {reason} (want 80, 80/UDP, http or http/TCP)")]
+    Port {
+        /// As given.
+        text: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The named pod is not known.
+    #[error("pod {0} is not in the cluster state")]
     UnknownPod(ObjectKey),
     /// The pod has no address policy can apply to.
     #[error("pod {0} takes no part in policy ({1})")]
@@ -53,15 +165,141 @@ pub enum ExplainError {
     /// No address family both ends have.
     #[error("{0} and {1} have no address family in common")]
     NoCommonFamily(String, String),
+    /// A named port, but the destination is not a pod.
+    #[error(
+        "named port {port}: the destination {to} is not a pod, and only a pod's container ports have names"
+    )]
+    NamedPortNeedsPod {
+        /// The port as given.
+        port: String,
+        /// The destination.
+        to: String,
+    },
+    /// The destination pod declares no such port.
+    #[error("named port {port}: pod {pod} declares no such container port (it has: {declared})")]
+    NamedPortUnknown {
+        /// The port as given.
+        port: String,
+        /// The destination pod.
+        pod: ObjectKey,
+        /// The named ports it does declare.
+        declared: String,
+    },
+}
+
+/// One end of the connection, as resolved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointReport {
+    /// `namespace/pod`, or `external` for an address that is no pod's.
+    pub name: String,
+    /// The address used.
+    pub address: IpAddr,
+    /// The pod, when the end is one.
+    pub pod: Option<String>,
+    /// Its node.
+    pub node: Option<String>,
+}
+
+/// What one direction decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SideStatus {
+    /// This end is not a pod on a node: nobody polices this direction.
+    NotPoliced,
+    /// The pod is not isolated in this direction: everything passes.
+    NotIsolated,
+    /// Isolated, and at least one rule allows the connection.
+    Allowed,
+    /// Isolated, and no rule allows the connection.
+    Denied,
+}
+
+/// A rule that allows the connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RuleCitation {
+    /// `namespace/name` of the policy.
+    pub policy: String,
+    /// `ingress[i]` or `egress[i]`.
+    pub rule: String,
+}
+
+/// Whether one part of a rule matched, and what it says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Check {
+    /// Did it match?
+    pub matched: bool,
+    /// The part of the rule that matched, or every part that did not.
+    pub detail: String,
+}
+
+/// One rule of an isolating policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RuleReport {
+    /// `ingress[i]` or `egress[i]`.
+    pub rule: String,
+    /// Does it allow the connection?
+    pub allows: bool,
+    /// The peers (`from`/`to`).
+    pub peer: Check,
+    /// The ports.
+    pub port: Check,
+}
+
+/// One isolating policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PolicyReport {
+    /// `namespace/name`.
+    pub policy: String,
+    /// Why it allows nothing, when it is invalid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<String>,
+    /// Its rules for this direction, in spec order (none: it allows nothing).
+    pub rules: Vec<RuleReport>,
+}
+
+/// One direction: egress at the source pod, ingress at the destination pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SideReport {
+    /// `egress` or `ingress`.
+    pub direction: &'static str,
+    /// The decision.
+    pub status: SideStatus,
+    /// Does this direction let the connection through?
+    pub allowed: bool,
+    /// The pod whose policies decide (source for egress, destination for ingress).
+    pub pod: Option<String>,
+    /// Its node, whose agent enforces this direction.
+    pub node: Option<String>,
+    /// Policies that isolate the pod in this direction, sorted.
+    pub isolated_by: Vec<String>,
+    /// Rules that allow the connection.
+    pub allowed_by: Vec<RuleCitation>,
+    /// Every isolating policy with each rule's outcome.
+    pub policies: Vec<PolicyReport>,
 }
 
 /// The answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Explanation {
-    /// Does the connection get through?
+    /// Does the connection get through (both directions allow it)?
     pub allowed: bool,
-    /// Human-readable report, one step per line.
-    pub report: String,
+    /// `allowed` or `denied`.
+    pub verdict: &'static str,
+    /// The source.
+    pub from: EndpointReport,
+    /// The destination.
+    pub to: EndpointReport,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Destination port number.
+    pub port: u16,
+    /// The container port name, when the question named one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub named_port: Option<String>,
+    /// Egress at the source.
+    pub egress: SideReport,
+    /// Ingress at the destination.
+    pub ingress: SideReport,
 }
 
 struct Side<'a> {
@@ -111,110 +349,370 @@ fn side<'a>(snap: &'a Snapshot, e: &Endpoint) -> Result<Side<'a>, ExplainError> 
     }
 }
 
-fn verdict_line(out: &mut String, what: &str, v: &Verdict) {
-    let _ = match v {
-        Verdict::NotIsolated => writeln!(
-            out,
-            "  {what}: allowed (no policy isolates it in this direction)"
-        ),
-        Verdict::Allowed(by) => writeln!(out, "  {what}: allowed by {}", by.join(", ")),
-        Verdict::Denied(policies) => writeln!(
-            out,
-            "  {what}: DENIED: isolated by {}, and no rule of theirs matches",
-            policies
+/// Answers questions about one snapshot, resolving each node's policy once however many
+/// questions are asked (a matrix asks N² of them).
+pub struct Explainer<'a> {
+    snap: &'a Snapshot,
+    nodes: BTreeMap<String, NodePolicy>,
+}
+
+impl<'a> Explainer<'a> {
+    /// An explainer for this snapshot.
+    pub fn new(snap: &'a Snapshot) -> Self {
+        Self {
+            snap,
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    fn node(&mut self, node: &str) -> &NodePolicy {
+        let snap = self.snap;
+        self.nodes
+            .entry(node.to_string())
+            .or_insert_with(|| resolve(snap, node))
+    }
+
+    /// Explain one connection attempt. `family` forces IPv4 or IPv6; by default IPv4 when
+    /// both ends have it.
+    pub fn explain(
+        &mut self,
+        from: &Endpoint,
+        to: &Endpoint,
+        port: &PortQuery,
+        family: Option<Family>,
+    ) -> Result<Explanation, ExplainError> {
+        let snap = self.snap;
+        let src = side(snap, from)?;
+        let dst = side(snap, to)?;
+        let (number, named_port) = match &port.port {
+            PortRef::Number(n) => (*n, None),
+            PortRef::Name(name) => {
+                let pod = dst.pod.ok_or_else(|| ExplainError::NamedPortNeedsPod {
+                    port: port.to_string(),
+                    to: dst.name.clone(),
+                })?;
+                let n = pod.resolve_named_port(name, port.protocol).ok_or_else(|| {
+                    ExplainError::NamedPortUnknown {
+                        port: port.to_string(),
+                        pod: pod.key.clone(),
+                        declared: if pod.named_ports.is_empty() {
+                            "none".to_string()
+                        } else {
+                            pod.named_ports
+                                .iter()
+                                .map(|p| format!("{}/{} = {}", p.name, p.protocol, p.port))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        },
+                    }
+                })?;
+                (n, Some(name.clone()))
+            }
+        };
+        let pick = |f: Family| {
+            let a = src.addrs.iter().find(|ip| Family::of(ip) == f)?;
+            let b = dst.addrs.iter().find(|ip| Family::of(ip) == f)?;
+            Some((*a, *b))
+        };
+        let (src_ip, dst_ip) = match family {
+            Some(f) => pick(f),
+            None => pick(Family::V4).or_else(|| pick(Family::V6)),
+        }
+        .ok_or_else(|| ExplainError::NoCommonFamily(src.name.clone(), dst.name.clone()))?;
+
+        let egress = self.side_report(
+            Direction::Egress,
+            src.pod,
+            Connection {
+                local: src_ip,
+                peer: dst_ip,
+                protocol: port.protocol,
+                port: number,
+            },
+        );
+        let ingress = self.side_report(
+            Direction::Ingress,
+            dst.pod,
+            Connection {
+                local: dst_ip,
+                peer: src_ip,
+                protocol: port.protocol,
+                port: number,
+            },
+        );
+        let allowed = egress.allowed && ingress.allowed;
+        let endpoint = |s: &Side<'_>, address: IpAddr| EndpointReport {
+            name: s.name.clone(),
+            address,
+            pod: s.pod.map(|p| p.key.to_string()),
+            node: s.pod.and_then(|p| p.node.clone()),
+        };
+        Ok(Explanation {
+            allowed,
+            verdict: if allowed { "allowed" } else { "denied" },
+            from: endpoint(&src, src_ip),
+            to: endpoint(&dst, dst_ip),
+            protocol: port.protocol,
+            port: number,
+            named_port,
+            egress,
+            ingress,
+        })
+    }
+
+    fn side_report(
+        &mut self,
+        direction: Direction,
+        pod: Option<&PodInfo>,
+        c: Connection,
+    ) -> SideReport {
+        let snap = self.snap;
+        let node = pod.and_then(|p| p.node.clone());
+        let mut report = SideReport {
+            direction: direction.as_str(),
+            status: SideStatus::NotPoliced,
+            allowed: true,
+            pod: pod.map(|p| p.key.to_string()),
+            node: node.clone(),
+            isolated_by: Vec::new(),
+            allowed_by: Vec::new(),
+            policies: Vec::new(),
+        };
+        let Some(node) = node else {
+            return report;
+        };
+        let policies = match assess(self.node(&node), direction, c) {
+            Assessment::NotIsolated => {
+                report.status = SideStatus::NotIsolated;
+                return report;
+            }
+            Assessment::Isolated(policies) => policies,
+        };
+        for outcome in &policies {
+            report.isolated_by.push(outcome.policy.to_string());
+            for r in outcome.rules.iter().filter(|r| r.allows) {
+                report.allowed_by.push(RuleCitation {
+                    policy: outcome.policy.to_string(),
+                    rule: format!("{direction}[{}]", r.index),
+                });
+            }
+            report
+                .policies
+                .push(policy_report(snap, direction, outcome));
+        }
+        report.allowed = !report.allowed_by.is_empty();
+        report.status = if report.allowed {
+            SideStatus::Allowed
+        } else {
+            SideStatus::Denied
+        };
+        report
+    }
+}
+
+fn policy_report(snap: &Snapshot, direction: Direction, outcome: &PolicyOutcome) -> PolicyReport {
+    let spec_rules: &[Rule] = snap
+        .policies
+        .get(&outcome.policy)
+        .and_then(|p| p.rules(direction))
+        .unwrap_or(&[]);
+    PolicyReport {
+        policy: outcome.policy.to_string(),
+        invalid: outcome.invalid.clone(),
+        rules: outcome
+            .rules
+            .iter()
+            .map(|r| rule_report(direction, spec_rules.get(r.index), r))
+            .collect(),
+    }
+}
+
+fn rule_report(direction: Direction, spec: Option<&Rule>, r: &RuleOutcome) -> RuleReport {
+    let peers_field = match direction {
+        Direction::Ingress => "from",
+        Direction::Egress => "to",
+    };
+    let peers = spec.and_then(|s| s.peers.as_deref()).unwrap_or(&[]);
+    let peer = match r.peer {
+        PeerMatch::Any => Check {
+            matched: true,
+            detail: format!("any (no `{peers_field}`)"),
+        },
+        PeerMatch::Peer(i) => Check {
+            matched: true,
+            detail: match peers.get(i) {
+                Some(p) => format!("{peers_field}[{i}] {p}"),
+                None => format!("{peers_field}[{i}]"),
+            },
+        },
+        PeerMatch::None => Check {
+            matched: false,
+            detail: peers
+                .iter()
+                .enumerate()
+                .map(|(i, p)| format!("{peers_field}[{i}] {p}"))
+                .collect::<Vec<_>>()
+                .join(" or "),
+        },
+    };
+    let port = match spec.and_then(|s| s.ports.as_deref()) {
+        None => Check {
+            matched: r.port,
+            detail: "any (no `ports`)".to_string(),
+        },
+        Some(ports) => Check {
+            matched: r.port,
+            detail: ports
                 .iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
-                .join(", ")
-        ),
+                .join(", "),
+        },
     };
+    RuleReport {
+        rule: format!("{direction}[{}]", r.index),
+        allows: r.allows,
+        peer,
+        port,
+    }
 }
 
-/// Explain one connection attempt.
+/// Explain one connection attempt (see [`Explainer::explain`]).
 pub fn explain(
     snap: &Snapshot,
     from: &Endpoint,
     to: &Endpoint,
-    protocol: Protocol,
-    port: u16,
+    port: &PortQuery,
     family: Option<Family>,
 ) -> Result<Explanation, ExplainError> {
-    let src = side(snap, from)?;
-    let dst = side(snap, to)?;
-    let pick = |f: Family| {
-        let a = src.addrs.iter().find(|ip| Family::of(ip) == f)?;
-        let b = dst.addrs.iter().find(|ip| Family::of(ip) == f)?;
-        Some((*a, *b))
-    };
-    let (src_ip, dst_ip) = match family {
-        Some(f) => pick(f),
-        None => pick(Family::V4).or_else(|| pick(Family::V6)),
-    }
-    .ok_or_else(|| ExplainError::NoCommonFamily(src.name.clone(), dst.name.clone()))?;
+    Explainer::new(snap).explain(from, to, port, family)
+}
 
-    let mut report = format!(
-        "{} ({src_ip}) → {} ({dst_ip}) {protocol}/{port}\n",
-        src.name, dst.name
-    );
-    let mut allowed = true;
-    match src.pod.and_then(|p| p.node.as_deref()) {
-        Some(node) => {
-            let np = resolve(snap, node);
-            let v = evaluate(
-                &np,
-                Direction::Egress,
-                Connection {
-                    local: src_ip,
-                    peer: dst_ip,
-                    protocol,
-                    port,
-                },
-            );
-            verdict_line(
-                &mut report,
-                &format!("egress of {} (on {node})", src.name),
-                &v,
-            );
-            allowed &= v.passes();
+impl Explanation {
+    /// The human-readable report: a header, one line per direction (with the rules behind
+    /// it), and the verdict.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let named = self
+            .named_port
+            .as_ref()
+            .map(|n| format!(" (named port {n} of {})", self.to.name))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{} ({}) → {} ({}) {}/{}{named}",
+            self.from.name,
+            self.from.address,
+            self.to.name,
+            self.to.address,
+            self.protocol,
+            self.port
+        );
+        for s in [&self.egress, &self.ingress] {
+            side_text(&mut out, s);
         }
-        None => {
-            let _ = writeln!(
-                report,
-                "  egress: not policed (the source is not a pod on a node)"
-            );
+        let _ = writeln!(
+            out,
+            "verdict: {}",
+            if self.allowed { "ALLOWED" } else { "DENIED" }
+        );
+        out
+    }
+}
+
+/// `port TCP/80` or `ports TCP/80, UDP/53`.
+fn port_words(detail: &str) -> String {
+    if detail.contains(", ") {
+        format!("ports {detail}")
+    } else {
+        format!("port {detail}")
+    }
+}
+
+fn side_text(out: &mut String, s: &SideReport) {
+    let what = match (&s.pod, &s.node) {
+        (Some(pod), Some(node)) => format!("{} of {pod} (on {node})", s.direction),
+        (Some(pod), None) => format!("{} of {pod}", s.direction),
+        _ => s.direction.to_string(),
+    };
+    let _ = match s.status {
+        SideStatus::NotPoliced => {
+            let why = match (&s.pod, s.direction) {
+                (Some(_), _) => "the pod is not scheduled on a node",
+                (None, "egress") => "the source is not a pod",
+                (None, _) => "the destination is not a pod",
+            };
+            writeln!(out, "  {what}: not policed ({why})")
+        }
+        SideStatus::NotIsolated => writeln!(
+            out,
+            "  {what}: allowed (no policy isolates it in this direction)"
+        ),
+        SideStatus::Allowed => writeln!(
+            out,
+            "  {what}: allowed by {}",
+            s.allowed_by
+                .iter()
+                .map(|c| format!("{} ({})", c.policy, c.rule))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        SideStatus::Denied => writeln!(
+            out,
+            "  {what}: DENIED: isolated by {}, and no rule of theirs matches",
+            s.isolated_by.join(", ")
+        ),
+    };
+    for p in &s.policies {
+        // When allowed, the rules that allow are the answer; when denied, every rule is.
+        if !s.allowed {
+            if let Some(why) = &p.invalid {
+                let _ = writeln!(out, "    {}: invalid ({why}); allows nothing", p.policy);
+                continue;
+            }
+            if p.rules.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "    {}: no {} rules; allows nothing",
+                    p.policy, s.direction
+                );
+                continue;
+            }
+        }
+        for r in &p.rules {
+            if s.allowed && !r.allows {
+                continue;
+            }
+            let line = if r.allows {
+                format!(
+                    "{} {}: allows it (peer {}, {})",
+                    p.policy,
+                    r.rule,
+                    r.peer.detail,
+                    port_words(&r.port.detail)
+                )
+            } else {
+                let plural = r.port.detail.contains(", ");
+                format!(
+                    "{} {}: no (peer {} {}; {} {})",
+                    p.policy,
+                    r.rule,
+                    r.peer.detail,
+                    if r.peer.matched {
+                        "matches"
+                    } else {
+                        "does not match"
+                    },
+                    port_words(&r.port.detail),
+                    match (plural, r.port.matched) {
+                        (false, true) => "matches",
+                        (false, false) => "does not match",
+                        (true, true) => "match",
+                        (true, false) => "do not match",
+                    }
+                )
+            };
+            let _ = writeln!(out, "    {line}");
         }
     }
-    match dst.pod.and_then(|p| p.node.as_deref()) {
-        Some(node) => {
-            let np = resolve(snap, node);
-            let v = evaluate(
-                &np,
-                Direction::Ingress,
-                Connection {
-                    local: dst_ip,
-                    peer: src_ip,
-                    protocol,
-                    port,
-                },
-            );
-            verdict_line(
-                &mut report,
-                &format!("ingress of {} (on {node})", dst.name),
-                &v,
-            );
-            allowed &= v.passes();
-        }
-        None => {
-            let _ = writeln!(
-                report,
-                "  ingress: not policed (the destination is not a pod on a node)"
-            );
-        }
-    }
-    let _ = writeln!(
-        report,
-        "verdict: {}",
-        if allowed { "ALLOWED" } else { "DENIED" }
-    );
-    Ok(Explanation { allowed, report })
 }

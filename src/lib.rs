@@ -17,7 +17,8 @@
 //! ```
 //!
 //! The pure core (`model`, `index`, `resolve`, `compile`, `incremental`, `ruleset`,
-//! `nft::transaction`) does no I/O and never awaits. The edges (`manifest`, `nft::exec`,
+//! `nft::transaction`) does no I/O and never awaits; neither do the questions asked of it
+//! (`evaluate`, `explain`, `matrix`, `lint`). The edges (`manifest`, `nft::exec`,
 //! `nft::readback`, `watch`, `agent`, `admin`, `nflog`) are thin.
 
 pub mod admin;
@@ -30,7 +31,9 @@ pub mod evaluate;
 pub mod explain;
 pub mod incremental;
 pub mod index;
+pub mod lint;
 pub mod manifest;
+pub mod matrix;
 pub mod metrics;
 pub mod model;
 pub mod nflog;

@@ -7,9 +7,18 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use kube_nftpolicy::cli::{Cli, Command};
+use kube_nftpolicy::cli::{Cli, Command, ExplainArgs, Output};
+use kube_nftpolicy::explain::PortQuery;
+use kube_nftpolicy::model::{Family, Protocol};
 use kube_nftpolicy::nft::exec::Nft;
-use kube_nftpolicy::{agent, compile, dataplane, explain, index, manifest, resolve, ruleset};
+use kube_nftpolicy::{
+    agent, compile, dataplane, explain, index, lint, manifest, matrix, resolve, ruleset, watch,
+};
+
+/// `explain` found the connection denied.
+const EXIT_DENIED: u8 = 3;
+/// `lint` found at least one error (3, like a denied `explain`: 2 is a usage error, 1 a failure).
+const EXIT_LINT_ERRORS: u8 = 3;
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -51,7 +60,67 @@ fn ruleset_from(
     ))
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn family(f: Option<u8>) -> anyhow::Result<Option<Family>> {
+    match f {
+        None => Ok(None),
+        Some(4) => Ok(Some(Family::V4)),
+        Some(6) => Ok(Some(Family::V6)),
+        Some(other) => anyhow::bail!("--family {other}: want 4 or 6"),
+    }
+}
+
+/// `--port` with the legacy `--protocol`: the protocol may be given once, either way.
+fn port_query(port: &str, protocol: Option<&str>) -> anyhow::Result<PortQuery> {
+    let default = match protocol {
+        None => Protocol::Tcp,
+        Some(p) => {
+            if PortQuery::names_protocol(port) {
+                anyhow::bail!("--port {port} already names a protocol; drop --protocol {p}");
+            }
+            Protocol::parse(Some(&p.to_ascii_uppercase()))
+                .ok_or_else(|| anyhow::anyhow!("--protocol {p}: want TCP, UDP or SCTP"))?
+        }
+    };
+    Ok(PortQuery::parse(port, default)?)
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn explain_command(a: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let port = port_query(&a.port, a.protocol.as_deref())?;
+    let family = family(a.family)?;
+    let from: explain::Endpoint = a.from.parse()?;
+    let to: explain::Endpoint = a.to.parse()?;
+    let snapshot = match (a.manifests, a.kubeconfig) {
+        (Some(path), _) => load_index(&path)?.snapshot(),
+        (None, kubeconfig) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(async {
+                let client = agent::kube_client(kubeconfig.as_ref()).await?;
+                anyhow::Ok(watch::list_once(&client).await?)
+            })?
+            .snapshot()
+        }
+    };
+    let e = explain::explain(&snapshot, &from, &to, &port, family)?;
+    match a.output {
+        Output::Text => print!("{}", e.to_text()),
+        Output::Json => print_json(&e)?,
+    }
+    Ok(if e.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DENIED)
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Render {
             manifests,
@@ -64,7 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 manifests.display()
             );
             print!("{}", ruleset::render(&rs, &header));
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Apply {
             manifests,
@@ -77,7 +146,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut dp = dataplane::Dataplane::new(Nft::new(nft));
             if dry_run {
                 print!("{}", dp.plan(&rs)?.script);
-                return Ok(());
+                return Ok(ExitCode::SUCCESS);
             }
             let report = dp.sync(&rs)?;
             tracing::info!(
@@ -88,7 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 duration_ms = report.duration.as_secs_f64() * 1e3,
                 "applied"
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Run(a) => {
             let source = match (a.manifests, a.kubeconfig) {
@@ -115,39 +184,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(agent::run(config))
+            rt.block_on(agent::run(config))?;
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Explain {
+        Command::Explain(a) => explain_command(a),
+        Command::Matrix {
             manifests,
-            from,
-            to,
-            port,
-            protocol,
-            family,
+            namespaces,
+            ports,
+            family: f,
+            output,
         } => {
-            let idx = load_index(&manifests)?;
-            let protocol = kube_nftpolicy::model::Protocol::parse(Some(&protocol))
-                .ok_or_else(|| anyhow::anyhow!("--protocol {protocol}: want TCP, UDP or SCTP"))?;
-            let family = match family {
-                None => None,
-                Some(4) => Some(kube_nftpolicy::model::Family::V4),
-                Some(6) => Some(kube_nftpolicy::model::Family::V6),
-                Some(other) => anyhow::bail!("--family {other}: want 4 or 6"),
+            let ports = ports
+                .iter()
+                .map(|p| port_query(p, None))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let spec = matrix::MatrixSpec {
+                namespaces,
+                ports,
+                family: family(f)?,
             };
-            let e = explain::explain(
-                &idx.snapshot(),
-                &from.parse()?,
-                &to.parse()?,
-                protocol,
-                port,
-                family,
-            )?;
-            print!("{}", e.report);
-            if e.allowed {
-                Ok(())
-            } else {
-                std::process::exit(3);
+            let m = matrix::matrix(&load_index(&manifests)?.snapshot(), &spec)?;
+            match output {
+                Output::Text => print!("{}", m.to_text()),
+                Output::Json => print_json(&m)?,
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lint { manifests, output } => {
+            // The loader's warnings are findings here, so they are not logged twice.
+            let m = manifest::load(&manifests)
+                .with_context(|| format!("loading manifests from {}", manifests.display()))?;
+            let report = lint::lint(&m);
+            match output {
+                Output::Text => print!("{}", report.to_text()),
+                Output::Json => print_json(&report)?,
+            }
+            Ok(if report.has_errors() {
+                ExitCode::from(EXIT_LINT_ERRORS)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Cleanup { nft } => {
             if dataplane::cleanup(&Nft::new(nft))? {
@@ -155,7 +232,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 tracing::info!("table inet {} was not present", ruleset::TABLE);
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -180,7 +257,7 @@ fn describe_error(e: &anyhow::Error) -> String {
 fn main() -> ExitCode {
     init_tracing();
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", describe_error(&e));
             ExitCode::FAILURE

@@ -16,7 +16,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::model::{NamespaceInfo, PodInfo, Policy};
+use crate::model::{NamespaceInfo, PodInfo, Policy, PolicyError};
 
 /// The objects found in a set of manifests, plus every warning, in file order.
 #[derive(Debug, Default, Clone)]
@@ -29,6 +29,60 @@ pub struct Manifests {
     pub policies: Vec<Policy>,
     /// Human-readable problems that did not stop the load.
     pub warnings: Vec<String>,
+    /// The same problems (and a few that are only worth a lint), structured, in file order.
+    pub problems: Vec<Problem>,
+    /// Where each kept object was read, by `Kind namespace/name` (`Kind name` for a
+    /// Namespace): `file: document N[, items[i]]`.
+    pub origins: BTreeMap<String, String>,
+}
+
+/// One problem found while loading, with enough structure for `lint` to name the object and
+/// the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `file: document N[, items[i]]`.
+    pub origin: String,
+    /// `Kind namespace/name`, when the document got that far.
+    pub object: Option<String>,
+    /// JSON path of the field at fault, when there is one.
+    pub field: Option<String>,
+    /// What went wrong.
+    pub kind: ProblemKind,
+    /// The message, naming the object (without the origin).
+    pub message: String,
+}
+
+/// The kinds of [`Problem`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// A document without `kind`; skipped.
+    NoKind,
+    /// A kind kube-nftpolicy does not use; skipped.
+    UnusedKind,
+    /// A field the API type does not have: the API server would drop it silently.
+    DroppedField,
+    /// The object could not be decoded (a field of the wrong type).
+    Unreadable,
+    /// A NetworkPolicy the API server would reject; it is kept, failing closed.
+    InvalidPolicy(PolicyError),
+    /// A NetworkPolicy so broken that not even its pods are known; it is ignored.
+    RejectedPolicy(PolicyError),
+    /// A part of a valid policy that has no effect.
+    IgnoredField,
+    /// The same object twice; the later one wins.
+    Duplicate,
+    /// Something about a Pod or Namespace that does not stop its use (or skips only it).
+    Object,
+    /// A NetworkPolicy without `metadata.namespace`, assumed to be in `default`. Not a load
+    /// warning (the agent gets namespaced objects from the API server); `lint` reports it.
+    DefaultedNamespace,
+}
+
+impl ProblemKind {
+    /// Is this printed when loading (as opposed to only by `lint`)?
+    pub fn is_load_warning(&self) -> bool {
+        !matches!(self, Self::DefaultedNamespace)
+    }
 }
 
 /// A load that failed as a whole.
@@ -151,7 +205,7 @@ struct Collector {
     namespaces: BTreeMap<String, (String, NamespaceInfo)>,
     pods: BTreeMap<crate::model::ObjectKey, (String, PodInfo)>,
     policies: BTreeMap<crate::model::ObjectKey, (String, Policy)>,
-    warnings: Vec<String>,
+    problems: Vec<Problem>,
 }
 
 fn describe(kind: &str, value: &Value) -> String {
@@ -170,13 +224,35 @@ fn describe(kind: &str, value: &Value) -> String {
 }
 
 impl Collector {
+    fn problem(
+        &mut self,
+        origin: &Origin<'_>,
+        object: Option<&str>,
+        field: Option<String>,
+        kind: ProblemKind,
+        message: String,
+    ) {
+        self.problems.push(Problem {
+            origin: origin.to_string(),
+            object: object.map(str::to_owned),
+            field,
+            kind,
+            message,
+        });
+    }
+
     fn document(&mut self, origin: &Origin<'_>, value: Value) {
         if value.is_null() {
             return; // empty document, e.g. a trailing `---`
         }
         let Some(kind) = value.get("kind").and_then(Value::as_str).map(str::to_owned) else {
-            self.warnings
-                .push(format!("{origin}: no `kind`; document skipped"));
+            self.problem(
+                origin,
+                None,
+                None,
+                ProblemKind::NoKind,
+                "no `kind`; document skipped".into(),
+            );
             return;
         };
         if kind == "List" || kind.ends_with("List") {
@@ -204,120 +280,210 @@ impl Collector {
         match kind.as_str() {
             "Namespace" => {
                 let what = describe(&kind, &value);
-                if let Some(ns) = self.typed::<Namespace>(origin, &what, &value) {
+                if let Ok(ns) = self.typed::<Namespace>(origin, &what, &value) {
                     match NamespaceInfo::from_k8s(&ns) {
                         Ok(info) => {
                             let at = format!("{origin}");
                             if let Some((prev, _)) =
                                 self.namespaces.insert(info.name.clone(), (at, info))
                             {
-                                self.warnings.push(format!("{origin}: {what} duplicates the one at {prev}; the later one wins"));
+                                self.duplicate(origin, &what, &prev);
                             }
                         }
-                        Err(e) => self.warnings.push(format!("{origin}: {e}; skipped")),
+                        Err(e) => self.problem(
+                            origin,
+                            Some(&what),
+                            None,
+                            ProblemKind::Object,
+                            format!("{e}; skipped"),
+                        ),
                     }
                 }
             }
             "Pod" => {
                 default_namespace(&mut value);
                 let what = describe(&kind, &value);
-                if let Some(pod) = self.typed::<Pod>(origin, &what, &value) {
+                if let Ok(pod) = self.typed::<Pod>(origin, &what, &value) {
                     let mut w = Vec::new();
                     match PodInfo::from_k8s(&pod, &mut w) {
                         Ok(info) => {
-                            self.warnings
-                                .extend(w.into_iter().map(|m| format!("{origin}: {m}")));
+                            for m in w {
+                                self.problem(origin, Some(&what), None, ProblemKind::Object, m);
+                            }
                             let at = format!("{origin}");
                             if let Some((prev, _)) = self.pods.insert(info.key.clone(), (at, info))
                             {
-                                self.warnings.push(format!("{origin}: {what} duplicates the one at {prev}; the later one wins"));
+                                self.duplicate(origin, &what, &prev);
                             }
                         }
-                        Err(e) => self.warnings.push(format!("{origin}: {e}; skipped")),
+                        Err(e) => self.problem(
+                            origin,
+                            Some(&what),
+                            None,
+                            ProblemKind::Object,
+                            format!("{e}; skipped"),
+                        ),
                     }
                 }
             }
             "NetworkPolicy" => {
-                default_namespace(&mut value);
+                if default_namespace(&mut value) {
+                    let what = describe(&kind, &value);
+                    self.problem(
+                        origin,
+                        Some(&what),
+                        Some("metadata.namespace".into()),
+                        ProblemKind::DefaultedNamespace,
+                        format!("{what}: metadata.namespace is not set; assuming `default`"),
+                    );
+                }
                 let what = describe(&kind, &value);
                 let (np, unreadable) = match self.typed::<NetworkPolicy>(origin, &what, &value) {
-                    Some(np) => (np, false),
-                    None => match isolation_only(&value) {
-                        Some(np) => (np, true),
+                    Ok(np) => (np, None),
+                    Err(failure) => match isolation_only(&value) {
+                        Some(np) => (np, Some(failure)),
                         None => return,
                     },
                 };
                 let mut w = Vec::new();
                 match Policy::from_k8s(&np, &mut w) {
                     Ok(mut policy) => {
-                        self.warnings
-                            .extend(w.into_iter().map(|m| format!("{origin}: {m}")));
-                        if unreadable {
-                            policy.invalid = Some(
-                                "the spec could not be read (see the previous warning)".into(),
+                        for warning in w {
+                            self.problem(
+                                origin,
+                                Some(&what),
+                                Some(warning.field.to_string()),
+                                ProblemKind::IgnoredField,
+                                warning.to_string(),
                             );
                         }
-                        if let Some(reason) = &policy.invalid {
-                            self.warnings.push(format!(
-                                "{origin}: {what} is invalid: {reason}; it still isolates the pods it selects but allows nothing"
-                            ));
+                        if let Some((field, reason)) = unreadable {
+                            policy.invalid = Some(PolicyError::Unreadable {
+                                field,
+                                reason: format!(
+                                    "{reason} (the spec could not be read; see the previous warning)"
+                                ),
+                            });
+                        }
+                        if let Some(e) = &policy.invalid {
+                            self.problem(
+                                origin,
+                                Some(&what),
+                                Some(e.field()),
+                                ProblemKind::InvalidPolicy(e.clone()),
+                                format!(
+                                    "{what} is invalid: {e}; it still isolates the pods it selects but allows nothing"
+                                ),
+                            );
                         }
                         let at = format!("{origin}");
                         if let Some((prev, _)) =
                             self.policies.insert(policy.key.clone(), (at, policy))
                         {
-                            self.warnings.push(format!(
-                                "{origin}: {what} duplicates the one at {prev}; the later one wins"
-                            ));
+                            self.duplicate(origin, &what, &prev);
                         }
                     }
-                    Err(e) => self
-                        .warnings
-                        .push(format!("{origin}: {what} is invalid and ignored: {e}")),
+                    Err(e) => self.problem(
+                        origin,
+                        Some(&what),
+                        Some(e.field()),
+                        ProblemKind::RejectedPolicy(e.clone()),
+                        format!("{what} is invalid and ignored: {e}"),
+                    ),
                 }
             }
-            other => self.warnings.push(format!(
-                "{origin}: kind {other} ({}) is not used by kube-nftpolicy; skipped",
-                describe(other, &value)
-            )),
+            other => {
+                let what = describe(other, &value);
+                self.problem(
+                    origin,
+                    Some(&what),
+                    None,
+                    ProblemKind::UnusedKind,
+                    format!("kind {other} ({what}) is not used by kube-nftpolicy; skipped"),
+                );
+            }
         }
     }
 
-    /// Deserialize into the k8s-openapi type, warning about fields it does not know (a real
-    /// API server drops those silently, which is how a misplaced `ports:` opens traffic).
-    fn typed<T>(&mut self, origin: &Origin<'_>, what: &str, value: &Value) -> Option<T>
+    fn duplicate(&mut self, origin: &Origin<'_>, what: &str, prev: &str) {
+        self.problem(
+            origin,
+            Some(what),
+            None,
+            ProblemKind::Duplicate,
+            format!("{what} duplicates the one at {prev}; the later one wins"),
+        );
+    }
+
+    /// Deserialize into the k8s-openapi type, reporting fields it does not know (a real API
+    /// server drops those silently, which is how a misplaced `ports:` opens traffic). On
+    /// failure, returns the path of the field that failed and the decoder's message.
+    fn typed<T>(
+        &mut self,
+        origin: &Origin<'_>,
+        what: &str,
+        value: &Value,
+    ) -> Result<T, (String, String)>
     where
         T: serde::de::DeserializeOwned + serde::Serialize,
     {
         let typed: T = match serde_path_to_error::deserialize(value) {
             Ok(t) => t,
             Err(e) => {
-                self.warnings.push(format!(
-                    "{origin}: {what}: field {}: {}; skipped",
-                    e.path(),
-                    e.inner()
-                ));
-                return None;
+                let field = e.path().to_string();
+                let reason = e.inner().to_string();
+                self.problem(
+                    origin,
+                    Some(what),
+                    Some(field.clone()),
+                    ProblemKind::Unreadable,
+                    format!("{what}: field {field}: {reason}; skipped"),
+                );
+                return Err((field, reason));
             }
         };
         if let Ok(round_trip) = serde_json::to_value(&typed) {
             let mut dropped = Vec::new();
             dropped_fields(value, &round_trip, String::new(), &mut dropped);
             for field in dropped {
-                self.warnings.push(format!(
-                    "{origin}: {what}: unknown field `{field}` is ignored (the API server would drop it)"
-                ));
+                self.problem(
+                    origin,
+                    Some(what),
+                    Some(field.clone()),
+                    ProblemKind::DroppedField,
+                    format!(
+                        "{what}: unknown field `{field}` is ignored (the API server would drop it)"
+                    ),
+                );
             }
         }
-        Some(typed)
+        Ok(typed)
     }
 
     fn finish(self) -> Manifests {
+        let mut origins = BTreeMap::new();
+        for (name, (at, _)) in &self.namespaces {
+            origins.insert(format!("Namespace {name}"), at.clone());
+        }
+        for (key, (at, _)) in &self.pods {
+            origins.insert(format!("Pod {key}"), at.clone());
+        }
+        for (key, (at, _)) in &self.policies {
+            origins.insert(format!("NetworkPolicy {key}"), at.clone());
+        }
+        let warnings = self
+            .problems
+            .iter()
+            .filter(|p| p.kind.is_load_warning())
+            .map(|p| format!("{}: {}", p.origin, p.message))
+            .collect();
         Manifests {
             namespaces: self.namespaces.into_values().map(|(_, v)| v).collect(),
             pods: self.pods.into_values().map(|(_, v)| v).collect(),
             policies: self.policies.into_values().map(|(_, v)| v).collect(),
-            warnings: self.warnings,
+            warnings,
+            problems: self.problems,
+            origins,
         }
     }
 }
@@ -344,8 +510,9 @@ fn isolation_only(value: &Value) -> Option<NetworkPolicy> {
     serde_json::from_value(shell).ok()
 }
 
-/// `kubectl apply` puts objects without a namespace into `default`.
-fn default_namespace(value: &mut Value) {
+/// `kubectl apply` puts objects without a namespace into the context's namespace, `default`
+/// unless configured otherwise. True when the namespace was missing.
+fn default_namespace(value: &mut Value) -> bool {
     if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
         if meta
             .get("namespace")
@@ -353,8 +520,10 @@ fn default_namespace(value: &mut Value) {
             .is_none_or(str::is_empty)
         {
             meta.insert("namespace".into(), Value::String("default".into()));
+            return true;
         }
     }
+    false
 }
 
 /// Paths present (and non-null) in `original` but missing after a typed round trip.
@@ -465,6 +634,46 @@ mod tests {
             );
             assert_eq!(m.policies.len(), c.policies, "case {}", c.name);
         }
+    }
+
+    #[test]
+    fn problems_are_structured_for_lint() {
+        let m = parse("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec:\n  podSelector: {}\n  ingress:\n  - from:\n    - podSelector: {}\n      ports: [{port: 80}]\n---\nkind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: q, namespace: a}\nspec: {podSelector: {}, egress: [{to: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}]}\n").expect("parse");
+        let kinds: Vec<(&ProblemKind, Option<&str>, Option<&str>)> = m
+            .problems
+            .iter()
+            .map(|p| (&p.kind, p.object.as_deref(), p.field.as_deref()))
+            .collect();
+        assert_eq!(kinds.len(), 3, "{kinds:?}");
+        assert_eq!(
+            (kinds[0].0, kinds[0].1, kinds[0].2),
+            (
+                &ProblemKind::DefaultedNamespace,
+                Some("NetworkPolicy default/p"),
+                Some("metadata.namespace")
+            )
+        );
+        assert_eq!(
+            (kinds[1].0, kinds[1].2),
+            (
+                &ProblemKind::DroppedField,
+                Some("spec.ingress[0].from[0].ports")
+            )
+        );
+        assert!(
+            matches!(
+                kinds[2].0,
+                ProblemKind::InvalidPolicy(PolicyError::ExceptOutside { .. })
+            ),
+            "{kinds:?}"
+        );
+        assert_eq!(kinds[2].2, Some("spec.egress[0].to[0].ipBlock.except[0]"));
+        // The defaulted namespace is for lint only; the others are load warnings too.
+        assert_eq!(m.warnings.len(), 2, "{:?}", m.warnings);
+        assert_eq!(
+            m.origins.get("NetworkPolicy a/q").map(String::as_str),
+            Some("test.yaml: document 2")
+        );
     }
 
     #[test]

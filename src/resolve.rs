@@ -107,16 +107,7 @@ pub struct PeerPods {
 impl PeerPods {
     /// Readable description, e.g. `pods app=web in namespaces team=a`.
     pub fn describe(&self) -> String {
-        let ns = match &self.scope {
-            NamespaceScope::Own(ns) => format!("namespace {ns}"),
-            NamespaceScope::Selector(s) if s.is_empty() => "all namespaces".to_string(),
-            NamespaceScope::Selector(s) => format!("namespaces {s}"),
-        };
-        if self.pods.is_empty() {
-            format!("all pods in {ns}")
-        } else {
-            format!("pods {} in {ns}", self.pods)
-        }
+        crate::model::policy::describe_pods(&self.scope, &self.pods)
     }
 }
 
@@ -353,7 +344,7 @@ pub(crate) fn resolve_policy(
         policy: policy.key.clone(),
         direction,
         selected: selected.iter().map(|p| p.key.clone()).collect(),
-        invalid: policy.invalid.clone(),
+        invalid: policy.invalid.as_ref().map(ToString::to_string),
         rules: rules
             .iter()
             .enumerate()

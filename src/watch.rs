@@ -6,6 +6,9 @@
 //! `InitDone` and then replaces the kind atomically, so a half-finished list can never make
 //! the agent forget a policy. Until all three kinds have completed their first list, nothing
 //! is written to the kernel (see [`crate::agent`]).
+//!
+//! [`list_once`] is the one-shot form for commands that ask about the live cluster
+//! (`explain --kubeconfig`): the same kinds, the same trimming, one consistent list each.
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -13,6 +16,7 @@ use std::sync::Arc;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::ListParams;
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
@@ -86,7 +90,10 @@ impl Watched for NetworkPolicy {
     type Info = Policy;
     const RESOURCE: WatchResource = WatchResource::NetworkPolicies;
     fn trim(&self, warnings: &mut Vec<String>) -> Result<Policy, String> {
-        let p = Policy::from_k8s(self, warnings).map_err(|e| {
+        let mut ignored = Vec::new();
+        let p = Policy::from_k8s(self, &mut ignored);
+        warnings.extend(ignored.iter().map(ToString::to_string));
+        let p = p.map_err(|e| {
             let key = key_of(&self.metadata)
                 .map(|k| k.to_string())
                 .unwrap_or_default();
@@ -169,4 +176,48 @@ pub async fn watch<K: Watched>(client: Client, shared: Arc<Shared>) {
             Event::Delete(obj) => shared.update(|idx| K::delete(idx, &obj)),
         }
     }
+}
+
+/// A one-shot list that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    /// The API server did not answer the list, or refused it.
+    #[error("listing {resource} from the API server: {source}")]
+    List {
+        /// Which resource.
+        resource: &'static str,
+        /// Cause.
+        source: kube::Error,
+    },
+}
+
+/// List one kind completely (following `continue` tokens), trimmed as the watcher trims it.
+async fn list_kind<K: Watched>(client: &Client) -> Result<Vec<K::Info>, ListError> {
+    let api: Api<K> = Api::all(client.clone());
+    let mut params = ListParams::default().limit(500);
+    let mut out = Vec::new();
+    loop {
+        let page = api.list(&params).await.map_err(|source| ListError::List {
+            resource: K::RESOURCE.as_str(),
+            source,
+        })?;
+        out.extend(page.items.iter().filter_map(trim_logged));
+        match page.metadata.continue_.filter(|t| !t.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// List Namespaces, Pods and NetworkPolicies once into a fresh index; warnings about single
+/// objects are logged, as the watcher logs them.
+pub async fn list_once(client: &Client) -> Result<Index, ListError> {
+    let namespaces = list_kind::<Namespace>(client).await?;
+    let pods = list_kind::<Pod>(client).await?;
+    let policies = list_kind::<NetworkPolicy>(client).await?;
+    let mut index = Index::new();
+    index.reset_namespaces(namespaces);
+    index.reset_pods(pods);
+    index.reset_policies(policies);
+    Ok(index)
 }

@@ -1,5 +1,7 @@
 //! The admin endpoints over real HTTP: readiness transitions, drop-counter snapshots, every
-//! metric's HELP/TYPE, and the scrape passing `promtool check metrics`.
+//! metric's HELP/TYPE, the scrape passing `promtool check metrics`, and `/debug/explain`
+//! answering from the published cluster state (503 before there is one, 400/404 on bad
+//! questions).
 //!
 //! Requests are written by hand on a `TcpStream` (HTTP/1.1, `Connection: close`) so the test
 //! exercises exactly what the kubelet and Prometheus see on the wire.
@@ -10,7 +12,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use kube_nftpolicy::admin::{self, AdminError, Health};
+use kube_nftpolicy::admin::{self, AdminError, Health, LiveSnapshot};
+use kube_nftpolicy::explain::{Endpoint, PortQuery, explain};
+use kube_nftpolicy::index::{Index, Snapshot};
 use kube_nftpolicy::metrics::{
     Direction, DropCounter, Metrics, RulesetStats, SuppressReason, SyncFailure, SyncKind,
     WatchResource,
@@ -30,6 +34,14 @@ struct Server {
 
 impl Server {
     async fn start(metrics: Arc<Metrics>, health: Arc<Health>) -> Server {
+        Server::start_with(metrics, health, Arc::new(LiveSnapshot::default())).await
+    }
+
+    async fn start_with(
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        live: Arc<LiveSnapshot>,
+    ) -> Server {
         let listener = admin::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
             .expect("bind 127.0.0.1:0");
@@ -38,7 +50,7 @@ impl Server {
         let shutdown = async move {
             let _ = stopped.await;
         };
-        let task = tokio::spawn(admin::serve(listener, metrics, health, shutdown));
+        let task = tokio::spawn(admin::serve(listener, metrics, health, live, shutdown));
         Server { addr, stop, task }
     }
 
@@ -424,4 +436,184 @@ async fn bind_error_names_the_address() {
         err.to_string().contains(&addr.to_string()),
         "error does not name {addr}: {err}"
     );
+}
+
+fn example_snapshot(name: &str) -> Snapshot {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name);
+    let m = kube_nftpolicy::manifest::load(&dir).expect("example loads");
+    let mut idx = Index::new();
+    idx.reset_namespaces(m.namespaces);
+    idx.reset_pods(m.pods);
+    idx.reset_policies(m.policies);
+    idx.snapshot()
+}
+
+#[tokio::test]
+async fn debug_explain_answers_from_the_published_state() {
+    let live = Arc::new(LiveSnapshot::default());
+    let server = Server::start_with(
+        new_metrics(),
+        Arc::new(Health::new(Duration::MAX)),
+        Arc::clone(&live),
+    )
+    .await;
+    let ask = "/debug/explain?from=default/frontend&to=default/backend&port=8080";
+
+    // Nothing published yet: the agent has not listed the cluster.
+    let reply = server.get(ask).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert!(reply.body.contains("initial lists"), "{}", reply.body);
+
+    let snap = example_snapshot("04-allow-pod-to-pod-port");
+    live.publish(Arc::new(snap.clone()));
+    let answer = |from: &str, to: &str, port: &str| {
+        explain(
+            &snap,
+            &from.parse::<Endpoint>().expect("from"),
+            &to.parse::<Endpoint>().expect("to"),
+            &port.parse::<PortQuery>().expect("port"),
+            None,
+        )
+        .expect("explainable")
+    };
+
+    // Text, allowed: exactly what the CLI prints.
+    let reply = server.get(ask).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        reply
+            .content_type
+            .as_deref()
+            .is_some_and(|t| t.starts_with("text/plain")),
+        "{reply:?}"
+    );
+    let want = answer("default/frontend", "default/backend", "8080");
+    assert_eq!(reply.body, want.to_text());
+    assert!(reply.body.ends_with("verdict: ALLOWED\n"), "{}", reply.body);
+
+    // JSON, denied (still 200: the question was answered), with an encoded `/`.
+    let reply = server
+        .get("/debug/explain?from=production/web&to=default/backend&port=8080%2FTCP&output=json")
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.content_type.as_deref(), Some("application/json"));
+    let got: serde_json::Value = serde_json::from_str(&reply.body).expect("json");
+    let want = serde_json::to_value(answer("production/web", "default/backend", "8080/TCP"))
+        .expect("json");
+    assert_eq!(got, want);
+    assert_eq!(got["verdict"], "denied");
+    assert_eq!(
+        got["ingress"]["isolated_by"][0],
+        "default/allow-frontend-to-backend"
+    );
+
+    // A named port, an IPv6 address, a forced family.
+    let reply = server
+        .get("/debug/explain?from=default/backend&to=default/frontend&port=http&family=6")
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        reply
+            .body
+            .contains("TCP/80 (named port http of default/frontend)"),
+        "{}",
+        reply.body
+    );
+    assert!(reply.body.contains("fd00:10:244:1::"), "{}", reply.body);
+
+    // Bad questions.
+    struct Case {
+        name: &'static str,
+        query: &'static str,
+        status: u16,
+        body: &'static str,
+    }
+    let cases = [
+        Case {
+            name: "missing from",
+            query: "to=default/backend&port=80",
+            status: 400,
+            body: "missing query parameter `from`",
+        },
+        Case {
+            name: "missing port",
+            query: "from=default/frontend&to=default/backend",
+            status: 400,
+            body: "missing query parameter `port`",
+        },
+        Case {
+            name: "bad endpoint",
+            query: "from=frontend&to=default/backend&port=80",
+            status: 400,
+            body: "from: \"frontend\" is neither namespace/pod nor an IP address",
+        },
+        Case {
+            name: "bad port",
+            query: "from=default/frontend&to=default/backend&port=80/ICMP",
+            status: 400,
+            body: "the protocol must be TCP, UDP or SCTP",
+        },
+        Case {
+            name: "unknown parameter",
+            query: "from=default/frontend&to=default/backend&port=80&protocol=UDP",
+            status: 400,
+            body: "unknown query parameter `protocol`",
+        },
+        Case {
+            name: "parameter twice",
+            query: "from=default/frontend&from=default/other&to=default/backend&port=80",
+            status: 400,
+            body: "query parameter `from` given twice",
+        },
+        Case {
+            name: "bad family",
+            query: "from=default/frontend&to=default/backend&port=80&family=5",
+            status: 400,
+            body: "family \"5\": want 4 or 6",
+        },
+        Case {
+            name: "bad output",
+            query: "from=default/frontend&to=default/backend&port=80&output=yaml",
+            status: 400,
+            body: "output \"yaml\": want text or json",
+        },
+        Case {
+            name: "named port the destination lacks",
+            query: "from=default/frontend&to=default/backend&port=http",
+            status: 400,
+            body: "pod default/backend declares no such container port",
+        },
+        Case {
+            name: "unknown pod",
+            query: "from=default/nobody&to=default/backend&port=80",
+            status: 404,
+            body: "pod default/nobody is not in the cluster state",
+        },
+    ];
+    for c in cases {
+        let reply = server.get(&format!("/debug/explain?{}", c.query)).await;
+        assert_eq!(reply.status, c.status, "{}: {}", c.name, reply.body);
+        assert!(reply.body.contains(c.body), "{}: {}", c.name, reply.body);
+    }
+
+    // A newer state replaces the old one: without its policies, backend is open.
+    let mut open = Index::new();
+    open.reset_namespaces(snap.namespaces.iter().map(|(_, n)| (**n).clone()).collect());
+    open.reset_pods(snap.pods.iter().map(|(_, p)| (**p).clone()).collect());
+    live.publish(Arc::new(open.snapshot()));
+    let reply = server
+        .get("/debug/explain?from=production/web&to=default/backend&port=8080")
+        .await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply
+            .body
+            .contains("ingress of default/backend (on node-1): allowed (no policy isolates it"),
+        "{}",
+        reply.body
+    );
+
+    server.stop().await;
 }

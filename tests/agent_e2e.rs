@@ -7,7 +7,8 @@
 //! listed; an API server outage, a compacted history (410 Gone) and a restart of the agent
 //! never open a denied pair; manifest mode follows files and keeps the last good ruleset over
 //! a malformed one; the structured logs (one `sync` line per sync, a warning naming an invalid
-//! policy). `event_to_kernel_latency_report` measures the time from an API change to the
+//! policy); `/debug/explain` answers from the live state (503 before the lists are in).
+//! `event_to_kernel_latency_report` measures the time from an API change to the
 //! kernel holding it (written to `target/latency-report.txt`).
 //! `sync_loop_idles_while_waiting_for_initial_lists` is the regression test of a busy loop.
 //!
@@ -403,8 +404,13 @@ impl Agent {
         }
     }
 
-    /// `GET path` on the agent's admin address (inside the node namespace).
+    /// `GET path` on the agent's admin address (inside the node namespace): the body.
     fn http_get(&self, c: &Cluster, path: &str) -> String {
+        self.http(c, path).1
+    }
+
+    /// `GET path` on the agent's admin address (inside the node namespace): status and body.
+    fn http(&self, c: &Cluster, path: &str) -> (u16, String) {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.metrics_port));
         let path = path.to_string();
         c.run_in_node(NODE, move || {
@@ -419,9 +425,16 @@ impl Agent {
             .expect("write request");
             let mut out = String::new();
             s.read_to_string(&mut out).expect("read response");
-            out.split_once("\r\n\r\n")
+            let status = out
+                .split(' ')
+                .nth(1)
+                .and_then(|code| code.parse().ok())
+                .unwrap_or_else(|| panic!("no status line in {out:?}"));
+            let body = out
+                .split_once("\r\n\r\n")
                 .map(|(_, body)| body.to_string())
-                .unwrap_or_default()
+                .unwrap_or_default();
+            (status, body)
         })
     }
 
@@ -571,11 +584,39 @@ fn follows_the_api_server() {
     assert!(table(c).is_some(), "the agent created its table");
     converge(c, OPEN, "no policy", &agent);
 
+    let ask = "/debug/explain?from=default/client&to=default/web&port=80/TCP";
+    let (status, body) = agent.http(c, ask);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("ingress of default/web (on node-1): allowed (no policy isolates it"),
+        "{body}"
+    );
+
     load(&env.server, &deny_ingress());
     converge(c, DENY, "default-deny ingress in default", &agent);
+    // The agent explains from its live state what the kernel just did.
+    let (status, body) = agent.http(c, ask);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(
+            "ingress of default/web (on node-1): DENIED: isolated by default/deny-ingress"
+        ) && body.ends_with("verdict: DENIED\n"),
+        "{body}"
+    );
 
     load(&env.server, &web_allows("web-allows-client", "client"));
     converge(c, ALLOW_CLIENT, "web allows app=client", &agent);
+    let (status, body) = agent.http(c, &format!("{ask}&output=json"));
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(answer["allowed"], true, "{body}");
+    assert_eq!(
+        answer["ingress"]["allowed_by"][0]["policy"], "default/web-allows-client",
+        "{body}"
+    );
+    let (status, body) = agent.http(c, "/debug/explain?from=default/client&port=80");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("missing query parameter `to`"), "{body}");
 
     // Pod labels: `other` becomes app=client, `client` stops being one.
     load(
@@ -694,6 +735,13 @@ fn no_write_before_initial_lists() {
     );
     assert_eq!(agent.lists_complete("networkpolicies"), 0);
     assert!(agent.syncs().is_empty(), "no sync before all lists");
+    // Nor does it explain from a partial state.
+    let (status, body) = agent.http(
+        c,
+        "/debug/explain?from=default/client&to=default/web&port=80",
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("initial lists"), "{body}");
     assert!(
         rounds >= 3 && window_rounds >= 2,
         "probed {rounds} rounds, {window_rounds} with pods and namespaces listed but not policies"

@@ -1,5 +1,6 @@
 //! The `kube-nftpolicy` binary as a user runs it: exit codes and messages for good and bad
-//! input to `render`.
+//! input to `render`, `explain` and `matrix`; and every `kube-nftpolicy` command shown in
+//! `docs/explain.md` still prints exactly the output shown there.
 
 use std::process::Command;
 
@@ -115,38 +116,351 @@ fn render_cases() {
     }
 }
 
+fn kube_nftpolicy(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kube-nftpolicy"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("NO_COLOR", "1")
+        .env_remove("NODE_NAME")
+        .output()
+        .expect("run the binary")
+}
+
 #[test]
-fn explain_exit_codes() {
-    let example = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/04-allow-pod-to-pod-port"
-    );
-    let run = |from: &str, port: &str| {
-        Command::new(env!("CARGO_BIN_EXE_kube-nftpolicy"))
-            .args([
-                "explain",
-                "--manifests",
-                example,
+fn explain_cases() {
+    let example = "examples/04-allow-pod-to-pod-port";
+    struct Case {
+        name: &'static str,
+        args: &'static [&'static str],
+        code: i32,
+        stdout_has: &'static str,
+        stderr_has: &'static str,
+    }
+    let cases = [
+        Case {
+            name: "allowed: exit 0",
+            args: &[
                 "--from",
-                from,
+                "default/frontend",
                 "--to",
                 "default/backend",
                 "--port",
-                port,
-            ])
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("run the binary")
-    };
-    let ok = run("default/frontend", "8080");
-    assert_eq!(ok.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("verdict: ALLOWED"));
-    let denied = run("default/frontend", "9090");
-    assert_eq!(denied.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&denied.stdout).contains("verdict: DENIED"));
-    let bad = run("not-an-endpoint", "80");
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("neither namespace/pod nor an IP address")
+                "8080",
+            ],
+            code: 0,
+            stdout_has: "verdict: ALLOWED",
+            stderr_has: "",
+        },
+        Case {
+            name: "denied: exit 3",
+            args: &[
+                "--from",
+                "default/frontend",
+                "--to",
+                "default/backend",
+                "--port",
+                "9090",
+            ],
+            code: 3,
+            stdout_has: "verdict: DENIED",
+            stderr_has: "",
+        },
+        Case {
+            name: "protocol in the port",
+            args: &[
+                "--from",
+                "default/frontend",
+                "--to",
+                "default/backend",
+                "--port",
+                "8080/UDP",
+            ],
+            code: 3,
+            stdout_has: "UDP/8080",
+            stderr_has: "",
+        },
+        Case {
+            name: "the older --protocol still works",
+            args: &[
+                "--from",
+                "default/frontend",
+                "--to",
+                "default/backend",
+                "--port",
+                "8080",
+                "--protocol",
+                "UDP",
+            ],
+            code: 3,
+            stdout_has: "UDP/8080",
+            stderr_has: "",
+        },
+        Case {
+            name: "the protocol given twice",
+            args: &[
+                "--from",
+                "default/frontend",
+                "--to",
+                "default/backend",
+                "--port",
+                "8080/TCP",
+                "--protocol",
+                "UDP",
+            ],
+            code: 1,
+            stdout_has: "",
+            stderr_has: "--port 8080/TCP already names a protocol; drop --protocol UDP",
+        },
+        Case {
+            name: "a named port",
+            args: &[
+                "--from",
+                "default/frontend",
+                "--to",
+                "default/backend",
+                "--port",
+                "http-alt",
+            ],
+            code: 0,
+            stdout_has: "TCP/8080 (named port http-alt of default/backend)",
+            stderr_has: "",
+        },
+        Case {
+            name: "a named port the destination does not declare",
+            args: &[
+                "--from",
+                "default/frontend",
+                "--to",
+                "default/backend",
+                "--port",
+                "http",
+            ],
+            code: 1,
+            stdout_has: "",
+            stderr_has: "pod default/backend declares no such container port",
+        },
+        Case {
+            name: "json",
+            args: &[
+                "--from",
+                "production/web",
+                "--to",
+                "default/backend",
+                "--port",
+                "8080",
+                "--output",
+                "json",
+            ],
+            code: 3,
+            stdout_has: "\"verdict\": \"denied\"",
+            stderr_has: "",
+        },
+        Case {
+            name: "IPv6",
+            args: &[
+                "--from",
+                "default/frontend",
+                "--to",
+                "default/backend",
+                "--port",
+                "8080",
+                "--family",
+                "6",
+            ],
+            code: 0,
+            stdout_has: "(fd00:10:244:1::11) TCP/8080",
+            stderr_has: "",
+        },
+        Case {
+            name: "bad endpoint",
+            args: &[
+                "--from",
+                "not-an-endpoint",
+                "--to",
+                "default/backend",
+                "--port",
+                "80",
+            ],
+            code: 1,
+            stdout_has: "",
+            stderr_has: "neither namespace/pod nor an IP address",
+        },
+        Case {
+            name: "bad port",
+            args: &[
+                "--from",
+                "default/frontend",
+                "--to",
+                "default/backend",
+                "--port",
+                "99999",
+            ],
+            code: 1,
+            stdout_has: "",
+            stderr_has: "port \"99999\": a port number must be 1-65535",
+        },
+        Case {
+            name: "bad family",
+            args: &[
+                "--from",
+                "default/frontend",
+                "--to",
+                "default/backend",
+                "--port",
+                "80",
+                "--family",
+                "5",
+            ],
+            code: 1,
+            stdout_has: "",
+            stderr_has: "--family 5: want 4 or 6",
+        },
+        Case {
+            name: "no source of state",
+            args: &[
+                "--from",
+                "default/frontend",
+                "--to",
+                "default/backend",
+                "--port",
+                "80",
+            ],
+            code: 2,
+            stdout_has: "",
+            stderr_has: "--manifests",
+        },
+    ];
+    for c in cases {
+        let source: &[&str] = if c.name == "no source of state" {
+            &[]
+        } else {
+            &["--manifests", example]
+        };
+        let out = kube_nftpolicy(&[&["explain"][..], source, c.args].concat());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(c.code),
+            "{}: {stdout}{stderr}",
+            c.name
+        );
+        assert!(
+            stdout.contains(c.stdout_has),
+            "{}: stdout: {stdout}",
+            c.name
+        );
+        assert!(
+            stderr.contains(c.stderr_has),
+            "{}: stderr: {stderr}",
+            c.name
+        );
+        assert!(!stderr.contains("panicked"), "{}: {stderr}", c.name);
+    }
+    // JSON is one document with both sides.
+    let out = kube_nftpolicy(&[
+        "explain",
+        "--manifests",
+        example,
+        "--from",
+        "default/frontend",
+        "--to",
+        "default/backend",
+        "--port",
+        "8080",
+        "--output",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["allowed"], true);
+    assert_eq!(v["egress"]["status"], "not-isolated");
+    assert_eq!(v["ingress"]["allowed_by"][0]["rule"], "ingress[0]");
+}
+
+#[test]
+fn matrix_cases() {
+    let example = "examples/04-allow-pod-to-pod-port";
+    let out = kube_nftpolicy(&[
+        "matrix",
+        "--manifests",
+        example,
+        "--namespace",
+        "default",
+        "--port",
+        "8080",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("8080/TCP (rows: from, columns: to; . allowed, X denied)")
     );
+    let header: Vec<&str> = lines.next().expect("header").split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "default/backend",
+            "default/frontend",
+            "default/frontend-2",
+            "default/other"
+        ]
+    );
+    // Into backend on 8080: the frontends (and backend itself), not `other`.
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split_whitespace().collect()).collect();
+    let column: Vec<&str> = rows.iter().map(|r| r[1]).collect();
+    assert_eq!(column, [".", ".", ".", "X"], "{text}");
+
+    let out = kube_nftpolicy(&["matrix", "--manifests", example, "--output", "json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["tables"][0]["port"], "80/TCP", "the default port");
+    assert_eq!(v["pods"].as_array().map(Vec::len), Some(7));
+
+    let out = kube_nftpolicy(&["matrix", "--manifests", example, "--namespace", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("namespace nope has no pods"), "{stderr}");
+    let out = kube_nftpolicy(&["matrix", "--manifests", example, "--port", "80/GRE"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the protocol must be TCP, UDP or SCTP"),
+        "{stderr}"
+    );
+}
+
+/// Every console block of docs/explain.md that runs `kube-nftpolicy` is run again from the
+/// repository root; its stdout must be exactly what the page shows.
+#[test]
+fn docs_explain_shows_real_output() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/explain.md");
+    let doc = std::fs::read_to_string(path).expect("docs/explain.md");
+    let fence = "```console\n";
+    let mut checked = Vec::new();
+    let mut rest = doc.as_str();
+    while let Some(start) = rest.find(fence) {
+        let block = &rest[start + fence.len()..];
+        let end = block.find("\n```").expect("closed block");
+        let (command, shown) = block[..end].split_once('\n').unwrap_or((&block[..end], ""));
+        rest = &block[end..];
+        let Some(args) = command.strip_prefix("$ kube-nftpolicy ") else {
+            continue; // curl against a running agent: see tests/admin_http.rs
+        };
+        let args: Vec<&str> = args.split_whitespace().collect();
+        let out = kube_nftpolicy(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            stdout.trim_end_matches('\n'),
+            shown,
+            "docs/explain.md: `{command}` prints something else now"
+        );
+        checked.push(args[0].to_string());
+    }
+    for cmd in ["explain", "matrix", "lint"] {
+        assert!(
+            checked.iter().filter(|c| *c == cmd).count() >= 2,
+            "docs/explain.md shows fewer than two `{cmd}` runs: {checked:?}"
+        );
+    }
 }

@@ -10,6 +10,9 @@
 //!
 //! Each node's ruleset is synced by the real dataplane inside the node's namespace; later
 //! steps are partial syncs, so these tests also prove partial syncs converge.
+//!
+//! Every probe is also asked of `explain`, from the same state: its verdict must equal what
+//! the real connection did (all disagreements are reported at once, each probe named).
 
 #[path = "support/examples.rs"]
 mod examples;
@@ -17,54 +20,24 @@ mod examples;
 mod kernel;
 #[path = "support/netns.rs"]
 mod netns;
+#[path = "support/scenarios.rs"]
+mod scenarios;
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use examples::{Expectations, example_dirs, expectations};
-use kernel::{NodeDataplanes, namespace_yaml, pod_yaml, serial};
+use kernel::{NodeDataplanes, serial};
+use kube_nftpolicy::explain::{Endpoint as ExplainEndpoint, Explainer, PortQuery};
+use kube_nftpolicy::index::{Index, Snapshot};
+use kube_nftpolicy::model::Protocol;
 use netns::{Cluster, ClusterSpec, Endpoint, Family, Layout, Probe, Proto};
-use serde::Deserialize;
+use scenarios::{ModelPod, ModelState, NAMESPACES, PODS, PORTS, parse_matrix, scenarios};
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(600);
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 // ───────────────────────────── upstream model ─────────────────────────────
-
-#[derive(Deserialize)]
-struct Scenario {
-    name: String,
-    steps: Vec<Step>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct Step {
-    #[serde(default)]
-    namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
-    #[serde(default)]
-    pod_labels: BTreeMap<String, BTreeMap<String, String>>,
-    #[serde(default)]
-    delete: Vec<String>,
-    #[serde(default)]
-    apply: Option<String>,
-    probes: Vec<MatrixProbe>,
-}
-
-#[derive(Deserialize)]
-struct MatrixProbe {
-    port: u16,
-    protocol: String,
-    matrix: String,
-}
-
-const NAMESPACES: [&str; 3] = ["x", "y", "z"];
-const PODS: [&str; 3] = ["a", "b", "c"];
 
 fn model_cluster(layout: Layout, nodes: usize) -> ClusterSpec {
     let mut spec = ClusterSpec::new(layout).node("node-1");
@@ -80,128 +53,65 @@ fn model_cluster(layout: Layout, nodes: usize) -> ClusterSpec {
             } else {
                 "node-1"
             };
-            spec = spec.pod(node, ns, pod, &[80, 81], &[80, 81]);
+            spec = spec.pod(node, ns, pod, &PORTS, &PORTS);
         }
     }
     spec
 }
 
-/// Labels and policies of the model as a scenario changes them.
-struct ModelState {
-    ns_labels: BTreeMap<String, BTreeMap<String, String>>,
-    pod_labels: BTreeMap<String, BTreeMap<String, String>>,
-    policies: BTreeMap<String, serde_json::Value>,
+fn model_pods(cluster: &Cluster) -> Vec<ModelPod> {
+    cluster
+        .pods()
+        .iter()
+        .map(|p| ModelPod {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            node: p.node.clone(),
+            ips: p.ips.clone(),
+        })
+        .collect()
 }
 
-impl ModelState {
-    fn new() -> Self {
-        let mut ns_labels = BTreeMap::new();
-        let mut pod_labels = BTreeMap::new();
-        for ns in NAMESPACES {
-            ns_labels.insert(
-                ns.to_string(),
-                BTreeMap::from([("ns".to_string(), ns.to_string())]),
-            );
-            for pod in PODS {
-                pod_labels.insert(
-                    format!("{ns}/{pod}"),
-                    BTreeMap::from([("pod".to_string(), pod.to_string())]),
-                );
-            }
-        }
-        ModelState {
-            ns_labels,
-            pod_labels,
-            policies: BTreeMap::new(),
-        }
-    }
-
-    fn manifests(&self, cluster: &Cluster) -> String {
-        let mut out = String::new();
-        for (ns, labels) in &self.ns_labels {
-            out.push_str(&namespace_yaml(ns, labels));
-        }
-        for p in cluster.pods() {
-            let labels = &self.pod_labels[&format!("{}/{}", p.namespace, p.name)];
-            out.push_str(&pod_yaml(p, labels));
-        }
-        for v in self.policies.values() {
-            out.push_str("---\n");
-            out.push_str(&serde_yaml_ng::to_string(v).expect("yaml"));
-        }
-        out
+fn model_family(f: Family) -> kube_nftpolicy::model::Family {
+    match f {
+        Family::V4 => kube_nftpolicy::model::Family::V4,
+        Family::V6 => kube_nftpolicy::model::Family::V6,
     }
 }
 
-/// `${cidr:x/b}` and `${net:x/b:P4:P6}` → addresses of the family under test.
-fn substitute(text: &str, cluster: &Cluster, family: Family) -> String {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let end = rest[start..].find('}').expect("unterminated template") + start;
-        let inner = &rest[start + 2..end];
-        let parts: Vec<&str> = inner.split(':').collect();
-        let (ns, pod) = parts[1].split_once('/').expect("ns/pod");
-        let ip = cluster.pod_ip(ns, pod, family);
-        let value = match parts[0] {
-            "cidr" => format!("{ip}/{}", if family == Family::V4 { 32 } else { 128 }),
-            "net" => {
-                let prefix: u8 = parts[if family == Family::V4 { 2 } else { 3 }]
-                    .parse()
-                    .expect("prefix");
-                let net = match ip {
-                    IpAddr::V4(a) => {
-                        let mask = if prefix == 0 {
-                            0
-                        } else {
-                            u32::MAX << (32 - prefix)
-                        };
-                        IpAddr::V4((u32::from(a) & mask).into())
-                    }
-                    IpAddr::V6(a) => {
-                        let mask = if prefix == 0 {
-                            0
-                        } else {
-                            u128::MAX << (128 - prefix)
-                        };
-                        IpAddr::V6((u128::from(a) & mask).into())
-                    }
-                };
-                format!("{net}/{prefix}")
-            }
-            other => panic!("unknown template {other}"),
-        };
-        out.push_str(&value);
-        rest = &rest[end + 1..];
-    }
-    out.push_str(rest);
-    out
+fn snapshot_of(manifests: &str) -> Snapshot {
+    let m = kube_nftpolicy::manifest::parse_sources(&[(
+        PathBuf::from("state.yaml"),
+        manifests.to_string(),
+    )])
+    .expect("manifests");
+    let mut idx = Index::new();
+    idx.reset_namespaces(m.namespaces);
+    idx.reset_pods(m.pods);
+    idx.reset_policies(m.policies);
+    idx.snapshot()
 }
 
-fn parse_matrix(text: &str) -> Vec<(String, String, bool)> {
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<String> = lines
-        .next()
-        .expect("header")
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
-    let mut cells = Vec::new();
-    for line in lines {
-        let mut tokens = line.split_whitespace();
-        let from = tokens.next().expect("row label").to_string();
-        for (to, cell) in header.iter().zip(tokens) {
-            let allowed = match cell {
-                "." => true,
-                "X" => false,
-                other => panic!("bad matrix cell {other:?}"),
-            };
-            cells.push((from.clone(), to.clone(), allowed));
-        }
+/// `explain`'s verdict for a probe, next to what the real connection did; a disagreement
+/// names the probe and carries explain's report.
+fn explain_disagrees(
+    explainer: &mut Explainer<'_>,
+    from: &ExplainEndpoint,
+    to: &ExplainEndpoint,
+    port: &PortQuery,
+    family: Family,
+    kernel: bool,
+) -> Option<String> {
+    match explainer.explain(from, to, port, Some(model_family(family))) {
+        Ok(e) if e.allowed == kernel => None,
+        Ok(e) => Some(format!(
+            "kernel {}, explain says {}:\n{}",
+            if kernel { "connected" } else { "blocked" },
+            e.verdict,
+            e.to_text()
+        )),
+        Err(err) => Some(format!("explain failed: {err}")),
     }
-    assert_eq!(cells.len(), 81, "a matrix has 81 cells");
-    cells
 }
 
 fn proto(s: &str) -> Proto {
@@ -214,32 +124,14 @@ fn proto(s: &str) -> Proto {
     }
 }
 
-fn scenarios() -> Vec<(String, Scenario)> {
-    let dir = root().join("tests/e2e/scenarios");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("scenarios dir")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|f| {
-            let text = std::fs::read_to_string(&f).expect("read scenario");
-            let s: Scenario =
-                serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            (
-                f.file_name().expect("name").to_string_lossy().to_string(),
-                s,
-            )
-        })
-        .collect()
-}
-
 struct RunStats {
     scenarios: usize,
     steps: usize,
     probes: usize,
+    /// Probes whose real outcome was compared with `explain`.
+    explained: usize,
+    /// Time spent asking `explain` (it must stay small next to the probes).
+    explain_time: Duration,
 }
 
 fn run_upstream_scenarios(
@@ -255,7 +147,11 @@ fn run_upstream_scenarios(
         scenarios: 0,
         steps: 0,
         probes: 0,
+        explained: 0,
+        explain_time: Duration::ZERO,
     };
+    let pods = model_pods(&cluster);
+    let mut disagreements = Vec::new();
     for (file, scenario) in scenarios() {
         if !filter(&file) {
             continue;
@@ -264,34 +160,14 @@ fn run_upstream_scenarios(
         let mut state = ModelState::new();
         for (si, step) in scenario.steps.iter().enumerate() {
             stats.steps += 1;
-            for (ns, labels) in &step.namespace_labels {
-                state.ns_labels.insert(ns.clone(), labels.clone());
-            }
-            for (pod, labels) in &step.pod_labels {
-                state.pod_labels.insert(pod.clone(), labels.clone());
-            }
-            for key in &step.delete {
-                assert!(
-                    state.policies.remove(key).is_some(),
-                    "{file}: delete of unknown policy {key}"
-                );
-            }
-            if let Some(apply) = &step.apply {
-                let text = substitute(apply, &cluster, family);
-                for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-                    let v: serde_json::Value = Deserialize::deserialize(doc).expect("policy yaml");
-                    if v.is_null() {
-                        continue;
-                    }
-                    let key = format!(
-                        "{}/{}",
-                        v["metadata"]["namespace"].as_str().expect("namespace"),
-                        v["metadata"]["name"].as_str().expect("name")
-                    );
-                    state.policies.insert(key, v);
-                }
-            }
-            planes.sync_text(&cluster, &state.manifests(&cluster));
+            state.apply_step(
+                &file,
+                step,
+                &|ns, pod| cluster.pod_ip(ns, pod, family),
+                model_family(family),
+            );
+            let manifests = state.manifests(&pods);
+            planes.sync_text(&cluster, &manifests);
 
             let mut probes = Vec::new();
             let mut expected = Vec::new();
@@ -311,12 +187,17 @@ fn run_upstream_scenarios(
                     expected.push((
                         format!("{from} → {to} {}/{}", mp.protocol, mp.port),
                         allowed,
+                        (from, to, mp.port, mp.protocol.clone()),
                     ));
                 }
             }
             let got = cluster.probe_all(&probes, PROBE_TIMEOUT);
             stats.probes += probes.len();
-            for ((what, want), got) in expected.iter().zip(got) {
+            // explain, from the same state, must say what the kernel did.
+            let explain_start = Instant::now();
+            let snap = snapshot_of(&manifests);
+            let mut explainer = Explainer::new(&snap);
+            for ((what, want, (from, to, port, protocol)), got) in expected.iter().zip(got) {
                 if *want != got {
                     failures.push(format!(
                         "{file} step {si} ({}): {what}: want {}, got {}",
@@ -325,7 +206,21 @@ fn run_upstream_scenarios(
                         if got { "connected" } else { "blocked" }
                     ));
                 }
+                let port = PortQuery::parse(&format!("{port}/{protocol}"), Protocol::Tcp)
+                    .expect("probe port");
+                if let Some(d) = explain_disagrees(
+                    &mut explainer,
+                    &from.parse().expect("from"),
+                    &to.parse().expect("to"),
+                    &port,
+                    family,
+                    got,
+                ) {
+                    disagreements.push(format!("{file} step {si}: {what}: {d}"));
+                }
+                stats.explained += 1;
             }
+            stats.explain_time += explain_start.elapsed();
         }
     }
     assert!(
@@ -336,16 +231,26 @@ fn run_upstream_scenarios(
         stats.probes,
         failures.join("\n")
     );
+    assert!(
+        disagreements.is_empty(),
+        "{:?} {nodes} node(s) {family:?}: explain disagrees with the kernel on {} of {} probes:\n{}",
+        layout,
+        disagreements.len(),
+        stats.explained,
+        disagreements.join("\n")
+    );
+    assert_eq!(stats.explained, stats.probes, "every probe was explained");
     stats
 }
 
 fn report(what: &str, stats: &RunStats, start: Instant) {
     eprintln!(
-        "{what}: {} scenarios, {} steps, {} probes in {:.1}s",
+        "{what}: {} scenarios, {} steps, {} probes in {:.1}s (explaining each took {:.2}s of that)",
         stats.scenarios,
         stats.steps,
         stats.probes,
-        start.elapsed().as_secs_f64()
+        start.elapsed().as_secs_f64(),
+        stats.explain_time.as_secs_f64()
     );
 }
 
@@ -470,9 +375,24 @@ fn endpoint_addr(cluster: &Cluster, end: &str, family: Family) -> IpAddr {
     cluster.pod_ip(ns, pod, family)
 }
 
-fn run_examples(layout: Layout) -> usize {
+/// How `explain` names a probe's end; `None` for a node as the source, whose own-node
+/// exemption explain cannot know (node addresses are not in the manifests).
+fn explain_endpoint(cluster: &Cluster, end: &str, family: Family) -> Option<ExplainEndpoint> {
+    if let Some(ip) = end.strip_prefix("ip:") {
+        return Some(ExplainEndpoint::Address(ip.parse().expect("ip")));
+    }
+    if let Some(node) = end.strip_prefix("node:") {
+        return Some(ExplainEndpoint::Address(cluster.node_ip(node, family)));
+    }
+    Some(end.parse().expect("ns/pod"))
+}
+
+/// Runs every example; returns (probes, probes also compared with explain).
+fn run_examples(layout: Layout) -> (usize, usize) {
     let mut failures = Vec::new();
+    let mut disagreements = Vec::new();
     let mut total = 0;
+    let mut explained = 0;
     for dir in example_dirs() {
         let name = dir.file_name().expect("name").to_string_lossy().to_string();
         let exp = expectations(&dir);
@@ -481,6 +401,7 @@ fn run_examples(layout: Layout) -> usize {
         let mut planes = NodeDataplanes::new(&cluster);
         planes.sync_text(&cluster, &manifests);
         let mut probes = Vec::new();
+        let mut families = Vec::new();
         for e in &exp.probes {
             let family = match (
                 e.family,
@@ -505,10 +426,27 @@ fn run_examples(layout: Layout) -> usize {
                 p = p.with_src(s);
             }
             probes.push(p);
+            families.push(family);
         }
         let got = cluster.probe_all(&probes, PROBE_TIMEOUT);
         total += probes.len();
-        for (e, got) in exp.probes.iter().zip(got) {
+        let snap = snapshot_of(&manifests);
+        let mut explainer = Explainer::new(&snap);
+        for ((e, got), family) in exp.probes.iter().zip(got).zip(families) {
+            let from = (!e.from.starts_with("node:"))
+                .then(|| explain_endpoint(&cluster, &e.from, family))
+                .flatten();
+            if let (Some(from), Some(to)) = (from, explain_endpoint(&cluster, &e.to, family)) {
+                let port = PortQuery::parse(&format!("{}/{}", e.port, e.protocol), Protocol::Tcp)
+                    .expect("probe port");
+                if let Some(d) = explain_disagrees(&mut explainer, &from, &to, &port, family, got) {
+                    disagreements.push(format!(
+                        "{name}: {} → {} {}/{}: {d}",
+                        e.from, e.to, e.protocol, e.port
+                    ));
+                }
+                explained += 1;
+            }
             if e.allowed != got {
                 failures.push(format!(
                     "{name}: {} → {} {}/{}: want {}, got {} ({})",
@@ -529,17 +467,24 @@ fn run_examples(layout: Layout) -> usize {
         failures.len(),
         failures.join("\n")
     );
-    total
+    assert!(
+        disagreements.is_empty(),
+        "{layout:?}: explain disagrees with the kernel on {} of {explained} example probes:\n{}",
+        disagreements.len(),
+        disagreements.join("\n")
+    );
+    (total, explained)
 }
 
 #[test]
 fn seed_examples_routed() {
     let _g = serial();
     let start = Instant::now();
-    let n = run_examples(Layout::Routed);
+    let (n, explained) = run_examples(Layout::Routed);
     assert!(n >= 200, "only {n} probes");
+    assert!(explained >= 200, "only {explained} probes explained");
     eprintln!(
-        "seed examples, routed: {n} probes in {:.1}s",
+        "seed examples, routed: {n} probes ({explained} also explained) in {:.1}s",
         start.elapsed().as_secs_f64()
     );
 }
@@ -548,10 +493,11 @@ fn seed_examples_routed() {
 fn seed_examples_bridge() {
     let _g = serial();
     let start = Instant::now();
-    let n = run_examples(Layout::Bridge);
+    let (n, explained) = run_examples(Layout::Bridge);
     assert!(n >= 200, "only {n} probes");
+    assert!(explained >= 200, "only {explained} probes explained");
     eprintln!(
-        "seed examples, bridge: {n} probes in {:.1}s",
+        "seed examples, bridge: {n} probes ({explained} also explained) in {:.1}s",
         start.elapsed().as_secs_f64()
     );
 }

@@ -1,16 +1,23 @@
-//! `explain` (the pure evaluator behind it) against every seed example's expectations: the
-//! same truth the kernel tests check with real packets, answered without a kernel.
+//! `explain` against every seed example's expectations (the same truth the kernel tests check
+//! with real packets, answered without a kernel); the structured answer and its text; named
+//! ports; and `explain --kubeconfig` against the fake API server over real HTTP, which must
+//! answer exactly as `explain --manifests` does on the same objects.
 
 #[path = "support/examples.rs"]
 mod examples;
+#[path = "support/fake_apiserver.rs"]
+mod fake_apiserver;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use examples::{example_dirs, expectations};
-
-use kube_nftpolicy::explain::{Endpoint, explain};
+use fake_apiserver::{FakeApiServer, objects_from_yaml};
+use kube_nftpolicy::explain::{Endpoint, ExplainError, PortQuery, PortRef, SideStatus, explain};
 use kube_nftpolicy::index::{Index, Snapshot};
-use kube_nftpolicy::model::{Family, Protocol};
+use kube_nftpolicy::model::{Family, ObjectKey, Protocol};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kube-nftpolicy");
 
 fn endpoint(s: &str) -> Option<Endpoint> {
     if s.starts_with("node:") {
@@ -24,13 +31,27 @@ fn endpoint(s: &str) -> Option<Endpoint> {
     )
 }
 
-fn snapshot(dir: &std::path::Path) -> Snapshot {
+fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name)
+}
+
+fn snapshot(dir: &Path) -> Snapshot {
     let m = kube_nftpolicy::manifest::load(dir).expect("manifests");
     let mut idx = Index::new();
     idx.reset_namespaces(m.namespaces);
     idx.reset_pods(m.pods);
     idx.reset_policies(m.policies);
     idx.snapshot()
+}
+
+fn ep(s: &str) -> Endpoint {
+    s.parse().expect("endpoint")
+}
+
+fn port(s: &str) -> PortQuery {
+    s.parse().expect("port")
 }
 
 #[test]
@@ -45,16 +66,30 @@ fn explain_agrees_with_every_example() {
             };
             let protocol = Protocol::parse(Some(&e.protocol)).expect("protocol");
             let family = (e.family == Some(6)).then_some(Family::V6);
-            let x = explain(&snap, &from, &to, protocol, e.port, family).expect("explainable");
+            let x = explain(
+                &snap,
+                &from,
+                &to,
+                &PortQuery::number(protocol, e.port),
+                family,
+            )
+            .expect("explainable");
             checked += 1;
             if x.allowed != e.allowed {
                 failures.push(format!(
                     "{}: want {}, got:\n{}",
                     dir.display(),
                     e.allowed,
-                    x.report
+                    x.to_text()
                 ));
             }
+            // The parts agree with the whole.
+            assert_eq!(
+                x.allowed,
+                x.egress.allowed && x.ingress.allowed,
+                "{}",
+                x.to_text()
+            );
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -62,52 +97,426 @@ fn explain_agrees_with_every_example() {
 }
 
 #[test]
-fn reports_name_the_deciding_policies() {
-    let snap = snapshot(
-        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/04-allow-pod-to-pod-port"),
-    );
-    let ep = |s: &str| s.parse::<Endpoint>().expect("endpoint");
+fn reports_name_the_deciding_policies_and_rules() {
+    let snap = snapshot(&example("04-allow-pod-to-pod-port"));
     let ok = explain(
         &snap,
         &ep("default/frontend"),
         &ep("default/backend"),
-        Protocol::Tcp,
-        8080,
+        &port("8080"),
         None,
     )
     .expect("ok");
     assert!(ok.allowed);
-    assert!(
-        ok.report.contains("ingress of default/backend (on node-1): allowed by default/allow-frontend-to-backend (ingress[0])"),
-        "{}",
-        ok.report
+    assert_eq!(ok.egress.status, SideStatus::NotIsolated);
+    assert_eq!(ok.ingress.status, SideStatus::Allowed);
+    assert_eq!(
+        ok.ingress.isolated_by,
+        vec!["default/allow-frontend-to-backend"]
     );
+    assert_eq!(ok.ingress.allowed_by.len(), 1);
+    assert_eq!(ok.ingress.allowed_by[0].rule, "ingress[0]");
+    let text = ok.to_text();
+    assert!(
+        text.contains("ingress of default/backend (on node-1): allowed by default/allow-frontend-to-backend (ingress[0])"),
+        "{text}"
+    );
+    assert!(
+        text.contains("default/allow-frontend-to-backend ingress[0]: allows it (peer from[0] pods app=frontend in namespace default, port TCP/8080)"),
+        "{text}"
+    );
+
+    // Denied: the peer does not match (wrong namespace), the port does.
     let no = explain(
         &snap,
         &ep("production/web"),
         &ep("default/backend"),
-        Protocol::Tcp,
-        8080,
+        &port("8080/TCP"),
         None,
     )
     .expect("ok");
     assert!(!no.allowed);
+    assert_eq!(no.ingress.status, SideStatus::Denied);
+    let rule = &no.ingress.policies[0].rules[0];
+    assert!(!rule.allows && !rule.peer.matched && rule.port.matched);
+    let text = no.to_text();
     assert!(
-        no.report
-            .contains("DENIED: isolated by default/allow-frontend-to-backend"),
+        text.contains("DENIED: isolated by default/allow-frontend-to-backend"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ingress[0]: no (peer from[0] pods app=frontend in namespace default does not match; port TCP/8080 matches)"),
+        "{text}"
+    );
+
+    // Denied: the peer matches, the protocol does not.
+    let udp = explain(
+        &snap,
+        &ep("default/frontend"),
+        &ep("default/backend"),
+        &port("8080/udp"),
+        None,
+    )
+    .expect("ok");
+    let rule = &udp.ingress.policies[0].rules[0];
+    assert!(!udp.allowed && rule.peer.matched && !rule.port.matched);
+}
+
+#[test]
+fn egress_side_and_invalid_policies_are_explained() {
+    // Example 09: the frontend's egress is isolated by two policies; TCP 53 is denied at the
+    // source, UDP 53 allowed by the `to: []` rule.
+    let snap = snapshot(&example("09-frontend-egress"));
+    let tcp = explain(
+        &snap,
+        &ep("default/frontend"),
+        &ep("203.0.113.53"),
+        &port("53/TCP"),
+        None,
+    )
+    .expect("ok");
+    assert!(!tcp.allowed);
+    assert_eq!(tcp.egress.status, SideStatus::Denied);
+    assert_eq!(
+        tcp.egress.isolated_by,
+        vec!["default/allow-dns-and-api", "default/restrict-egress"]
+    );
+    assert_eq!(tcp.ingress.status, SideStatus::NotPoliced);
+    assert_eq!(tcp.to.name, "external");
+    let udp = explain(
+        &snap,
+        &ep("default/frontend"),
+        &ep("203.0.113.53"),
+        &port("53/UDP"),
+        None,
+    )
+    .expect("ok");
+    assert!(udp.allowed, "{}", udp.to_text());
+    assert_eq!(udp.egress.allowed_by[0].rule, "egress[1]");
+    assert!(
+        udp.to_text().contains(
+            "default/allow-dns-and-api egress[1]: allows it (peer any (no `to`), port UDP/53)"
+        ),
         "{}",
-        no.report
+        udp.to_text()
+    );
+
+    // An invalid policy isolates and says why it allows nothing.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = dir.path().join("bad.yaml");
+    std::fs::write(
+        &f,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: ns, labels: {app: a}}\nspec: {nodeName: n1}\nstatus: {podIPs: [{ip: 10.0.0.1}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: ns}\nspec: {nodeName: n1}\nstatus: {podIPs: [{ip: 10.0.0.2}]}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: ns}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}]}\n",
+    )
+    .expect("write");
+    let snap = snapshot(&f);
+    let x = explain(&snap, &ep("ns/b"), &ep("ns/a"), &port("80"), None).expect("ok");
+    assert!(!x.allowed);
+    let invalid = x.ingress.policies[0].invalid.as_deref().unwrap_or_default();
+    assert!(
+        invalid.contains("10.1.0.0/24 is not inside cidr 10.0.0.0/16"),
+        "{invalid}"
     );
     assert!(
-        explain(
-            &snap,
-            &ep("default/nope"),
-            &ep("default/backend"),
-            Protocol::Tcp,
-            1,
-            None
-        )
-        .is_err()
+        x.to_text()
+            .contains("ns/bad: invalid (spec.ingress[0].from[0].ipBlock.except[0]"),
+        "{}",
+        x.to_text()
     );
-    assert!("not an endpoint".parse::<Endpoint>().is_err());
+}
+
+#[test]
+fn named_ports_resolve_on_the_destination_pod() {
+    let snap = snapshot(&example("04-allow-pod-to-pod-port"));
+    // default/frontend names TCP 80 `http`; backend → frontend TCP 80 is allowed.
+    let x = explain(
+        &snap,
+        &ep("default/backend"),
+        &ep("default/frontend"),
+        &port("http"),
+        None,
+    )
+    .expect("named port");
+    assert_eq!((x.port, x.named_port.as_deref()), (80, Some("http")));
+    assert!(x.allowed);
+    assert!(
+        x.to_text()
+            .contains("TCP/80 (named port http of default/frontend)")
+    );
+
+    struct Case {
+        name: &'static str,
+        to: &'static str,
+        port: &'static str,
+        want: &'static str,
+    }
+    let cases = [
+        Case {
+            name: "the pod does not declare the name",
+            to: "default/backend",
+            port: "http",
+            want: "named port http/TCP: pod default/backend declares no such container port (it has: http-alt/TCP = 8080",
+        },
+        Case {
+            name: "the name exists for another protocol",
+            to: "default/frontend",
+            port: "http/UDP",
+            want: "declares no such container port",
+        },
+        Case {
+            name: "the destination is not a pod",
+            to: "203.0.113.10",
+            port: "http",
+            want: "the destination external is not a pod",
+        },
+        Case {
+            name: "unknown pod",
+            to: "default/nope",
+            port: "80",
+            want: "pod default/nope is not in the cluster state",
+        },
+    ];
+    for c in cases {
+        let err = explain(
+            &snap,
+            &ep("default/backend"),
+            &ep(c.to),
+            &port(c.port),
+            None,
+        )
+        .expect_err(c.name)
+        .to_string();
+        assert!(err.contains(c.want), "{}: {err}", c.name);
+    }
+}
+
+#[test]
+fn port_and_endpoint_syntax() {
+    struct Case {
+        text: &'static str,
+        want: Result<(PortRef, Protocol), &'static str>,
+    }
+    let cases = [
+        Case {
+            text: "80",
+            want: Ok((PortRef::Number(80), Protocol::Tcp)),
+        },
+        Case {
+            text: "53/UDP",
+            want: Ok((PortRef::Number(53), Protocol::Udp)),
+        },
+        Case {
+            text: "53/udp",
+            want: Ok((PortRef::Number(53), Protocol::Udp)),
+        },
+        Case {
+            text: "http",
+            want: Ok((PortRef::Name("http".into()), Protocol::Tcp)),
+        },
+        Case {
+            text: "diameter/SCTP",
+            want: Ok((PortRef::Name("diameter".into()), Protocol::Sctp)),
+        },
+        Case {
+            text: "0",
+            want: Err("a port number must be 1-65535"),
+        },
+        Case {
+            text: "70000",
+            want: Err("a port number must be 1-65535"),
+        },
+        Case {
+            text: "80/ICMP",
+            want: Err("the protocol must be TCP, UDP or SCTP"),
+        },
+        Case {
+            text: "/TCP",
+            want: Err("no port before the protocol"),
+        },
+        Case {
+            text: "HTTP",
+            want: Err("a port name is 1-15 lower-case letters"),
+        },
+    ];
+    for c in cases {
+        let got = c.text.parse::<PortQuery>();
+        match (&got, &c.want) {
+            (Ok(q), Ok((port, protocol))) => {
+                assert_eq!((&q.port, q.protocol), (port, *protocol), "{}", c.text);
+            }
+            (Err(e), Err(want)) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(want) && msg.contains(c.text),
+                    "{}: {msg}",
+                    c.text
+                );
+            }
+            _ => panic!("{}: got {got:?}", c.text),
+        }
+    }
+    assert!(matches!(
+        "not an endpoint".parse::<Endpoint>(),
+        Err(ExplainError::Endpoint(_))
+    ));
+    assert_eq!(
+        "ns/pod".parse::<Endpoint>(),
+        Ok(Endpoint::Pod(ObjectKey::new("ns", "pod")))
+    );
+    assert!(matches!(
+        "fd00::1".parse::<Endpoint>(),
+        Ok(Endpoint::Address(_))
+    ));
+}
+
+// ───────────────────────────── --kubeconfig ─────────────────────────────
+
+fn run(args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("explain")
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("KUBECONFIG");
+    for v in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.output().expect("run the binary")
+}
+
+/// Every object of an example's manifests into the API server (List items one by one).
+fn load_example(server: &FakeApiServer, dir: &Path) {
+    for f in kube_nftpolicy::manifest::manifest_files(dir).expect("files") {
+        let text = std::fs::read_to_string(&f).expect("read");
+        for obj in objects_from_yaml(&text) {
+            match obj.get("items").and_then(|i| i.as_array()) {
+                Some(items) => {
+                    for item in items {
+                        server.apply(item.clone());
+                    }
+                }
+                None => {
+                    server.apply(obj);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn kubeconfig_answers_as_the_manifests_do() {
+    let dir = example("09-frontend-egress");
+    let server = FakeApiServer::new();
+    load_example(&server, &dir);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = tmp.path().join("kubeconfig");
+    server
+        .write_kubeconfig(&kubeconfig)
+        .expect("write kubeconfig");
+    let kc = kubeconfig.to_str().expect("utf-8");
+    let manifests = dir.to_str().expect("utf-8");
+
+    let exp = expectations(&dir);
+    let mut compared = 0;
+    for e in exp.probes.iter().filter(|e| !e.from.starts_with("node:")) {
+        let to = e.to.strip_prefix("ip:").unwrap_or(&e.to);
+        let to = match to.strip_prefix("node:") {
+            Some(_) => continue,
+            None => to,
+        };
+        let from = e.from.strip_prefix("ip:").unwrap_or(&e.from);
+        let port = format!("{}/{}", e.port, e.protocol);
+        let mut args = vec![
+            "--from", from, "--to", to, "--port", &port, "--output", "json",
+        ];
+        if e.family == Some(6) {
+            args.extend(["--family", "6"]);
+        }
+        let live = run(&[&["--kubeconfig", kc][..], &args].concat());
+        let offline = run(&[&["--manifests", manifests][..], &args].concat());
+        let what = format!("{} → {} {port}", e.from, e.to);
+        assert_eq!(
+            live.status.code(),
+            Some(if e.allowed { 0 } else { 3 }),
+            "{what}: {}",
+            String::from_utf8_lossy(&live.stderr)
+        );
+        let answer: serde_json::Value = serde_json::from_slice(&live.stdout)
+            .unwrap_or_else(|err| panic!("{what}: not JSON ({err})"));
+        assert_eq!(answer["allowed"], e.allowed, "{what}");
+        assert_eq!(
+            String::from_utf8_lossy(&live.stdout),
+            String::from_utf8_lossy(&offline.stdout),
+            "{what}: the live answer differs from the manifests' answer"
+        );
+        compared += 1;
+    }
+    assert!(compared >= 15, "only {compared} probes compared");
+    // The objects really came over HTTP: one list of each kind.
+    for path in [
+        "/api/v1/namespaces",
+        "/api/v1/pods",
+        "/apis/networking.k8s.io/v1/networkpolicies",
+    ] {
+        assert!(
+            server.request_count("list", path) >= compared,
+            "{path}: {} lists",
+            server.request_count("list", path)
+        );
+    }
+}
+
+#[test]
+fn kubeconfig_errors_are_clear() {
+    let server = FakeApiServer::new();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = tmp.path().join("kubeconfig");
+    server
+        .write_kubeconfig(&kubeconfig)
+        .expect("write kubeconfig");
+    let kc = kubeconfig.to_str().expect("utf-8");
+    let args = ["--from", "a/b", "--to", "a/c", "--port", "80"];
+
+    // Reachable, but the pod does not exist.
+    let out = run(&[&["--kubeconfig", kc][..], &args[..]].concat());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("pod a/b is not in the cluster state"),
+        "{stderr}"
+    );
+
+    // The API server refuses the list.
+    server.set_fail_next_verb("list", 1, 403);
+    let out = run(&[&["--kubeconfig", kc][..], &args[..]].concat());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("listing namespaces from the API server"),
+        "{stderr}"
+    );
+
+    // The API server is gone.
+    server.stop();
+    let out = run(&[&["--kubeconfig", kc][..], &args[..]].concat());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("listing namespaces from the API server"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // Exactly one source.
+    let out = run(&args);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--manifests"));
+    let out = run(&[&["--kubeconfig", kc, "--manifests", "x"][..], &args[..]].concat());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
 }

@@ -16,7 +16,8 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 pub use cidr::{Cidr, Family};
 pub use policy::{
-    IpBlock, NamespaceScope, Peer, Policy, PolicyError, PortMatch, PortSpec, Protocol, Rule,
+    IpBlock, NamespaceScope, Peer, Policy, PolicyError, PolicyWarning, PortMatch, PortSpec,
+    Protocol, Rule,
 };
 pub use selector::{Labels, Selector};
 

@@ -18,7 +18,8 @@ use super::cidr::{Cidr, CidrError};
 use super::selector::{Selector, SelectorError};
 
 /// L4 protocols NetworkPolicy knows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
     /// TCP (the default).
     Tcp,
@@ -71,7 +72,7 @@ pub struct Policy {
     /// `Some` when the policy applies to egress.
     pub egress: Option<Vec<Rule>>,
     /// Set when the spec is invalid: the policy then isolates its pods but allows nothing.
-    pub invalid: Option<String>,
+    pub invalid: Option<PolicyError>,
 }
 
 /// One ingress or egress rule.
@@ -135,6 +136,51 @@ pub enum PortMatch {
     Named(String),
 }
 
+/// Readable description of a pod peer, e.g. `pods app=web in namespaces team=a`.
+pub fn describe_pods(namespaces: &NamespaceScope, pods: &Selector) -> String {
+    let ns = match namespaces {
+        NamespaceScope::Own(ns) => format!("namespace {ns}"),
+        NamespaceScope::Selector(s) if s.is_empty() => "all namespaces".to_string(),
+        NamespaceScope::Selector(s) => format!("namespaces {s}"),
+    };
+    if pods.is_empty() {
+        format!("all pods in {ns}")
+    } else {
+        format!("pods {pods} in {ns}")
+    }
+}
+
+impl fmt::Display for IpBlock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ipBlock {}", self.cidr)?;
+        if !self.except.is_empty() {
+            let except: Vec<String> = self.except.iter().map(ToString::to_string).collect();
+            write!(f, " except {}", except.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Pods { namespaces, pods } => f.write_str(&describe_pods(namespaces, pods)),
+            Peer::IpBlock(block) => block.fmt(f),
+        }
+    }
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.port {
+            PortMatch::All => write!(f, "{} (any port)", self.protocol),
+            PortMatch::Range(lo, hi) if lo == hi => write!(f, "{}/{lo}", self.protocol),
+            PortMatch::Range(lo, hi) => write!(f, "{}/{lo}-{hi}", self.protocol),
+            PortMatch::Named(name) => write!(f, "{}/{name}", self.protocol),
+        }
+    }
+}
+
 /// Why a policy (or part of it) is invalid. Messages name the field, as the API server would.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
@@ -191,6 +237,52 @@ pub enum PolicyError {
         /// What is wrong.
         reason: String,
     },
+    /// The spec could not be decoded at all (a field of the wrong type); only the pod selector
+    /// and the directions were recovered.
+    #[error("{field}: {reason}")]
+    Unreadable {
+        /// JSON path of the field that failed to decode.
+        field: String,
+        /// The decoder's message.
+        reason: String,
+    },
+}
+
+impl PolicyError {
+    /// The JSON path of the offending field, as the API server would name it.
+    pub fn field(&self) -> String {
+        match self {
+            Self::Metadata(f) => (*f).to_string(),
+            Self::PolicyType { index, .. } => format!("spec.policyTypes[{index}]"),
+            Self::Selector { field, .. }
+            | Self::Peer { field, .. }
+            | Self::Cidr { field, .. }
+            | Self::ExceptOutside { field, .. }
+            | Self::Port { field, .. }
+            | Self::Unreadable { field, .. } => field.clone(),
+        }
+    }
+}
+
+/// A part of a valid policy that has no effect, named by its field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyWarning {
+    /// The policy.
+    pub key: ObjectKey,
+    /// JSON path of the ignored field.
+    pub field: &'static str,
+    /// Why it has no effect.
+    pub reason: &'static str,
+}
+
+impl fmt::Display for PolicyWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "NetworkPolicy {}: {} is ignored because {}",
+            self.key, self.field, self.reason
+        )
+    }
 }
 
 /// Which direction a rule list belongs to.
@@ -233,7 +325,10 @@ impl Policy {
     /// Validate a NetworkPolicy. `Err` means even the selected pods are unknown, so the policy
     /// cannot be used at all; an `Ok` policy with `invalid` set isolates but allows nothing.
     /// Fields the API server would drop are reported through `warnings`.
-    pub fn from_k8s(np: &NetworkPolicy, warnings: &mut Vec<String>) -> Result<Self, PolicyError> {
+    pub fn from_k8s(
+        np: &NetworkPolicy,
+        warnings: &mut Vec<PolicyWarning>,
+    ) -> Result<Self, PolicyError> {
         let name = np
             .metadata
             .name
@@ -273,14 +368,18 @@ impl Policy {
                     }
                 }
                 if !has_ingress && spec.ingress.as_ref().is_some_and(|r| !r.is_empty()) {
-                    warnings.push(format!(
-                        "NetworkPolicy {key}: spec.ingress is ignored because spec.policyTypes does not list Ingress"
-                    ));
+                    warnings.push(PolicyWarning {
+                        key: key.clone(),
+                        field: "spec.ingress",
+                        reason: "spec.policyTypes does not list Ingress",
+                    });
                 }
                 if !has_egress && spec.egress.as_ref().is_some_and(|r| !r.is_empty()) {
-                    warnings.push(format!(
-                        "NetworkPolicy {key}: spec.egress is ignored because spec.policyTypes does not list Egress"
-                    ));
+                    warnings.push(PolicyWarning {
+                        key: key.clone(),
+                        field: "spec.egress",
+                        reason: "spec.policyTypes does not list Egress",
+                    });
                 }
             }
             // Defaulting as the API server does it.
@@ -335,7 +434,7 @@ impl Policy {
                     policy.egress = Some(egress);
                 }
             }
-            Err(e) => policy.invalid = Some(e.to_string()),
+            Err(e) => policy.invalid = Some(e),
         }
         Ok(policy)
     }
@@ -498,7 +597,7 @@ fn convert_port(field: &str, p: &NetworkPolicyPort) -> Result<PortSpec, PolicyEr
 mod tests {
     use super::*;
 
-    fn parse(yaml: &str) -> (Result<Policy, PolicyError>, Vec<String>) {
+    fn parse(yaml: &str) -> (Result<Policy, PolicyError>, Vec<PolicyWarning>) {
         let np: NetworkPolicy = serde_yaml_ng::from_str(yaml).expect("test yaml");
         let mut warnings = Vec::new();
         (Policy::from_k8s(&np, &mut warnings), warnings)
@@ -700,7 +799,11 @@ mod tests {
                 "{HEAD}spec:\n  podSelector: {{matchLabels: {{app: x}}}}\n  {rules}\n"
             ));
             let p = p.expect(name);
-            let msg = p.invalid.clone().unwrap_or_default();
+            let msg = p
+                .invalid
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
             assert!(msg.contains(want), "case {name}: got {msg:?}");
             for d in Direction::ALL {
                 if let Some(r) = p.rules(d) {

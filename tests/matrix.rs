@@ -1,0 +1,266 @@
+//! `matrix` against the truth tables of the upstream-style scenarios (`tests/e2e/scenarios/`):
+//! every step of every scenario, the state built exactly as the kernel tests build it, every
+//! table computed without a kernel and compared cell by cell, on one node over IPv4 and on
+//! two nodes over IPv6. The rendered text must read back (with the scenarios' own parser)
+//! as the same table. Also: selection, named ports and bad input.
+
+#[path = "support/scenarios.rs"]
+mod scenarios;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use kube_nftpolicy::explain::PortQuery;
+use kube_nftpolicy::index::{Index, Snapshot};
+use kube_nftpolicy::manifest::parse_sources;
+use kube_nftpolicy::matrix::{MatrixError, MatrixSpec, matrix};
+use kube_nftpolicy::model::Family;
+use scenarios::{ModelPod, ModelState, NAMESPACES, PODS, parse_matrix, scenarios};
+
+/// The model pods: with two nodes, pod c of every namespace is on node-2 (as in the kernel
+/// tests), on its own /24 and /64.
+fn placement(nodes: usize) -> Vec<ModelPod> {
+    let mut out = Vec::new();
+    for (i, ns) in NAMESPACES.iter().enumerate() {
+        for (j, pod) in PODS.iter().enumerate() {
+            let second = nodes > 1 && *pod == "c";
+            let net = if second { 2 } else { 1 };
+            let host = 10 + 3 * i + j;
+            out.push(ModelPod {
+                namespace: ns.to_string(),
+                name: pod.to_string(),
+                node: if second { "node-2" } else { "node-1" }.into(),
+                ips: vec![
+                    format!("10.244.{net}.{host}").parse().expect("v4"),
+                    format!("fd00:10:244:{net}::{host}").parse().expect("v6"),
+                ],
+            });
+        }
+    }
+    out
+}
+
+fn snapshot(text: &str) -> Snapshot {
+    let m = parse_sources(&[(PathBuf::from("state.yaml"), text.to_string())]).expect("parse");
+    let mut idx = Index::new();
+    idx.reset_namespaces(m.namespaces);
+    idx.reset_pods(m.pods);
+    idx.reset_policies(m.policies);
+    idx.snapshot()
+}
+
+fn check_scenarios(nodes: usize, family: Family) -> usize {
+    let pods = placement(nodes);
+    let ip = |ns: &str, pod: &str| -> IpAddr {
+        let p = pods
+            .iter()
+            .find(|p| p.namespace == ns && p.name == pod)
+            .unwrap_or_else(|| panic!("no pod {ns}/{pod}"));
+        *p.ips
+            .iter()
+            .find(|a| Family::of(a) == family)
+            .expect("address of the family")
+    };
+    let mut failures = Vec::new();
+    let mut tables = 0;
+    for (file, scenario) in scenarios() {
+        let mut state = ModelState::new();
+        for (si, step) in scenario.steps.iter().enumerate() {
+            state.apply_step(&file, step, &ip, family);
+            let snap = snapshot(&state.manifests(&pods));
+            let spec = MatrixSpec {
+                namespaces: NAMESPACES.iter().map(|s| s.to_string()).collect(),
+                ports: step
+                    .probes
+                    .iter()
+                    .map(|p| {
+                        format!("{}/{}", p.port, p.protocol)
+                            .parse::<PortQuery>()
+                            .expect("port")
+                    })
+                    .collect(),
+                family: Some(family),
+            };
+            let m = matrix(&snap, &spec).expect("matrix");
+            assert_eq!(m.pods.len(), 9, "{file}: the model has 9 pods");
+            let text = m.to_text();
+            let rendered: Vec<&str> = text.split("\n\n").collect();
+            assert_eq!(rendered.len(), step.probes.len(), "{file}: one table each");
+            for ((probe, table), rendered) in step.probes.iter().zip(&m.tables).zip(rendered) {
+                tables += 1;
+                let index = |name: &str| {
+                    m.pods
+                        .iter()
+                        .position(|p| p == name)
+                        .unwrap_or_else(|| panic!("{name} not in {:?}", m.pods))
+                };
+                for (from, to, want) in parse_matrix(&probe.matrix) {
+                    let got = table.allowed[index(&from)][index(&to)];
+                    if got != Some(want) {
+                        failures.push(format!(
+                            "{file} step {si} ({}) {}/{}: {from} → {to}: want {}, got {got:?}",
+                            scenario.name,
+                            probe.port,
+                            probe.protocol,
+                            if want { "." } else { "X" }
+                        ));
+                    }
+                }
+                // The text is a truth table in the scenarios' own format (after the title).
+                let (title, body) = rendered.split_once('\n').expect("title line");
+                assert!(
+                    title.starts_with(&format!("{}/{}", probe.port, probe.protocol)),
+                    "{title}"
+                );
+                let reread = parse_matrix(body);
+                for (from, to, allowed) in reread {
+                    assert_eq!(
+                        table.allowed[index(&from)][index(&to)],
+                        Some(allowed),
+                        "{file}: the text of {from} → {to} does not read back"
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{nodes} node(s) {family:?}: {} cells differ from the truth tables:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    tables
+}
+
+#[test]
+fn truth_tables_one_node_ipv4() {
+    let tables = check_scenarios(1, Family::V4);
+    assert_eq!(tables, 126, "every probe matrix of the 56 scenarios");
+}
+
+#[test]
+fn truth_tables_two_nodes_ipv6() {
+    let tables = check_scenarios(2, Family::V6);
+    assert_eq!(tables, 126, "every probe matrix of the 56 scenarios");
+}
+
+const SMALL: &str = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIPs: [{ip: 10.0.0.1}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {nodeName: n1}
+status: {podIPs: [{ip: 10.0.0.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: batch, namespace: jobs}
+spec: {nodeName: n2}
+status: {podIPs: [{ip: 10.0.1.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: v6only, namespace: jobs}
+spec: {nodeName: n2}
+status: {podIPs: [{ip: 'fd00::9'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: host, namespace: jobs}
+spec: {nodeName: n2, hostNetwork: true}
+status: {podIPs: [{ip: 172.18.0.12}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{port: http}]
+";
+
+#[test]
+fn selection_named_ports_and_unanswerable_cells() {
+    let snap = snapshot(SMALL);
+    let port = |s: &str| s.parse::<PortQuery>().expect("port");
+
+    // Every namespace; hostNetwork pods are not part of the table.
+    let m = matrix(
+        &snap,
+        &MatrixSpec {
+            ports: vec![port("8080")],
+            ..MatrixSpec::default()
+        },
+    )
+    .expect("matrix");
+    assert_eq!(
+        m.pods,
+        ["jobs/batch", "jobs/v6only", "shop/client", "shop/web"]
+    );
+    let t = &m.tables[0].allowed;
+    assert_eq!(t[2][3], Some(true), "client → web 8080 (the named port)");
+    assert_eq!(t[0][3], Some(false), "batch → web is not allowed");
+    assert_eq!(t[3][2], Some(true), "web → client: client is not isolated");
+    assert_eq!(t[1][3], None, "v6only and web share no family");
+    assert_eq!(t[1][1], Some(true), "the diagonal is always allowed");
+    assert!(m.to_text().contains('?'), "{}", m.to_text());
+
+    // One namespace, a named port: resolved per destination; no answer where undeclared.
+    let m = matrix(
+        &snap,
+        &MatrixSpec {
+            namespaces: vec!["shop".into()],
+            ports: vec![port("http"), port("8080/UDP")],
+            family: None,
+        },
+    )
+    .expect("matrix");
+    assert_eq!(m.pods, ["shop/client", "shop/web"]);
+    assert_eq!(m.tables[0].port, "http/TCP");
+    assert_eq!(
+        m.tables[0].allowed,
+        [[Some(true), Some(true)], [None, Some(true)]]
+    );
+    assert_eq!(m.tables[1].port, "8080/UDP");
+    assert_eq!(
+        m.tables[1].allowed,
+        [[Some(true), Some(false)], [Some(true), Some(true)]]
+    );
+    let json = serde_json::to_value(&m).expect("json");
+    assert_eq!(json["tables"][0]["allowed"][1][0], serde_json::Value::Null);
+    assert_eq!(json["pods"][1], "shop/web");
+
+    // Bad selections.
+    let err = matrix(
+        &snap,
+        &MatrixSpec {
+            namespaces: vec!["shop".into(), "nowhere".into()],
+            ports: vec![port("80")],
+            family: None,
+        },
+    )
+    .expect_err("unknown namespace");
+    assert_eq!(err, MatrixError::EmptyNamespace("nowhere".into()));
+    assert!(err.to_string().contains("namespace nowhere has no pods"));
+    assert_eq!(
+        matrix(&snap, &MatrixSpec::default()).expect_err("no ports"),
+        MatrixError::NoPorts
+    );
+    assert_eq!(
+        matrix(
+            &Snapshot::default(),
+            &MatrixSpec {
+                ports: vec![port("80")],
+                ..MatrixSpec::default()
+            }
+        )
+        .expect_err("empty"),
+        MatrixError::NoPods
+    );
+}
