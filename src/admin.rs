@@ -31,6 +31,14 @@ use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
 
+/// Liveness: answers as long as the process serves HTTP. The DaemonSet's `livenessProbe`
+/// uses it (`tests/deploy.rs` checks that).
+pub const HEALTHZ_PATH: &str = "/healthz";
+/// Readiness: caches synced and a recent successful sync (the DaemonSet's `readinessProbe`).
+pub const READYZ_PATH: &str = "/readyz";
+/// Prometheus text format (the scrape annotations and `deploy/podmonitor.yaml`).
+pub const METRICS_PATH: &str = "/metrics";
+
 /// Errors from running the admin server.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -166,9 +174,9 @@ pub async fn serve(
         tracing::info!(%addr, "serving admin HTTP");
     }
     let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(scrape))
+        .route(HEALTHZ_PATH, get(healthz))
+        .route(READYZ_PATH, get(readyz))
+        .route(METRICS_PATH, get(scrape))
         .with_state(AppState { metrics, health });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
