@@ -139,6 +139,7 @@ struct PodMonitor {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct PodMonitorSpec {
+    job_label: Option<String>,
     selector: LabelSelector,
     namespace_selector: Option<MonitorNamespaceSelector>,
     pod_metrics_endpoints: Vec<PodMetricsEndpoint>,
@@ -920,6 +921,18 @@ fn check_ports_and_paths(m: &Manifests, image: &ImageDefaults) -> Vec<String> {
     if !selects {
         problems.push(format!("{pm_origin}: PodMonitor selector does not select the agent's pods (labels {template_labels:?})"));
     }
+    // docs/metrics.md's alerts select the series by job="kube-nftpolicy".
+    let job = pm
+        .spec
+        .job_label
+        .as_ref()
+        .and_then(|l| template_labels.get(l));
+    if job.map(String::as_str) != Some(AGENT) {
+        problems.push(format!(
+            "{pm_origin}: PodMonitor jobLabel {:?} does not give the job name {AGENT} (pod labels {template_labels:?})",
+            pm.spec.job_label
+        ));
+    }
     let ds_namespace = ds.metadata.namespace.clone().unwrap_or_default();
     let in_namespace = match &pm.spec.namespace_selector {
         None => pm.metadata.namespace.as_deref() == Some(ds_namespace.as_str()),
@@ -1596,6 +1609,7 @@ const BROKEN: &[Broken] = &[
     Broken { name: "PodMonitor on another port", file: "deploy/podmonitor.yaml", from: "- port: metrics", to: "- port: http", expect: "PodMonitor endpoint port" },
     Broken { name: "PodMonitor selects other pods", file: "deploy/podmonitor.yaml", from: "app.kubernetes.io/component: agent", to: "app.kubernetes.io/component: cleanup", expect: "does not select the agent's pods" },
     Broken { name: "PodMonitor without the node label", file: "deploy/podmonitor.yaml", from: "targetLabel: node", to: "targetLabel: host", expect: "to a `node` label" },
+    Broken { name: "PodMonitor job from another label", file: "deploy/podmonitor.yaml", from: "jobLabel: app.kubernetes.io/name", to: "jobLabel: app.kubernetes.io/component", expect: "does not give the job name kube-nftpolicy" },
     Broken { name: "PodMonitor renames the pod labels", file: "deploy/podmonitor.yaml", from: "honorLabels: true", to: "honorLabels: false", expect: "honorLabels must be true" },
     // Security and scheduling.
     Broken { name: "privileged", file: "deploy/daemonset.yaml", from: "privileged: false", to: "privileged: true", expect: "DaemonSet kube-nftpolicy: container agent must not be privileged" },
