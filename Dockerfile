@@ -75,5 +75,8 @@ LABEL org.opencontainers.image.title="kube-nftpolicy" \
 # hadolint ignore=DL3002
 USER 0:0
 
+# Exec form: the agent is PID 1 and gets the kubelet's SIGTERM itself (it then exits and leaves
+# the rules in force). deploy/daemonset.yaml replaces CMD with `run` and its flags;
+# tests/deploy.rs checks this stage and parses those arguments with the agent's own parser.
 ENTRYPOINT ["/usr/local/bin/kube-nftpolicy"]
 CMD ["run"]

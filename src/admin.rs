@@ -38,6 +38,16 @@ use crate::index::Snapshot;
 use crate::metrics::Metrics;
 use crate::model::{Family, Protocol};
 
+/// Liveness: answers as long as the process serves HTTP. The DaemonSet's `livenessProbe`
+/// uses it (`tests/deploy.rs` checks that).
+pub const HEALTHZ_PATH: &str = "/healthz";
+/// Readiness: caches synced and a recent successful sync (the DaemonSet's `readinessProbe`).
+pub const READYZ_PATH: &str = "/readyz";
+/// Prometheus text format (the scrape annotations and `deploy/podmonitor.yaml`).
+pub const METRICS_PATH: &str = "/metrics";
+/// One connection's verdict and why, from the agent's live state (see `explain`).
+pub const DEBUG_EXPLAIN_PATH: &str = "/debug/explain";
+
 /// Errors from running the admin server.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -197,10 +207,10 @@ pub async fn serve(
         tracing::info!(%addr, "serving admin HTTP");
     }
     let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(scrape))
-        .route("/debug/explain", get(debug_explain))
+        .route(HEALTHZ_PATH, get(healthz))
+        .route(READYZ_PATH, get(readyz))
+        .route(METRICS_PATH, get(scrape))
+        .route(DEBUG_EXPLAIN_PATH, get(debug_explain))
         .with_state(AppState {
             metrics,
             health,

@@ -166,14 +166,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     match &config.source {
         Source::Kubernetes { kubeconfig } => {
             let client = kube_client(kubeconfig.as_ref()).await?;
-            use k8s_openapi::api::core::v1::{Namespace, Pod};
-            use k8s_openapi::api::networking::v1::NetworkPolicy;
-            tokio::spawn(crate::watch::watch::<Pod>(client.clone(), shared.clone()));
-            tokio::spawn(crate::watch::watch::<Namespace>(
-                client.clone(),
-                shared.clone(),
-            ));
-            tokio::spawn(crate::watch::watch::<NetworkPolicy>(client, shared.clone()));
+            crate::watch::spawn_all(&client, &shared);
         }
         Source::Manifests { path, poll } => {
             tokio::spawn(follow_manifests(path.clone(), *poll, shared.clone()));

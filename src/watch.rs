@@ -7,6 +7,12 @@
 //! the agent forget a policy. Until all three kinds have completed their first list, nothing
 //! is written to the kernel (see [`crate::agent`]).
 //!
+//! The kinds the agent watches are listed once, in [`for_each_kind`], and the requests the
+//! watchers make follow from [`watcher_config`]. [`api_access`] derives from those two the
+//! API groups, resources and verbs the agent needs, which is what `deploy/`'s ClusterRole must
+//! grant, exactly (`tests/deploy.rs` compares them, and `tests/agent_e2e.rs` checks every
+//! request a running agent sends against them).
+//!
 //! [`list_once`] is the one-shot form for commands that ask about the live cluster
 //! (`explain --kubeconfig`): the same kinds, the same trimming, one consistent list each.
 
@@ -18,7 +24,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::ListParams;
 use kube::runtime::WatchStreamExt as _;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher::{self, Event, InitialListStrategy};
 use kube::{Api, Client};
 use serde::de::DeserializeOwned;
 
@@ -118,6 +124,78 @@ impl Watched for NetworkPolicy {
     }
 }
 
+/// Something done once for every kind the agent watches (see [`for_each_kind`]).
+pub trait KindVisitor {
+    /// Called once per watched kind.
+    fn visit<K: Watched>(&mut self);
+}
+
+/// The kinds the agent watches: the one list that both starting the watchers and the RBAC
+/// the agent needs ([`api_access`]) come from.
+pub fn for_each_kind(v: &mut impl KindVisitor) {
+    v.visit::<Pod>();
+    v.visit::<Namespace>();
+    v.visit::<NetworkPolicy>();
+}
+
+/// How every watcher watches: the whole cluster, with kube-runtime's defaults.
+pub fn watcher_config() -> watcher::Config {
+    watcher::Config::default()
+}
+
+/// The API verbs a watcher with `config` sends. With the default list-then-watch strategy it
+/// pages through a LIST, then WATCHes from the list's resourceVersion (and LISTs again after
+/// a 410 Gone or a dropped connection); a streaming list is a WATCH alone. Never a GET.
+pub fn watch_verbs(config: &watcher::Config) -> &'static [&'static str] {
+    match config.initial_list_strategy {
+        InitialListStrategy::ListWatch => &["list", "watch"],
+        InitialListStrategy::StreamingList => &["watch"],
+    }
+}
+
+/// Access the agent needs to one resource, as a ClusterRole rule would grant it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ApiAccess {
+    /// API group (`""` for the core group).
+    pub group: String,
+    /// Resource, plural (`pods`).
+    pub resource: String,
+    /// Verbs, sorted.
+    pub verbs: Vec<&'static str>,
+}
+
+/// Every API group, resource and verb the agent uses, sorted by group and resource. The agent
+/// talks to the API server only through the watchers, so this is everything it needs.
+pub fn api_access() -> Vec<ApiAccess> {
+    struct Collect(Vec<ApiAccess>, &'static [&'static str]);
+    impl KindVisitor for Collect {
+        fn visit<K: Watched>(&mut self) {
+            let mut verbs = self.1.to_vec();
+            verbs.sort_unstable();
+            self.0.push(ApiAccess {
+                group: K::group(&()).into_owned(),
+                resource: K::plural(&()).into_owned(),
+                verbs,
+            });
+        }
+    }
+    let mut c = Collect(Vec::new(), watch_verbs(&watcher_config()));
+    for_each_kind(&mut c);
+    c.0.sort();
+    c.0
+}
+
+/// Start one watcher per kind (see [`for_each_kind`]), each feeding `shared`.
+pub fn spawn_all(client: &Client, shared: &Arc<Shared>) {
+    struct Spawn<'a>(&'a Client, &'a Arc<Shared>);
+    impl KindVisitor for Spawn<'_> {
+        fn visit<K: Watched>(&mut self) {
+            tokio::spawn(watch::<K>(self.0.clone(), self.1.clone()));
+        }
+    }
+    for_each_kind(&mut Spawn(client, shared));
+}
+
 fn trim_logged<K: Watched>(obj: &K) -> Option<K::Info> {
     let mut warnings = Vec::new();
     let out = obj.trim(&mut warnings);
@@ -136,7 +214,7 @@ fn trim_logged<K: Watched>(obj: &K) -> Option<K::Info> {
 /// Watch one kind until the process ends, feeding the shared index.
 pub async fn watch<K: Watched>(client: Client, shared: Arc<Shared>) {
     let api: Api<K> = Api::all(client);
-    let mut stream = watcher::watcher(api, watcher::Config::default())
+    let mut stream = watcher::watcher(api, watcher_config())
         .default_backoff()
         .boxed();
     let mut buffer: Option<Vec<K::Info>> = None;
@@ -220,4 +298,53 @@ pub async fn list_once(client: &Client) -> Result<Index, ListError> {
     index.reset_pods(pods);
     index.reset_policies(policies);
     Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_covers_the_three_kinds_with_list_and_watch() {
+        let got: Vec<(String, String, Vec<&str>)> = api_access()
+            .into_iter()
+            .map(|a| (a.group, a.resource, a.verbs))
+            .collect();
+        let lw = vec!["list", "watch"];
+        assert_eq!(
+            got,
+            [
+                ("".to_string(), "namespaces".to_string(), lw.clone()),
+                ("".to_string(), "pods".to_string(), lw.clone()),
+                (
+                    "networking.k8s.io".to_string(),
+                    "networkpolicies".to_string(),
+                    lw
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn verbs_follow_the_list_strategy() {
+        let cases = [
+            (
+                "list then watch",
+                InitialListStrategy::ListWatch,
+                &["list", "watch"][..],
+            ),
+            (
+                "streaming list",
+                InitialListStrategy::StreamingList,
+                &["watch"][..],
+            ),
+        ];
+        for (name, strategy, want) in cases {
+            let config = watcher::Config {
+                initial_list_strategy: strategy,
+                ..watcher::Config::default()
+            };
+            assert_eq!(watch_verbs(&config), want, "case {name}");
+        }
+    }
 }

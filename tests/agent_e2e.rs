@@ -11,6 +11,8 @@
 //! `event_to_kernel_latency_report` measures the time from an API change to the
 //! kernel holding it (written to `target/latency-report.txt`).
 //! `sync_loop_idles_while_waiting_for_initial_lists` is the regression test of a busy loop.
+//! `api_requests_stay_within_the_declared_access` checks every request the agent sends against
+//! `watch::api_access()`, which `tests/deploy.rs` compares with deploy/'s ClusterRole.
 //!
 //! The fake API server is started from a thread inside the node namespace, so it listens on
 //! that namespace's 127.0.0.1, where the agent (`ip netns exec <node> kube-nftpolicy run`)
@@ -1216,5 +1218,86 @@ fn sync_loop_idles_while_waiting_for_initial_lists() {
     assert!(
         used < Duration::from_millis(300),
         "the agent used {used:?} of CPU in 3 s while waiting for an unreachable API server"
+    );
+}
+
+/// `(group, resource)` of an API path (`/api/v1/pods`, `/apis/networking.k8s.io/v1/...`,
+/// `/api/v1/namespaces/<ns>/pods`, `/api/v1/namespaces/<name>`).
+fn api_resource(path: &str) -> Option<(String, String)> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match segs[..] {
+        ["api", _version, ref rest @ ..] => ("", rest),
+        ["apis", group, _version, ref rest @ ..] => (group, rest),
+        _ => return None,
+    };
+    let resource = match rest {
+        ["namespaces", _, resource, ..] => resource,
+        [resource, ..] => resource,
+        [] => return None,
+    };
+    Some((group.to_string(), resource.to_string()))
+}
+
+/// What deploy/rbac.yaml grants is `watch::api_access()` (tests/deploy.rs); this checks that
+/// a running agent, through its first lists, watch events, a dropped watch and a relist after
+/// a compaction, sends no request outside it, and uses every grant.
+#[test]
+fn api_requests_stay_within_the_declared_access() {
+    let _g = serial();
+    let env = KubeEnv::new(FakeApiServerOptions::default());
+    let c = &env.c;
+    let agent = env.agent("rbac", 19876);
+    agent.wait_first_sync();
+    env.wait_open_watches(3, CONVERGE);
+    load(&env.server, &deny_ingress());
+    converge(c, DENY, "a policy arrives by watch", &agent);
+
+    // A dropped watch is resumed; a compacted history forces a relist (410 Gone).
+    env.server.compact();
+    assert!(env.server.drop_watches() >= 3, "three watches to drop");
+    load(&env.server, &web_allows("web-allows-client", "client"));
+    converge(c, ALLOW_CLIENT, "a policy after the relist", &agent);
+    env.wait_open_watches(3, CONVERGE);
+    drop(agent);
+
+    let declared: std::collections::BTreeSet<(String, String, String)> =
+        kube_nftpolicy::watch::api_access()
+            .into_iter()
+            .flat_map(|a| {
+                a.verbs
+                    .into_iter()
+                    .map(move |v| (a.group.clone(), a.resource.clone(), v.to_string()))
+            })
+            .collect();
+    let mut used = std::collections::BTreeSet::new();
+    let requests = env.server.requests();
+    for r in &requests {
+        let Some((group, resource)) = api_resource(&r.path) else {
+            panic!(
+                "the agent requested {} {} (verb {}), outside the resource API",
+                r.method, r.path, r.verb
+            );
+        };
+        let grant = (group, resource, r.verb.clone());
+        assert!(
+            declared.contains(&grant),
+            "the agent sent {} {} ({grant:?}), which watch::api_access() (and so deploy/rbac.yaml) does not grant",
+            r.method,
+            r.path
+        );
+        used.insert(grant);
+    }
+    assert_eq!(
+        used,
+        declared,
+        "every declared grant is used ({} requests)",
+        requests.len()
+    );
+    let lists = requests.iter().filter(|r| r.verb == "list").count();
+    // Watchers whose resourceVersion is older than the compaction relist (the policy
+    // watcher may have seen the newest event and just resume).
+    assert!(
+        lists > 3,
+        "three first lists and at least one relist: {lists} lists"
     );
 }

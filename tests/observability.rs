@@ -24,7 +24,7 @@
 //!   flood of distinct flows, with every logged packet accounted for in the metrics;
 //! - failed syncs and drift repairs are counted, and failed syncs keep `/readyz` at 503.
 //!
-//! Two tests show agent bugs and fail until they are fixed (see their doc comments):
+//! Two are regression tests of fixed agent bugs (see their doc comments):
 //! `denied_connection_series_end_with_the_pod` and
 //! `log_has_no_terminal_escapes_when_not_a_terminal`.
 
