@@ -171,11 +171,25 @@ impl Health {
 #[derive(Debug, Default)]
 pub struct LiveSnapshot {
     current: std::sync::RwLock<Option<Arc<Snapshot>>>,
+    /// `--debug-explain=false`: the endpoint answers 404 and nothing is kept.
+    disabled: bool,
 }
 
 impl LiveSnapshot {
+    /// A `/debug/explain` that is switched off: pod names, labels and policies are cluster
+    /// details some operators do not want on a port every pod of the node can reach.
+    pub fn disabled() -> Self {
+        Self {
+            current: Default::default(),
+            disabled: true,
+        }
+    }
+
     /// Make `snapshot` the state `/debug/explain` answers from.
     pub fn publish(&self, snapshot: Arc<Snapshot>) {
+        if self.disabled {
+            return;
+        }
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(snapshot);
     }
 
@@ -316,6 +330,13 @@ async fn debug_explain(
         Ok(q) => q,
         Err(e) => return e.into_response(),
     };
+    if state.live.disabled {
+        return (
+            StatusCode::NOT_FOUND,
+            "/debug/explain is switched off (--debug-explain=false)\n",
+        )
+            .into_response();
+    }
     let Some(snapshot) = state.live.current() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -36,8 +36,10 @@ pub struct Config {
     pub node: String,
     /// Where the cluster state comes from.
     pub source: Source,
-    /// `/metrics`, `/healthz`, `/readyz`.
+    /// `/metrics`, `/healthz`, `/readyz`, `/debug/explain`.
     pub metrics_addr: SocketAddr,
+    /// Serve `/debug/explain` (it shows pod names, labels and policies).
+    pub debug_explain: bool,
     /// NFLOG group for denied-connection logging (`None` = off).
     pub log_group: Option<u16>,
     /// Wait this long after a change for more changes before syncing.
@@ -149,7 +151,11 @@ impl Shared {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
     let health = Arc::new(Health::new(config.resync_interval * 3));
-    let shared = Arc::new(Shared::new(metrics.clone(), health.clone()));
+    let mut shared = Shared::new(metrics.clone(), health.clone());
+    if !config.debug_explain {
+        shared.live = Arc::new(LiveSnapshot::disabled());
+    }
+    let shared = Arc::new(shared);
 
     let listener = admin::bind(config.metrics_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz, /debug/explain");

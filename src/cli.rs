@@ -147,6 +147,10 @@ pub struct RunArgs {
     /// Address for /metrics, /healthz, /readyz and /debug/explain.
     #[arg(long, default_value = "0.0.0.0:9753")]
     pub metrics_addr: std::net::SocketAddr,
+    /// Serve /debug/explain on the metrics address. It reveals pod names, labels and policy
+    /// names to whoever can reach that address; `--debug-explain=false` switches it off.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub debug_explain: bool,
     /// Log denied connections (drops are also sent to an NFLOG group).
     #[arg(long)]
     pub log_denied: bool,

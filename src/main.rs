@@ -171,6 +171,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 node: a.node_name,
                 source,
                 metrics_addr: a.metrics_addr,
+                debug_explain: a.debug_explain,
                 log_group: a.log_denied.then_some(a.nflog_group),
                 coalesce: Duration::from_millis(a.coalesce_ms),
                 min_sync_interval: Duration::from_millis(a.min_sync_interval_ms),

@@ -617,3 +617,29 @@ async fn debug_explain_answers_from_the_published_state() {
 
     server.stop().await;
 }
+
+#[tokio::test]
+async fn debug_explain_can_be_switched_off() {
+    let live = Arc::new(LiveSnapshot::disabled());
+    let server = Server::start_with(
+        new_metrics(),
+        Arc::new(Health::new(Duration::MAX)),
+        Arc::clone(&live),
+    )
+    .await;
+    // Even with a state published, nothing about the cluster is served.
+    live.publish(Arc::new(example_snapshot("04-allow-pod-to-pod-port")));
+    let reply = server
+        .get("/debug/explain?from=default/frontend&to=default/backend&port=8080")
+        .await;
+    assert_eq!(reply.status, 404, "{}", reply.body);
+    assert!(
+        reply.body.contains("--debug-explain=false"),
+        "{}",
+        reply.body
+    );
+    assert!(!reply.body.contains("frontend"), "{}", reply.body);
+    // The rest of the port is unaffected.
+    assert_eq!(server.get("/healthz").await.status, 200);
+    server.stop().await;
+}
