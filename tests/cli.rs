@@ -102,18 +102,15 @@ fn render_cases() {
         let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
         let (ok, stdout, stderr) = render(&args);
         assert_eq!(ok, c.ok, "{}: stderr: {stderr}", c.name);
-        assert!(
-            stdout.contains(c.stdout_has),
-            "{}: stdout: {stdout}",
-            c.name
-        );
-        assert!(
-            stderr.contains(c.stderr_has),
-            "{}: stderr: {stderr}",
-            c.name
-        );
-        assert!(!stderr.contains("panicked"), "{}: {stderr}", c.name);
+        assert_output(c.name, &stdout, c.stdout_has, &stderr, c.stderr_has);
     }
+}
+
+/// A case's output holds what it should, and nothing panicked.
+fn assert_output(name: &str, stdout: &str, stdout_has: &str, stderr: &str, stderr_has: &str) {
+    assert!(stdout.contains(stdout_has), "{name}: stdout: {stdout}");
+    assert!(stderr.contains(stderr_has), "{name}: stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{name}: {stderr}");
 }
 
 fn kube_nftpolicy(args: &[&str]) -> std::process::Output {
@@ -345,17 +342,7 @@ fn explain_cases() {
             "{}: {stdout}{stderr}",
             c.name
         );
-        assert!(
-            stdout.contains(c.stdout_has),
-            "{}: stdout: {stdout}",
-            c.name
-        );
-        assert!(
-            stderr.contains(c.stderr_has),
-            "{}: stderr: {stderr}",
-            c.name
-        );
-        assert!(!stderr.contains("panicked"), "{}: {stderr}", c.name);
+        assert_output(c.name, &stdout, c.stdout_has, &stderr, c.stderr_has);
     }
     // JSON is one document with both sides.
     let out = kube_nftpolicy(&[
