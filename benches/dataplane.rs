@@ -4,6 +4,8 @@
 //! - `none`: no ruleset at all in the node (the baseline; not even conntrack is loaded),
 //! - `conntrack`: one chain holding only `ct state established,related accept`, to show what
 //!   connection tracking alone costs (both rulesets below need it),
+//! - `base` (not run by default): our base chains with empty dispatch maps, to split what
+//!   `ours` costs into its base chains and its per-pod and per-policy chains,
 //! - `ours`: our ruleset, programmed with `Dataplane::sync` exactly as the agent does,
 //! - `naive`: the same resolved policy as one rule per allowed (pod, peer, port) in flat chains
 //!   (`benches/support/naive.rs`), the iptables-style curve our design avoids.
@@ -63,6 +65,8 @@ const CLIENT_NS: &str = "ns-5-bench-client";
 /// Not allowed anywhere: used to check that a ruleset really enforces.
 const OTHER_NS: &str = "ns-5-bench-other";
 const CONN_PORT: u16 = 8080;
+const HTTP: &str = "{name: http, containerPort: 8080}";
+const DNS: &str = "{name: dns, containerPort: 53, protocol: UDP}";
 const IPERF_PORT: u16 = 5201;
 /// The measured pods' own policies (5 select the server, 3 the client); N includes them.
 const MEASURED_POLICIES: usize = 8;
@@ -71,18 +75,65 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
 /// Loading a ruleset (the naive one at 5,000 policies is large) must finish within this.
 const NFT_TIMEOUT: Duration = Duration::from_secs(900);
 
+// ───────────────────────────── interruption ─────────────────────────────
+
+/// Set on SIGINT/SIGTERM: every loop and wait checks it, so the bench unwinds and the
+/// namespaces, servers and iperf3 are torn down rather than left behind.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+fn check_interrupted() -> Result<(), String> {
+    if interrupted() {
+        Err("interrupted".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in every thread (call before spawning any) and waits for them on
+/// a thread of their own. Children get a clean signal mask (std resets it when spawning).
+fn catch_signals() {
+    // SAFETY: plain libc calls on a sigset_t we own; no handler runs in signal context.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        thread::spawn(move || {
+            let mut sig = 0;
+            if libc::sigwait(&set, &mut sig) == 0 {
+                eprintln!("dataplane bench: signal {sig}, cleaning up");
+                INTERRUPTED.store(true, Ordering::SeqCst);
+            }
+        });
+    }
+}
+
 // ───────────────────────────── settings ─────────────────────────────
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Config {
     None,
     Conntrack,
+    /// Our base chains with empty dispatch maps (what `ours` is with no pod isolated): to
+    /// split our cost into the base chains and the per-pod and per-policy chains.
+    Base,
     Ours,
     Naive,
 }
 
 impl Config {
-    const ALL: [Config; 4] = [Config::None, Config::Conntrack, Config::Ours, Config::Naive];
+    const ALL: [Config; 5] = [
+        Config::None,
+        Config::Conntrack,
+        Config::Base,
+        Config::Ours,
+        Config::Naive,
+    ];
 
     fn parse(s: &str) -> Option<Config> {
         Config::ALL.into_iter().find(|c| c.to_string() == s)
@@ -100,6 +151,7 @@ impl fmt::Display for Config {
         f.pad(match self {
             Config::None => "none",
             Config::Conntrack => "conntrack",
+            Config::Base => "base",
             Config::Ours => "ours",
             Config::Naive => "naive",
         })
@@ -149,7 +201,9 @@ impl Settings {
             .split(',')
             .map(|s| {
                 Config::parse(s.trim()).ok_or_else(|| {
-                    format!("DATAPLANE_CONFIGS: {s:?} is not one of none, conntrack, ours, naive")
+                    format!(
+                        "DATAPLANE_CONFIGS: {s:?} is not one of none, conntrack, base, ours, naive"
+                    )
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -172,123 +226,50 @@ impl Settings {
 
 // ───────────────────────────── the cluster ─────────────────────────────
 
-fn pod_doc(ns: &str, name: &str, labels: &str, ip: IpAddr, node: &str, ports: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\n\
-         spec: {{nodeName: {node}, containers: [{{name: c, ports: [{ports}]}}]}}\n\
-         status: {{phase: Running, podIPs: [{{ip: \"{ip}\"}}]}}\n"
-    )
-}
-
-fn namespace_doc(name: &str, labels: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{kubernetes.io/metadata.name: {name}{labels}}}}}\n"
-    )
-}
-
-/// The measured pods' world, as manifests: their namespaces, some replicas and infrastructure
-/// pods on other nodes, and the policies a real team would write for a server and a client.
+/// The measured pods' world, as manifests: their namespaces, a few replicas and
+/// infrastructure pods on other nodes, and the policies a real team would write for a server
+/// and its client. Only `server`, `client` and `other` (on this node) are real namespaces.
 fn measured_manifests(c: &Cluster) -> String {
     let server = c.pod_ip(SERVER_NS, "server", Family::V4);
     let client = c.pod_ip(CLIENT_NS, "client", Family::V4);
     let other = c.pod_ip(OTHER_NS, "other", Family::V4);
-    let ip = |s: &str| s.parse::<IpAddr>().expect("literal address");
-    let http = "{name: http, containerPort: 8080}";
-    let mut s = String::new();
-    for (ns, labels) in [
-        (SERVER_NS, ", team: bench"),
-        (CLIENT_NS, ", team: bench"),
-        (OTHER_NS, ""),
-        ("kube-system", ""),
-        ("monitoring", ""),
-        ("ingress-nginx", ""),
-    ] {
-        s.push_str(&namespace_doc(ns, labels));
-    }
-    s.push_str(&pod_doc(
+    let ns = |name: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{kubernetes.io/metadata.name: {name}}}}}\n"
+        )
+    };
+    let mut s: String = [
         SERVER_NS,
-        "server",
-        "app: server",
-        server,
-        NODE,
-        http,
-    ));
-    s.push_str(&pod_doc(
         CLIENT_NS,
-        "client",
-        "app: client",
-        client,
-        NODE,
-        "",
-    ));
-    s.push_str(&pod_doc(OTHER_NS, "other", "app: other", other, NODE, ""));
-    for (ns, name, labels, addr, node, ports) in [
-        (
-            SERVER_NS,
-            "server-2",
-            "app: server",
-            "10.63.0.2",
-            "node-3",
-            http,
-        ),
-        (
-            SERVER_NS,
-            "server-3",
-            "app: server",
-            "10.63.0.3",
-            "node-4",
-            http,
-        ),
-        (
-            CLIENT_NS,
-            "client-2",
-            "app: client",
-            "10.63.0.12",
-            "node-5",
-            "",
-        ),
-        (
-            "kube-system",
-            "coredns-1",
-            "k8s-app: kube-dns",
-            "10.63.0.53",
-            "node-1",
-            "{name: dns, containerPort: 53, protocol: UDP}",
-        ),
-        (
-            "kube-system",
-            "coredns-2",
-            "k8s-app: kube-dns",
-            "10.63.0.54",
-            "node-2",
-            "{name: dns, containerPort: 53, protocol: UDP}",
-        ),
-        (
-            "monitoring",
-            "prometheus-0",
-            "app: prometheus",
-            "10.63.0.90",
-            "node-8",
-            "",
-        ),
-        (
-            "ingress-nginx",
-            "controller-1",
-            "app: ingress-nginx",
-            "10.63.0.80",
-            "node-9",
-            "",
-        ),
-        (
-            "ingress-nginx",
-            "controller-2",
-            "app: ingress-nginx",
-            "10.63.0.81",
-            "node-10",
-            "",
-        ),
-    ] {
-        s.push_str(&pod_doc(ns, name, labels, ip(addr), node, ports));
+        OTHER_NS,
+        "kube-system",
+        "monitoring",
+        "ingress-nginx",
+    ]
+    .iter()
+    .map(|n| ns(n))
+    .collect();
+    // One pod per line: namespace, name, labels, node, address, container ports.
+    #[rustfmt::skip]
+    let pods = [
+        (SERVER_NS, "server", "app: server", NODE, server.to_string(), HTTP),
+        (CLIENT_NS, "client", "app: client", NODE, client.to_string(), ""),
+        (OTHER_NS, "other", "app: other", NODE, other.to_string(), ""),
+        (SERVER_NS, "server-2", "app: server", "node-3", "10.63.0.2".into(), HTTP),
+        (SERVER_NS, "server-3", "app: server", "node-4", "10.63.0.3".into(), HTTP),
+        (CLIENT_NS, "client-2", "app: client", "node-5", "10.63.0.12".into(), ""),
+        ("kube-system", "coredns-1", "k8s-app: kube-dns", "node-1", "10.63.0.53".into(), DNS),
+        ("kube-system", "coredns-2", "k8s-app: kube-dns", "node-2", "10.63.0.54".into(), DNS),
+        ("monitoring", "prometheus-0", "app: prometheus", "node-8", "10.63.0.90".into(), ""),
+        ("ingress-nginx", "controller-1", "app: ingress-nginx", "node-9", "10.63.0.80".into(), ""),
+        ("ingress-nginx", "controller-2", "app: ingress-nginx", "node-9", "10.63.0.81".into(), ""),
+    ];
+    for (ns, name, labels, node, ip, ports) in pods {
+        s.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\n\
+             spec: {{nodeName: {node}, containers: [{{name: c, ports: [{ports}]}}]}}\n\
+             status: {{phase: Running, podIPs: [{{ip: \"{ip}\"}}]}}\n"
+        ));
     }
     s.push_str(&format!(
         r#"---
@@ -396,6 +377,7 @@ fn cluster_index(c: &Cluster, n: usize) -> Result<Index, String> {
 /// Everything measured at one size.
 struct Size {
     ours: Ruleset,
+    base: Ruleset,
     naive_script: String,
     summary: Vec<String>,
 }
@@ -411,7 +393,7 @@ fn prepare(c: &Cluster, n: usize) -> Result<Size, String> {
     let server = c.pod_ip(SERVER_NS, "server", Family::V4);
     let client = c.pod_ip(CLIENT_NS, "client", Family::V4);
     let position = |d: Direction| match naive::first_match(
-        naive.chain(d),
+        &naive,
         d,
         client,
         server,
@@ -448,8 +430,16 @@ fn prepare(c: &Cluster, n: usize) -> Result<Size, String> {
             position(Direction::Ingress)
         ),
     ];
+    let base = compile(
+        &NodePolicy {
+            node: NODE.into(),
+            ..NodePolicy::default()
+        },
+        &CompileOptions::default(),
+    );
     Ok(Size {
         ours,
+        base,
         naive_script: naive::render(&naive),
         summary,
     })
@@ -560,10 +550,13 @@ fn run_timeout(
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break st,
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+            Ok(None) if Instant::now() < deadline && !interrupted() => {
+                thread::sleep(Duration::from_millis(10))
+            }
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
+                check_interrupted()?;
                 return Err(format!("{what}: no answer after {timeout:?}; killed"));
             }
             Err(e) => return Err(format!("{what}: wait failed: {e}")),
@@ -609,8 +602,12 @@ fn apply(c: &Cluster, config: Config, size: &Size) -> Result<Duration, String> {
         Config::Conntrack => {
             node_nft(c, &["-f", "-"], Some(CT_ONLY.to_string()))?;
         }
-        Config::Ours => {
-            let rs = size.ours.clone();
+        Config::Base | Config::Ours => {
+            let rs = if config == Config::Base {
+                size.base.clone()
+            } else {
+                size.ours.clone()
+            };
             c.run_in_node(NODE, move || {
                 Dataplane::new(Nft::default())
                     .sync(&rs)
@@ -632,7 +629,7 @@ fn remove(c: &Cluster, config: Config) -> Result<(), String> {
         Config::Conntrack => {
             node_nft(c, &["delete", "table", "inet", "knp-bench-ct"], None)?;
         }
-        Config::Ours => {
+        Config::Base | Config::Ours => {
             c.run_in_node(NODE, || dataplane::cleanup(&Nft::default()))
                 .map_err(|e| format!("removing our table: {e}"))?;
         }
@@ -736,6 +733,10 @@ fn one_connection(to: &SocketAddr) -> io::Result<()> {
 struct ConnResult {
     per_sec: f64,
     failed: usize,
+    /// Median time of one connection (connect, one byte each way, close), in µs: less
+    /// sensitive than the rate to other work on the machine, and the difference between two
+    /// configs is what one connection costs more in one than in the other.
+    median_us: f64,
 }
 
 /// `clients` threads in the client pod, each connecting in a loop for `secs`.
@@ -748,29 +749,37 @@ fn connection_rate(c: &Cluster, clients: usize, secs: f64) -> ConnResult {
         }
         let start = Instant::now();
         let deadline = start + Duration::from_secs_f64(secs);
-        let counts: Vec<(usize, usize)> = thread::scope(|s| {
+        let per_thread: Vec<(Vec<f64>, usize)> = thread::scope(|s| {
             let hs: Vec<_> = (0..clients)
                 .map(|_| {
                     // Threads spawned here share this thread's network namespace.
                     s.spawn(move || {
-                        let (mut ok, mut failed) = (0, 0);
-                        while Instant::now() < deadline {
+                        let (mut times, mut failed) = (Vec::new(), 0);
+                        while !interrupted() {
+                            let t = Instant::now();
+                            if t >= deadline {
+                                break;
+                            }
                             match one_connection(&to) {
-                                Ok(()) => ok += 1,
+                                Ok(()) => times.push(t.elapsed().as_secs_f64() * 1e6),
                                 Err(_) => failed += 1,
                             }
                         }
-                        (ok, failed)
+                        (times, failed)
                     })
                 })
                 .collect();
-            hs.into_iter().map(|h| h.join().unwrap_or((0, 0))).collect()
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
         });
         let elapsed = start.elapsed().as_secs_f64();
-        let ok: usize = counts.iter().map(|c| c.0).sum();
+        let failed = per_thread.iter().map(|t| t.1).sum();
+        let times: Vec<f64> = per_thread.into_iter().flat_map(|t| t.0).collect();
         ConnResult {
-            per_sec: ok as f64 / elapsed,
-            failed: counts.iter().map(|c| c.1).sum(),
+            per_sec: times.len() as f64 / elapsed,
+            failed,
+            median_us: median(times),
         }
     })
 }
@@ -946,6 +955,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[derive(Default, Clone)]
 struct Samples {
     conn: Vec<f64>,
+    conn_us: Vec<f64>,
     gbps: Vec<f64>,
     failed: usize,
     load: Vec<Duration>,
@@ -1022,6 +1032,7 @@ fn run(s: &Settings) -> Result<bool, String> {
         for rep in 0..s.repeats {
             // Rotate the order every round so drift spreads over all configs.
             for k in 0..s.configs.len() {
+                check_interrupted()?;
                 let i = (k + rep) % s.configs.len();
                 let config = s.configs[i];
                 let load = apply(&c, config, &size)?;
@@ -1040,16 +1051,19 @@ fn run(s: &Settings) -> Result<bool, String> {
                 // Remove even when the measurement failed, then report.
                 remove(&c, config)?;
                 let (conn, gbps) = measured?;
+                check_interrupted()?;
                 let e = &mut samples[i];
                 e.conn.push(conn.per_sec);
+                e.conn_us.push(conn.median_us);
                 e.gbps.push(gbps);
                 e.failed += conn.failed;
                 e.load.push(load);
                 println!(
-                    "  round {}: {config:<9} {:>9.0} conn/s ({} failed) {:>7.2} Gbit/s (applied in {:.0} ms)",
+                    "  round {}: {config:<9} {:>9.0} conn/s ({} failed, median {:.1} µs) {:>7.2} Gbit/s (applied in {:.0} ms)",
                     rep + 1,
                     conn.per_sec,
                     conn.failed,
+                    conn.median_us,
                     gbps,
                     load.as_secs_f64() * 1e3
                 );
@@ -1059,12 +1073,15 @@ fn run(s: &Settings) -> Result<bool, String> {
             (
                 median(samples[i].conn.clone()),
                 median(samples[i].gbps.clone()),
+                median(samples[i].conn_us.clone()),
             )
         });
         for (i, config) in s.configs.iter().enumerate() {
             let e = &samples[i];
             let (conn, gbps) = (median(e.conn.clone()), median(e.gbps.clone()));
-            let (rc, rg) = base.map_or((f64::NAN, f64::NAN), |(bc, bg)| (conn / bc, gbps / bg));
+            let us = median(e.conn_us.clone());
+            let dus = base.map_or(f64::NAN, |(_, _, bu)| us - bu);
+            let (rc, rg) = base.map_or((f64::NAN, f64::NAN), |(bc, bg, _)| (conn / bc, gbps / bg));
             let verdict = if *config == Config::Ours && base.is_some() {
                 let conn_ok = rc >= 0.90;
                 let tput_ok = s.iperf_secs == 0 || rg >= 0.95;
@@ -1080,7 +1097,7 @@ fn run(s: &Settings) -> Result<bool, String> {
             };
             let load = e.load.iter().max().copied().unwrap_or_default();
             table.push(format!(
-                "| {n:>5} | {config:<9} | {conn:>9.0} | {:>6.1}% | {gbps:>6.2} | {:>6.1}% | {:>6} | {:>9.0} | {verdict} |",
+                "| {n:>5} | {config:<9} | {conn:>9.0} | {:>6.1}% | {us:>7.1} | {dus:>+7.1} | {gbps:>6.2} | {:>6.1}% | {:>6} | {:>9.0} | {verdict} |",
                 rc * 100.0,
                 rg * 100.0,
                 e.failed,
@@ -1094,10 +1111,10 @@ fn run(s: &Settings) -> Result<bool, String> {
         s.repeats, s.conn_secs, s.clients, s.iperf_secs
     );
     println!(
-        "|     N | config    |    conn/s | vs none | Gbit/s | vs none | failed | load (ms) | target |"
+        "|     N | config    |    conn/s | vs none | µs/conn | Δµs     | Gbit/s | vs none | failed | load (ms) | target |"
     );
     println!(
-        "|------:|-----------|----------:|--------:|-------:|--------:|-------:|----------:|--------|"
+        "|------:|-----------|----------:|--------:|--------:|--------:|-------:|--------:|-------:|----------:|--------|"
     );
     for row in table {
         println!("{row}");
@@ -1107,6 +1124,7 @@ fn run(s: &Settings) -> Result<bool, String> {
 }
 
 fn main() {
+    catch_signals();
     // `cargo bench` passes harness flags such as `--bench`; the knobs are environment variables.
     let settings = match Settings::from_env() {
         Ok(s) => s,

@@ -23,9 +23,10 @@
 //!   measured traffic never reaches the input hook, and duplicating the egress list there
 //!   would only lengthen the load.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::ops::Range;
 
 use kube_nftpolicy::evaluate::{Connection, evaluate};
 use kube_nftpolicy::model::policy::Direction;
@@ -56,6 +57,9 @@ pub enum Line {
 pub struct Naive {
     pub egress: Vec<Line>,
     pub ingress: Vec<Line>,
+    /// Where each local address's lines are in its chain (they are contiguous), so checks
+    /// need not walk hundreds of thousands of lines that cannot match.
+    spans: HashMap<(Direction, IpAddr), Range<usize>>,
 }
 
 impl Naive {
@@ -90,6 +94,7 @@ pub fn expand(np: &NodePolicy) -> Naive {
                 Direction::Egress => &mut out.egress,
             };
             for &local in &v4 {
+                let start = chain.len();
                 let mut seen = HashSet::new();
                 for p in policies {
                     let Some(pr) = rules.get(&(p, d)) else {
@@ -102,6 +107,7 @@ pub fn expand(np: &NodePolicy) -> Naive {
                     }
                 }
                 chain.push(Line::Drop { local });
+                out.spans.insert((d, local), start..chain.len());
             }
         }
     }
@@ -190,10 +196,11 @@ fn policy_lines(pr: &PolicyRules, local: IpAddr) -> Vec<Line> {
     out
 }
 
-/// The first line of `chain` a new connection hits (its position decides the cost), and
-/// whether that line accepts. `None`: no line concerns the packet (not a local isolated pod).
+/// The first line of the `d` chain a new connection hits (its position decides the cost),
+/// and whether that line accepts. `None`: no line concerns the packet (not a local isolated
+/// pod). Only the local pod's own lines can match, so only they are walked here.
 pub fn first_match(
-    chain: &[Line],
+    naive: &Naive,
     d: Direction,
     src: IpAddr,
     dst: IpAddr,
@@ -204,7 +211,9 @@ pub fn first_match(
         Direction::Ingress => (dst, src),
         Direction::Egress => (src, dst),
     };
-    chain.iter().enumerate().find_map(|(i, line)| match line {
+    let span = naive.spans.get(&(d, local_addr))?.clone();
+    let chain = &naive.chain(d)[span.clone()];
+    chain.iter().zip(span).find_map(|(line, i)| match line {
         Line::Allow {
             local,
             peer,
@@ -232,7 +241,7 @@ pub fn cross_check(
         Direction::Egress => (c.local, c.peer),
     };
     let want = evaluate(np, d, c).passes();
-    let got = first_match(naive.chain(d), d, src, dst, c.protocol, c.port).is_none_or(|(_, a)| a);
+    let got = first_match(naive, d, src, dst, c.protocol, c.port).is_none_or(|(_, a)| a);
     if want == got {
         Ok(())
     } else {
