@@ -4,8 +4,8 @@
 //! - `none`: no ruleset at all in the node (the baseline; not even conntrack is loaded),
 //! - `conntrack`: one chain holding only `ct state established,related accept`, to show what
 //!   connection tracking alone costs (both rulesets below need it),
-//! - `base` (not run by default): our base chains with empty dispatch maps, to split what
-//!   `ours` costs into its base chains and its per-pod and per-policy chains,
+//! - `base`: our base chains with empty dispatch maps, to split what `ours` costs into its
+//!   base chains and its per-pod and per-policy chains,
 //! - `ours`: our ruleset, programmed with `Dataplane::sync` exactly as the agent does,
 //! - `naive`: the same resolved policy as one rule per allowed (pod, peer, port) in flat chains
 //!   (`benches/support/naive.rs`), the iptables-style curve our design avoids.
@@ -23,7 +23,7 @@
 //! loop per measurement, default 5), `DATAPLANE_IPERF_SECS` (iperf3 `-t`, default 5; 0 skips
 //! throughput), `DATAPLANE_REPEATS` (default 3, the median is reported), `DATAPLANE_CLIENTS`
 //! (concurrent connecting threads, default 2), `DATAPLANE_CONFIGS` (default
-//! `none,conntrack,ours,naive`). Results are in docs/benchmarks.md.
+//! `none,conntrack,base,ours,naive`). Results are in docs/benchmarks.md.
 
 #[path = "support/naive.rs"]
 mod naive;
@@ -197,7 +197,7 @@ impl Settings {
                 Ok(n)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let configs = env_or("DATAPLANE_CONFIGS", "none,conntrack,ours,naive")
+        let configs = env_or("DATAPLANE_CONFIGS", "none,conntrack,base,ours,naive")
             .split(',')
             .map(|s| {
                 Config::parse(s.trim()).ok_or_else(|| {
