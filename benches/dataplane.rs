@@ -215,7 +215,7 @@ impl Settings {
             clients: parse_env("DATAPLANE_CLIENTS", "2")?,
             configs,
         };
-        if !(s.conn_secs > 0.0) || s.repeats == 0 || s.clients == 0 {
+        if !s.conn_secs.is_finite() || s.conn_secs <= 0.0 || s.repeats == 0 || s.clients == 0 {
             return Err(
                 "DATAPLANE_SECS, DATAPLANE_REPEATS and DATAPLANE_CLIENTS must be positive".into(),
             );

@@ -118,8 +118,10 @@ fn v4_host(ip: &IpAddr) -> Option<Cidr> {
     ip.is_ipv4().then(|| Cidr::host(*ip))
 }
 
-/// The allow lines one policy contributes for one local pod address; mirrors what
-/// `compile::policy_rules` matches, with every set written out.
+/// The allow lines one policy contributes for one local pod address: what
+/// `compile::policy_rules` matches, with every set written out, and the semantics of
+/// `evaluate` where they differ (an ingress rule from an ipBlock to a named port, which
+/// `compile` currently leaves out; no measured or synthetic policy has one).
 fn policy_lines(pr: &PolicyRules, local: IpAddr) -> Vec<Line> {
     let d = pr.direction;
     let mut out = Vec::new();
@@ -143,14 +145,16 @@ fn policy_lines(pr: &PolicyRules, local: IpAddr) -> Vec<Line> {
                     .collect()
             })
             .unwrap_or_default();
-        let mut peer_lines = |peer: Option<Cidr>, pods_peer: bool| {
+        let mut peer_lines = |peer: Option<Cidr>| {
             if any_port {
                 out.push(allow(peer, None));
             }
             for r in &numeric {
                 out.push(allow(peer, Some(*r)));
             }
-            if d == Direction::Ingress && (pods_peer || peer.is_none()) {
+            // Ingress: the named port is the local pod's, whatever kind of peer sends to it
+            // (an ipBlock included, as `evaluate` says).
+            if d == Direction::Ingress {
                 for (ip, r) in &named_here {
                     if *ip == local {
                         out.push(allow(peer, Some(*r)));
@@ -159,22 +163,20 @@ fn policy_lines(pr: &PolicyRules, local: IpAddr) -> Vec<Line> {
             }
         };
         match &rule.peers {
-            None => peer_lines(None, false),
+            None => peer_lines(None),
             Some(peers) => {
                 for peer in peers {
                     match peer {
                         ResolvedPeer::Pods(pods) => {
                             for ip in &pods.addrs {
                                 if let Some(c) = v4_host(ip) {
-                                    peer_lines(Some(c), true);
+                                    peer_lines(Some(c));
                                 }
                             }
                         }
                         ResolvedPeer::IpBlock { ranges, .. } => {
                             for r in ranges.iter().filter(|r| r.family() == Family::V4) {
-                                // A named port never matches an ipBlock destination; as an
-                                // ingress source it is handled like any other peer.
-                                peer_lines(Some(*r), false);
+                                peer_lines(Some(*r));
                             }
                         }
                     }
