@@ -96,21 +96,24 @@ fn check_interrupted() -> Result<(), String> {
 /// Blocks SIGINT and SIGTERM in every thread (call before spawning any) and waits for them on
 /// a thread of their own. Children get a clean signal mask (std resets it when spawning).
 fn catch_signals() {
-    // SAFETY: plain libc calls on a sigset_t we own; no handler runs in signal context.
-    unsafe {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use; the mask change
+    // applies to this thread and is inherited by the threads it spawns.
+    let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        thread::spawn(move || {
-            let mut sig = 0;
-            if libc::sigwait(&set, &mut sig) == 0 {
-                eprintln!("dataplane bench: signal {sig}, cleaning up");
-                INTERRUPTED.store(true, Ordering::SeqCst);
-            }
-        });
-    }
+        set
+    };
+    thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: waits on the initialised set above; `sig` is a valid out-pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            eprintln!("dataplane bench: signal {sig}, cleaning up");
+            INTERRUPTED.store(true, Ordering::SeqCst);
+        }
+    });
 }
 
 // ───────────────────────────── settings ─────────────────────────────
@@ -1050,8 +1053,8 @@ fn run(s: &Settings) -> Result<bool, String> {
                 })();
                 // Remove even when the measurement failed, then report.
                 remove(&c, config)?;
-                let (conn, gbps) = measured?;
                 check_interrupted()?;
+                let (conn, gbps) = measured?;
                 let e = &mut samples[i];
                 e.conn.push(conn.per_sec);
                 e.conn_us.push(conn.median_us);
