@@ -16,9 +16,11 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use kube_nftpolicy::compile::{CompileOptions, compile};
 use kube_nftpolicy::incremental::{NodeCompiler, UpdateKind};
 use kube_nftpolicy::index::Index;
-use kube_nftpolicy::model::PodInfo;
+use kube_nftpolicy::index::Snapshot;
+use kube_nftpolicy::model::{NamespaceScope, PodInfo};
 use kube_nftpolicy::nft::transaction;
 use kube_nftpolicy::resolve::resolve;
+use kube_nftpolicy::resolve::{NodePolicy, ResolvedPeer};
 use kube_nftpolicy::ruleset::render;
 
 const NODE: &str = "node-7";
@@ -59,6 +61,33 @@ fn toggle_pod(
         black_box(tx);
     }
     total
+}
+
+/// The peer selector pairs of `np` that take in `pod`.
+fn peer_matches(np: &NodePolicy, snap: &Snapshot, pod: &PodInfo) -> Vec<String> {
+    let ns_labels = snap
+        .namespaces
+        .get(&pod.key.namespace)
+        .map(|n| n.labels.clone())
+        .unwrap_or_default();
+    np.policies
+        .iter()
+        .flat_map(|p| &p.rules)
+        .filter_map(|r| r.peers.as_ref())
+        .flatten()
+        .filter_map(|peer| match peer {
+            ResolvedPeer::Pods(pp) => Some(pp),
+            ResolvedPeer::IpBlock { .. } => None,
+        })
+        .filter(|pp| {
+            let ns_ok = match &pp.scope {
+                NamespaceScope::Own(ns) => *ns == pod.key.namespace,
+                NamespaceScope::Selector(sel) => sel.matches(&ns_labels),
+            };
+            ns_ok && pp.pods.matches(&pod.labels)
+        })
+        .map(|pp| pp.describe())
+        .collect()
 }
 
 fn bench_scale(c: &mut Criterion, label: &str, s: &synthetic::Scale) {
@@ -117,27 +146,53 @@ fn bench_scale(c: &mut Criterion, label: &str, s: &synthetic::Scale) {
     let mut nc = NodeCompiler::new(NODE, CompileOptions::default());
     let (snap0, ch0) = idx.snapshot_with_changes();
     assert_eq!(nc.update(snap0, &ch0), UpdateKind::Full);
-    let remote = 12; // pod-12 lives on node-12
-    let original = synthetic::pod(remote, s, 0);
-    // A new `tier` moves it between the peer sets of the cluster-wide egress policies.
-    let mut relabel = original.clone();
-    relabel
-        .labels
-        .insert("tier".into(), format!("t{}", (remote + 1) % 3));
-    g.bench_function("incremental: one remote pod relabelled", |b| {
-        b.iter_custom(|n| {
-            toggle_pod(
-                &mut idx,
-                &mut nc,
-                Some(&original),
-                &relabel,
-                UpdateKind::Incremental,
-                n,
-            )
+    // A remote pod whose new `tier` (or `app`) moves it between peer sets this node uses
+    // (found by looking, so the change is one that reaches this node at every scale).
+    let snap_now = idx.snapshot();
+    let relabelled = |p: &PodInfo, key: &str| {
+        let mut q = p.clone();
+        let v = q.labels.get(key).cloned().unwrap_or_default();
+        let next = match key {
+            "tier" if v == "t0" => "t1".to_string(),
+            "tier" => "t0".to_string(),
+            _ => format!("{v}-x"),
+        };
+        q.labels.insert(key.into(), next);
+        q
+    };
+    let relabel = (0..s.pods)
+        .map(|i| synthetic::pod(i, s, 0))
+        .filter(|p| p.node.as_deref() != Some(NODE))
+        .flat_map(|p| ["tier", "app"].map(|k| (p.clone(), relabelled(&p, k))))
+        .find(|(p, q)| {
+            peer_matches(nc.node_policy(), &snap_now, p)
+                != peer_matches(nc.node_policy(), &snap_now, q)
+        });
+    match &relabel {
+        Some((original, relabel)) => {
+            g.bench_function("incremental: one remote pod relabelled", |b| {
+                b.iter_custom(|n| {
+                    toggle_pod(
+                        &mut idx,
+                        &mut nc,
+                        Some(&original),
+                        &relabel,
+                        UpdateKind::Incremental,
+                        n,
+                    )
+                })
+            });
+        }
+        // At 10x this node's pod peers are whole namespaces (label-blind): no relabel reaches it.
+        None => eprintln!("{label}: no remote relabel changes this node's peer sets; skipped"),
+    }
+    let added = (s.pods..2 * s.pods)
+        .map(|i| synthetic::pod(i, s, 0))
+        .find(|p| {
+            p.node.as_deref() != Some(NODE)
+                && !peer_matches(nc.node_policy(), &snap_now, p).is_empty()
         })
-    });
-    let added = synthetic::pod(s.pods + 12, s, 0); // a new pod on another node
-    assert_ne!(added.node.as_deref(), Some(NODE));
+        .expect("some new remote pod is a peer of this node");
     g.bench_function("incremental: one remote pod added", |b| {
         b.iter_custom(|n| toggle_pod(&mut idx, &mut nc, None, &added, UpdateKind::Incremental, n))
     });

@@ -362,9 +362,16 @@ fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> Vec<String> {
                             if any_port {
                                 emit(&m, None, &comment);
                             }
-                            // A named port never matches an ipBlock destination.
                             if let Some(n) = &numeric {
                                 emit(&m, Some(n), &comment);
+                            }
+                            // Ingress: the destination is the selected pod, which resolves
+                            // the named port. Egress: the destination is the block's address,
+                            // not a pod, so a named port cannot match it.
+                            if d == Direction::Ingress {
+                                if let Some(n) = named_match(sets, f) {
+                                    emit(&m, Some(&n), &comment);
+                                }
                             }
                         }
                     }
