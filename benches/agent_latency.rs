@@ -244,6 +244,28 @@ fn main() {
         compile.len(),
         compile.last().unwrap_or(&"")
     );
+    // The slowest syncs, to explain the tail.
+    let duration = |l: &str| -> f64 {
+        l.split("duration_ms=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let mut syncs: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" sync ") || l.ends_with(" sync"))
+        .collect();
+    syncs.sort_by(|a, b| duration(b).total_cmp(&duration(a)));
+    for l in syncs.iter().take(3) {
+        println!("slow sync: {l}");
+    }
+    for l in log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+    {
+        println!("agent: {l}");
+    }
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
