@@ -175,8 +175,8 @@ fn bench_scale(c: &mut Criterion, label: &str, s: &synthetic::Scale) {
                     toggle_pod(
                         &mut idx,
                         &mut nc,
-                        Some(&original),
-                        &relabel,
+                        Some(original),
+                        relabel,
                         UpdateKind::Incremental,
                         n,
                     )
