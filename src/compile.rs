@@ -565,17 +565,12 @@ fn base_chain(
 
 /// Compile a node's policy into its ruleset.
 pub fn compile(np: &NodePolicy, opts: &CompileOptions) -> Ruleset {
-    compile_traced(np, opts).0
+    compile_with_identities(np, opts).0
 }
 
-/// [`compile`], also saying which resolved object each content-derived set came from.
-pub fn compile_traced(np: &NodePolicy, opts: &CompileOptions) -> (Ruleset, SetOrigins) {
-    let (rs, origins, _) = compile_with_identities(np, opts);
-    (rs, origins)
-}
-
-/// [`compile_traced`], also giving each content-derived set's identity (what its name
-/// hashes), so an incremental update can tell a shared set from a hash collision.
+/// [`compile`], also saying which resolved object each content-derived set came from and
+/// each one's identity (what its name hashes), so an incremental update can edit exactly the
+/// sets a change touches and tell a shared set from a hash collision.
 pub(crate) fn compile_with_identities(
     np: &NodePolicy,
     opts: &CompileOptions,

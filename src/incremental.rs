@@ -40,7 +40,7 @@ const MAX_INCREMENTAL_PODS: usize = 256;
 pub enum UpdateKind {
     /// Nothing changed.
     Unchanged,
-    /// Only the sets touched by pods on other nodes were edited.
+    /// Only what the changed pods touch was edited.
     Incremental,
     /// Resolved and compiled from scratch.
     Full,

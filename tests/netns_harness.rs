@@ -630,3 +630,21 @@ cases!(run_matrix_timing {
     matrix_timing_routed_9_pods: Layout::Routed,
     matrix_timing_bridge_9_pods: Layout::Bridge,
 });
+
+/// Regression: a UDP probe took a random source port and, once in a CI run, reused the port
+/// of an earlier allowed probe of the same pair within the conntrack timeout, so a denied
+/// datagram passed as an established flow. UDP probes now cycle through 40,000 ports.
+#[test]
+fn udp_probes_never_reuse_a_recent_source_port() {
+    let ports: Vec<u16> = (0..40_000).map(|_| next_udp_source_port()).collect();
+    let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        ports.len(),
+        "a port came back within one cycle"
+    );
+    assert!(
+        ports.iter().all(|p| (20_000..60_000).contains(p)),
+        "ports stay clear of the ports test pods serve"
+    );
+}

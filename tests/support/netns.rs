@@ -1760,6 +1760,31 @@ fn sockaddr_of(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (ss, len as libc::socklen_t)
 }
 
+/// Source ports for UDP probes, handed out in turn from 20000..60000 (never a port a test
+/// pod serves on).
+static NEXT_UDP_SOURCE_PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// The next source port for a UDP probe: each call gives the next port of the cycle.
+pub fn next_udp_source_port() -> u16 {
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 40_000;
+    let n = NEXT_UDP_SOURCE_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (FIRST + n % COUNT) as u16
+}
+
+fn bind_fresh_udp_port(sock: &OwnedFd, src: IpAddr) -> Result<(), String> {
+    let mut last = String::new();
+    // A port can be taken in that namespace (rarely): move on to the next one.
+    for _ in 0..8 {
+        let addr = SocketAddr::new(src, next_udp_source_port());
+        match bind_to(sock, &addr) {
+            Ok(()) => return Ok(()),
+            Err(e) => last = format!("bind {addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
 fn bind_to(fd: &OwnedFd, addr: &SocketAddr) -> io::Result<()> {
     let (ss, len) = sockaddr_of(addr);
     // SAFETY: `ss` is a valid sockaddr of length `len`.
@@ -1866,8 +1891,20 @@ fn run_probe(
         Proto::Udp => libc::SOCK_DGRAM,
     };
     let sock = new_socket(family, ty).map_err(|e| format!("socket: {e}"))?;
-    if let Some(src) = p.src {
-        bind_to(&sock, &SocketAddr::new(src, 0)).map_err(|e| format!("bind {src}: {e}"))?;
+    let src = p.src.unwrap_or(match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    });
+    match p.protocol {
+        // A UDP probe must never reuse the source port of an earlier probe of the same pair:
+        // the kernel would still hold that flow's conntrack entry (30 s or more) and pass the
+        // new datagram as established, even after a policy now denies the pair. So each UDP
+        // probe takes the next port of a cycle far longer than any test's 30 s window.
+        Proto::Udp => bind_fresh_udp_port(&sock, src)?,
+        Proto::Tcp if p.src.is_some() => {
+            bind_to(&sock, &SocketAddr::new(src, 0)).map_err(|e| format!("bind {src}: {e}"))?
+        }
+        Proto::Tcp => {}
     }
     let dst = SocketAddr::new(p.to, p.port);
     let (reachable, detail) = match p.protocol {
