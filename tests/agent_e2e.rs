@@ -23,6 +23,8 @@
 mod fake_apiserver;
 #[path = "support/kernel.rs"]
 mod kernel;
+#[path = "support/manifest_yaml.rs"]
+mod manifest_yaml;
 #[path = "support/netns.rs"]
 mod netns;
 
@@ -36,7 +38,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use fake_apiserver::{FakeApiServer, FakeApiServerOptions, objects_from_yaml};
-use kernel::{labels, namespace_yaml, pod_yaml, serial, without_counts};
+use kernel::{labels, pod_yaml, serial, without_counts};
+use manifest_yaml::namespace_yaml;
 use netns::{Cluster, ClusterSpec, Endpoint, Family, Layout, Probe};
 
 /// Per-probe timeout (a denied probe costs this much; probes of a round run in parallel).

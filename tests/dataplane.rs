@@ -5,6 +5,8 @@
 
 #[path = "support/kernel.rs"]
 mod kernel;
+#[path = "support/manifest_yaml.rs"]
+mod manifest_yaml;
 #[path = "support/netns.rs"]
 mod netns;
 
@@ -12,9 +14,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use kernel::{
-    NodeDataplanes, labels, list_table, namespace_yaml, pod_yaml, serial, without_counts,
-};
+use kernel::{NodeDataplanes, labels, list_table, pod_yaml, serial, without_counts};
 use kube_nftpolicy::compile::{CompileOptions, compile};
 use kube_nftpolicy::dataplane::SyncError;
 use kube_nftpolicy::index::Index;
@@ -22,6 +22,7 @@ use kube_nftpolicy::manifest::parse_sources;
 use kube_nftpolicy::model::policy::Direction;
 use kube_nftpolicy::nft::transaction::Kind;
 use kube_nftpolicy::resolve::resolve;
+use manifest_yaml::namespace_yaml;
 use netns::{Cluster, ClusterSpec, Endpoint, Family, Layout, Probe, Proto};
 
 const T: Duration = Duration::from_millis(600);

@@ -18,6 +18,8 @@
 mod examples;
 #[path = "support/kernel.rs"]
 mod kernel;
+#[path = "support/manifest_yaml.rs"]
+mod manifest_yaml;
 #[path = "support/netns.rs"]
 mod netns;
 #[path = "support/scenarios.rs"]

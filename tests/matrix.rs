@@ -4,6 +4,8 @@
 //! two nodes over IPv6. The rendered text must read back (with the scenarios' own parser)
 //! as the same table. Also: selection, named ports and bad input.
 
+#[path = "support/manifest_yaml.rs"]
+mod manifest_yaml;
 #[path = "support/scenarios.rs"]
 mod scenarios;
 

@@ -30,6 +30,8 @@
 
 #[path = "support/kernel.rs"]
 mod kernel;
+#[path = "support/manifest_yaml.rs"]
+mod manifest_yaml;
 #[path = "support/netns.rs"]
 mod netns;
 
@@ -42,7 +44,8 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kernel::{namespace_yaml, pod_yaml, serial};
+use kernel::{pod_yaml, serial};
+use manifest_yaml::namespace_yaml;
 use netns::{Cluster, ClusterSpec, Endpoint, Family, Layout, Probe};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-nftpolicy");

@@ -16,6 +16,7 @@ use kube_nftpolicy::nft::exec::Nft;
 use kube_nftpolicy::resolve::resolve;
 use kube_nftpolicy::ruleset::Ruleset;
 
+use crate::manifest_yaml;
 use crate::netns::{Cluster, PodSpec};
 
 /// Kernel tests share two CPUs and each builds a cluster; one at a time keeps probe timing
@@ -67,53 +68,15 @@ pub fn try_list_table(cluster: &Cluster, node: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Labels as a YAML flow map.
-pub fn labels_yaml(labels: &BTreeMap<String, String>) -> String {
-    let inner: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| {
-            format!(
-                "{}: {}",
-                serde_json::to_string(k).expect("json"),
-                serde_json::to_string(v).expect("json")
-            )
-        })
-        .collect();
-    format!("{{{}}}", inner.join(", "))
-}
-
 /// A Pod manifest for a harness pod, with named ports `serve-<port>-<proto>`.
 pub fn pod_yaml(p: &PodSpec, labels: &BTreeMap<String, String>) -> String {
-    let mut ports = Vec::new();
-    for t in &p.tcp_ports {
-        ports.push(format!(
-            "{{name: serve-{t}-tcp, containerPort: {t}, protocol: TCP}}"
-        ));
-    }
-    for u in &p.udp_ports {
-        ports.push(format!(
-            "{{name: serve-{u}-udp, containerPort: {u}, protocol: UDP}}"
-        ));
-    }
-    let ips: Vec<String> = p.ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();
-    format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {}}}\nspec: {{nodeName: {}, containers: [{{name: c, image: agnhost, ports: [{}]}}]}}\nstatus: {{phase: Running, podIP: \"{}\", podIPs: [{}]}}\n",
-        p.name,
-        p.namespace,
-        labels_yaml(labels),
-        p.node,
-        ports.join(", "),
-        p.ips[0],
-        ips.join(", ")
-    )
-}
-
-/// A Namespace manifest.
-pub fn namespace_yaml(name: &str, labels: &BTreeMap<String, String>) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {}}}\n",
-        labels_yaml(labels)
-    )
+    let ports: Vec<(u16, &str)> = p
+        .tcp_ports
+        .iter()
+        .map(|t| (*t, "TCP"))
+        .chain(p.udp_ports.iter().map(|u| (*u, "UDP")))
+        .collect();
+    manifest_yaml::pod_yaml(&p.namespace, &p.name, &p.node, labels, &ports, &p.ips)
 }
 
 /// Each node's dataplane, kept across syncs so later syncs are partial.

@@ -9,6 +9,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use kube_nftpolicy::model::Family;
+
+use crate::manifest_yaml::{self, namespace_yaml};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -130,10 +132,7 @@ impl ModelState {
     pub fn manifests(&self, pods: &[ModelPod]) -> String {
         let mut out = String::new();
         for (ns, labels) in &self.ns_labels {
-            out.push_str(&format!(
-                "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {}}}\n",
-                labels_yaml(labels)
-            ));
+            out.push_str(&namespace_yaml(ns, labels));
         }
         for p in pods {
             let labels = &self.pod_labels[&format!("{}/{}", p.namespace, p.name)];
@@ -147,42 +146,13 @@ impl ModelState {
     }
 }
 
-/// Labels as a YAML flow map.
-pub fn labels_yaml(labels: &BTreeMap<String, String>) -> String {
-    let inner: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| {
-            format!(
-                "{}: {}",
-                serde_json::to_string(k).expect("json"),
-                serde_json::to_string(v).expect("json")
-            )
-        })
-        .collect();
-    format!("{{{}}}", inner.join(", "))
-}
-
 /// A model pod: serves TCP and UDP 80 and 81, named `serve-<port>-<proto>`.
 fn pod_yaml(p: &ModelPod, labels: &BTreeMap<String, String>) -> String {
-    let mut ports = Vec::new();
-    for (proto, upper) in [("tcp", "TCP"), ("udp", "UDP")] {
-        for port in PORTS {
-            ports.push(format!(
-                "{{name: serve-{port}-{proto}, containerPort: {port}, protocol: {upper}}}"
-            ));
-        }
-    }
-    let ips: Vec<String> = p.ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();
-    format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {}}}\nspec: {{nodeName: {}, containers: [{{name: c, image: agnhost, ports: [{}]}}]}}\nstatus: {{phase: Running, podIP: \"{}\", podIPs: [{}]}}\n",
-        p.name,
-        p.namespace,
-        labels_yaml(labels),
-        p.node,
-        ports.join(", "),
-        p.ips[0],
-        ips.join(", ")
-    )
+    let ports: Vec<(u16, &str)> = ["TCP", "UDP"]
+        .into_iter()
+        .flat_map(|proto| PORTS.iter().map(move |port| (*port, proto)))
+        .collect();
+    manifest_yaml::pod_yaml(&p.namespace, &p.name, &p.node, labels, &ports, &p.ips)
 }
 
 /// `${cidr:x/b}` and `${net:x/b:P4:P6}` → addresses of `family`.
