@@ -178,8 +178,8 @@ fn main() {
     let elements = metric(&metrics, "kube_nftpolicy_set_elements").unwrap_or(0.0);
     let expected = {
         let snap = synthetic::index(&s).snapshot();
-        let np = kube_nftpolicy::resolve::resolve(&snap, NODE);
-        kube_nftpolicy::compile::compile(&np, &Default::default()).element_count()
+        let np = kube_nftpolicy::engine::resolve::resolve(&snap, NODE);
+        kube_nftpolicy::engine::compile::compile(&np, &Default::default()).element_count()
     };
     println!(
         "agent ready (initial lists + first full sync) after {:.2} s; {elements} set elements in the kernel (expected {expected})",

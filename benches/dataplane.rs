@@ -42,16 +42,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use kube_nftpolicy::compile::{CompileOptions, compile};
-use kube_nftpolicy::dataplane::{self, Dataplane};
-use kube_nftpolicy::evaluate::Connection;
-use kube_nftpolicy::index::Index;
-use kube_nftpolicy::manifest::parse_sources;
+use kube_nftpolicy::cluster::manifest::parse_sources;
+use kube_nftpolicy::engine::compile::{CompileOptions, compile};
+use kube_nftpolicy::engine::evaluate::Connection;
+use kube_nftpolicy::engine::index::Index;
+use kube_nftpolicy::engine::resolve::{NodePolicy, resolve};
+use kube_nftpolicy::engine::ruleset::Ruleset;
+use kube_nftpolicy::kernel::dataplane::{self, Dataplane};
+use kube_nftpolicy::kernel::nft::exec::Nft;
 use kube_nftpolicy::model::Protocol;
 use kube_nftpolicy::model::policy::Direction;
-use kube_nftpolicy::nft::exec::Nft;
-use kube_nftpolicy::resolve::{NodePolicy, resolve};
-use kube_nftpolicy::ruleset::Ruleset;
 use netns::{Cluster, ClusterSpec, Endpoint, Family, Layout};
 use nix::sys::socket::{Shutdown, setsockopt, shutdown, sockopt};
 

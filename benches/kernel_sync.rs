@@ -12,11 +12,11 @@ use std::fs::File;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kube_nftpolicy::compile::{CompileOptions, compile};
-use kube_nftpolicy::dataplane::Dataplane;
-use kube_nftpolicy::nft::exec::Nft;
-use kube_nftpolicy::resolve::resolve;
-use kube_nftpolicy::ruleset::{Ruleset, render};
+use kube_nftpolicy::engine::compile::{CompileOptions, compile};
+use kube_nftpolicy::engine::resolve::resolve;
+use kube_nftpolicy::engine::ruleset::{Ruleset, render};
+use kube_nftpolicy::kernel::dataplane::Dataplane;
+use kube_nftpolicy::kernel::nft::exec::Nft;
 use nix::sched::{CloneFlags, setns};
 
 const NODE: &str = "node-7";
@@ -48,7 +48,7 @@ fn stats(name: &str, mut v: Vec<Duration>) {
     );
 }
 
-fn node_ruleset(idx: &kube_nftpolicy::index::Index) -> Ruleset {
+fn node_ruleset(idx: &kube_nftpolicy::engine::index::Index) -> Ruleset {
     compile(&resolve(&idx.snapshot(), NODE), &CompileOptions::default())
 }
 
@@ -98,7 +98,12 @@ fn main() {
     std::fs::write(&script, render(&rs, "kernel_sync benchmark")).expect("write script");
     let delete_table = || {
         let _ = Command::new("nft")
-            .args(["delete", "table", "inet", kube_nftpolicy::ruleset::TABLE])
+            .args([
+                "delete",
+                "table",
+                "inet",
+                kube_nftpolicy::engine::ruleset::TABLE,
+            ])
             .stderr(std::process::Stdio::null())
             .status();
     };

@@ -12,12 +12,12 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use kube_nftpolicy::compile::{CompileOptions, compile};
-use kube_nftpolicy::dataplane::Dataplane;
-use kube_nftpolicy::index::Index;
-use kube_nftpolicy::manifest::parse_sources;
-use kube_nftpolicy::nft::exec::Nft;
-use kube_nftpolicy::resolve::resolve;
+use kube_nftpolicy::cluster::manifest::parse_sources;
+use kube_nftpolicy::engine::compile::{CompileOptions, compile};
+use kube_nftpolicy::engine::index::Index;
+use kube_nftpolicy::engine::resolve::resolve;
+use kube_nftpolicy::kernel::dataplane::Dataplane;
+use kube_nftpolicy::kernel::nft::exec::Nft;
 use netns::{Cluster, ClusterSpec, Endpoint, Family, Layout};
 
 const CONNECTS: usize = 3000;

@@ -13,15 +13,15 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use kube_nftpolicy::compile::{CompileOptions, compile};
-use kube_nftpolicy::incremental::{NodeCompiler, UpdateKind};
-use kube_nftpolicy::index::Index;
-use kube_nftpolicy::index::Snapshot;
+use kube_nftpolicy::engine::compile::{CompileOptions, compile};
+use kube_nftpolicy::engine::incremental::{NodeCompiler, UpdateKind};
+use kube_nftpolicy::engine::index::Index;
+use kube_nftpolicy::engine::index::Snapshot;
+use kube_nftpolicy::engine::resolve::resolve;
+use kube_nftpolicy::engine::resolve::{NodePolicy, ResolvedPeer};
+use kube_nftpolicy::engine::ruleset::render;
+use kube_nftpolicy::kernel::nft::transaction;
 use kube_nftpolicy::model::{NamespaceScope, PodInfo};
-use kube_nftpolicy::nft::transaction;
-use kube_nftpolicy::resolve::resolve;
-use kube_nftpolicy::resolve::{NodePolicy, ResolvedPeer};
-use kube_nftpolicy::ruleset::render;
 
 const NODE: &str = "node-7";
 

@@ -1,43 +1,36 @@
 //! kube-nftpolicy: a Kubernetes NetworkPolicy enforcement agent built on one nftables table.
 //!
 //! ```text
-//!  kube watch (Pods, Namespaces, NetworkPolicies)   or   manifests on disk
-//!         │  trimmed to the fields that matter            (manifest)
+//!  cluster/   kube watch (Pods, Namespaces, NetworkPolicies)   or   manifests on disk
+//!         │  trimmed on arrival to model/ types
 //!         ▼
-//!  index      pure state; apply/delete/reset; generation bumps only on a real change
-//!         ▼  snapshot
-//!  resolve    pure: snapshot + node name → NodePolicy
+//!  engine/    index → (snapshot) → resolve → compile → ruleset          pure: no I/O, no async
+//!             (incremental: a change redoes only what it touches; evaluate: one verdict)
 //!         ▼
-//!  compile    pure: NodePolicy → Ruleset (tables, chains, sets, maps; deterministic names)
-//!             (incremental: a change to a pod on another node edits only its set elements)
+//!  kernel/    ruleset → `nft -f -` transaction (full or partial); netlink read-back; NFLOG
 //!         ▼
-//!  nft        Ruleset → `nft -f -` transaction (full or partial), read-back over netlink
-//!         ▼
-//!  kernel     enforces; counters feed metrics
+//!  kernel     enforces; counters feed the agent's metrics
 //! ```
 //!
-//! The pure core (`model`, `index`, `resolve`, `compile`, `incremental`, `ruleset`,
-//! `nft::transaction`) does no I/O and never awaits; neither do the questions asked of it
-//! (`evaluate`, `explain`, `matrix`, `lint`). The edges (`manifest`, `nft::exec`,
-//! `nft::readback`, `watch`, `agent`, `admin`, `nflog`) are thin.
+//! The folders are the architecture:
+//!
+//! | folder | job | may use |
+//! |---|---|---|
+//! | [`model`] | the objects as the agent knows them: pods, namespaces, policies, selectors, CIDRs | std, serde, k8s-openapi types |
+//! | [`engine`] | the pure core: index, resolve, evaluate, compile, incremental, ruleset | `model` |
+//! | [`kernel`] | the kernel edge: nft transactions and exec, netlink read-back, dataplane, NFLOG | `engine`, `model` |
+//! | [`cluster`] | the cluster edge: watchers and manifest files, feeding an index | `engine`, `model` |
+//! | [`agent`] | the `run` loop that wires the edges to the engine; admin HTTP, metrics, deny log | everything but `tools` directly; `tools::explain` for `/debug/explain` |
+//! | [`tools`] | the tools for people: explain, matrix, lint | `engine`, `model`, `cluster::manifest` |
+//!
+//! `cli` is the command line (clap), in the library so the deploy tests parse the DaemonSet's
+//! arguments with the binary's own parser. `tests/architecture.rs` checks the table's "may use"
+//! column against every `use` in `src/`, so the layering cannot rot.
 
-pub mod admin;
 pub mod agent;
 pub mod cli;
-pub mod compile;
-pub mod dataplane;
-pub mod denylog;
-pub mod evaluate;
-pub mod explain;
-pub mod incremental;
-pub mod index;
-pub mod lint;
-pub mod manifest;
-pub mod matrix;
-pub mod metrics;
+pub mod cluster;
+pub mod engine;
+pub mod kernel;
 pub mod model;
-pub mod nflog;
-pub mod nft;
-pub mod resolve;
-pub mod ruleset;
-pub mod watch;
+pub mod tools;

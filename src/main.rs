@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use kube_nftpolicy::agent;
 use kube_nftpolicy::cli::{Cli, Command, ExplainArgs, Output};
-use kube_nftpolicy::explain::PortQuery;
+use kube_nftpolicy::cluster::{manifest, watch};
+use kube_nftpolicy::engine::{compile, index, resolve, ruleset};
+use kube_nftpolicy::kernel::dataplane;
+use kube_nftpolicy::kernel::nft::exec::Nft;
 use kube_nftpolicy::model::{Family, Protocol};
-use kube_nftpolicy::nft::exec::Nft;
-use kube_nftpolicy::{
-    agent, compile, dataplane, explain, index, lint, manifest, matrix, resolve, ruleset, watch,
-};
+use kube_nftpolicy::tools::explain::PortQuery;
+use kube_nftpolicy::tools::{explain, lint, matrix};
 
 /// `explain` found the connection denied.
 const EXIT_DENIED: u8 = 3;

@@ -12,13 +12,13 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use kube_nftpolicy::admin::{self, AdminError, Health, LiveSnapshot};
-use kube_nftpolicy::explain::{Endpoint, PortQuery, explain};
-use kube_nftpolicy::index::{Index, Snapshot};
-use kube_nftpolicy::metrics::{
+use kube_nftpolicy::agent::admin::{self, AdminError, Health, LiveSnapshot};
+use kube_nftpolicy::agent::metrics::{
     Direction, DropCounter, Metrics, RulesetStats, SuppressReason, SyncFailure, SyncKind,
     WatchResource,
 };
+use kube_nftpolicy::engine::index::{Index, Snapshot};
+use kube_nftpolicy::tools::explain::{Endpoint, PortQuery, explain};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -442,7 +442,7 @@ fn example_snapshot(name: &str) -> Snapshot {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("examples")
         .join(name);
-    let m = kube_nftpolicy::manifest::load(&dir).expect("example loads");
+    let m = kube_nftpolicy::cluster::manifest::load(&dir).expect("example loads");
     let mut idx = Index::new();
     idx.reset_namespaces(m.namespaces);
     idx.reset_pods(m.pods);

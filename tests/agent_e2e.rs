@@ -1139,7 +1139,7 @@ fn event_to_kernel_latency_report() {
             loop {
                 // A dump that overlaps the agent's transaction fails with NLM_F_DUMP_INTR
                 // (ConcurrentGenerationUpdate); like nft, just read again.
-                match kube_nftpolicy::nft::readback::read(&|_: &str| false) {
+                match kube_nftpolicy::kernel::nft::readback::read(&|_: &str| false) {
                     Ok(k) if k.chains.contains_key(&chain) => {
                         out.push(t0.elapsed());
                         break;
@@ -1264,7 +1264,7 @@ fn api_requests_stay_within_the_declared_access() {
     drop(agent);
 
     let declared: std::collections::BTreeSet<(String, String, String)> =
-        kube_nftpolicy::watch::api_access()
+        kube_nftpolicy::cluster::watch::api_access()
             .into_iter()
             .flat_map(|a| {
                 a.verbs

@@ -15,13 +15,13 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use kernel::{NodeDataplanes, labels, list_table, pod_yaml, serial, without_counts};
-use kube_nftpolicy::compile::{CompileOptions, compile};
-use kube_nftpolicy::dataplane::SyncError;
-use kube_nftpolicy::index::Index;
-use kube_nftpolicy::manifest::parse_sources;
+use kube_nftpolicy::cluster::manifest::parse_sources;
+use kube_nftpolicy::engine::compile::{CompileOptions, compile};
+use kube_nftpolicy::engine::index::Index;
+use kube_nftpolicy::engine::resolve::resolve;
+use kube_nftpolicy::kernel::dataplane::SyncError;
+use kube_nftpolicy::kernel::nft::transaction::Kind;
 use kube_nftpolicy::model::policy::Direction;
-use kube_nftpolicy::nft::transaction::Kind;
-use kube_nftpolicy::resolve::resolve;
 use manifest_yaml::namespace_yaml;
 use netns::{Cluster, ClusterSpec, Endpoint, Family, Layout, Probe, Proto};
 
@@ -213,7 +213,7 @@ fn changes_apply_to_new_connections_while_one_is_open() {
     assert_eq!(got, vec![true, false]);
 }
 
-fn ruleset_for(c: &Cluster, text: &str) -> kube_nftpolicy::ruleset::Ruleset {
+fn ruleset_for(c: &Cluster, text: &str) -> kube_nftpolicy::engine::ruleset::Ruleset {
     let m = parse_sources(&[("t.yaml".into(), text.to_string())]).expect("parse");
     let mut idx = Index::new();
     idx.reset_namespaces(m.namespaces);

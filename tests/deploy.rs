@@ -7,7 +7,7 @@
 //!   PodMonitor CRD and the kustomizations, structs defined here with `deny_unknown_fields`,
 //!   covering the fields we use). A field the type does not have is an error, so a misspelt
 //!   `readOnlyRootFileSystem` cannot pass silently;
-//! - the ClusterRole must grant exactly `kube_nftpolicy::watch::api_access()`, which is
+//! - the ClusterRole must grant exactly `kube_nftpolicy::cluster::watch::api_access()`, which is
 //!   derived from the watchers themselves (and `tests/agent_e2e.rs` checks a running agent's
 //!   requests against it);
 //! - the containers' arguments, after the image's ENTRYPOINT/CMD (from the Dockerfile), the
@@ -34,9 +34,9 @@ use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, ResourceQuota, S
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube_nftpolicy::admin::{HEALTHZ_PATH, METRICS_PATH, READYZ_PATH};
+use kube_nftpolicy::agent::admin::{HEALTHZ_PATH, METRICS_PATH, READYZ_PATH};
 use kube_nftpolicy::cli::{Cli, Command};
-use kube_nftpolicy::watch::api_access;
+use kube_nftpolicy::cluster::watch::api_access;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;

@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 
 use examples::{Expectations, example_dirs, expectations};
 use kernel::{NodeDataplanes, serial};
-use kube_nftpolicy::explain::{Endpoint as ExplainEndpoint, Explainer, PortQuery};
-use kube_nftpolicy::index::{Index, Snapshot};
+use kube_nftpolicy::engine::index::{Index, Snapshot};
 use kube_nftpolicy::model::Protocol;
+use kube_nftpolicy::tools::explain::{Endpoint as ExplainEndpoint, Explainer, PortQuery};
 use netns::{Cluster, ClusterSpec, Endpoint, Family, Layout, Probe, Proto};
 use scenarios::{ModelPod, ModelState, NAMESPACES, PODS, PORTS, parse_matrix, scenarios};
 
@@ -82,7 +82,7 @@ fn model_family(f: Family) -> kube_nftpolicy::model::Family {
 }
 
 fn snapshot_of(manifests: &str) -> Snapshot {
-    let m = kube_nftpolicy::manifest::parse_sources(&[(
+    let m = kube_nftpolicy::cluster::manifest::parse_sources(&[(
         PathBuf::from("state.yaml"),
         manifests.to_string(),
     )])
@@ -293,12 +293,12 @@ fn upstream_scenarios_routed_ipv6_two_nodes_and_bridge_ipv4_one_node() {
 /// Build the cluster an example describes: its pods (serving every probed port), its nodes,
 /// and the outside addresses its probes use.
 fn example_cluster(dir: &Path, layout: Layout, exp: &Expectations) -> (ClusterSpec, String) {
-    let manifests: String = kube_nftpolicy::manifest::manifest_files(dir)
+    let manifests: String = kube_nftpolicy::cluster::manifest::manifest_files(dir)
         .expect("files")
         .iter()
         .map(|f| std::fs::read_to_string(f).expect("read") + "\n---\n")
         .collect();
-    let m = kube_nftpolicy::manifest::parse_sources(&[(
+    let m = kube_nftpolicy::cluster::manifest::parse_sources(&[(
         PathBuf::from("example.yaml"),
         manifests.clone(),
     )])

@@ -13,9 +13,11 @@ use std::process::{Command, Output};
 
 use examples::{example_dirs, expectations};
 use fake_apiserver::{FakeApiServer, objects_from_yaml};
-use kube_nftpolicy::explain::{Endpoint, ExplainError, PortQuery, PortRef, SideStatus, explain};
-use kube_nftpolicy::index::{Index, Snapshot};
+use kube_nftpolicy::engine::index::{Index, Snapshot};
 use kube_nftpolicy::model::{Family, ObjectKey, Protocol};
+use kube_nftpolicy::tools::explain::{
+    Endpoint, ExplainError, PortQuery, PortRef, SideStatus, explain,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-nftpolicy");
 
@@ -38,7 +40,7 @@ fn example(name: &str) -> PathBuf {
 }
 
 fn snapshot(dir: &Path) -> Snapshot {
-    let m = kube_nftpolicy::manifest::load(dir).expect("manifests");
+    let m = kube_nftpolicy::cluster::manifest::load(dir).expect("manifests");
     let mut idx = Index::new();
     idx.reset_namespaces(m.namespaces);
     idx.reset_pods(m.pods);
@@ -391,7 +393,7 @@ fn run(args: &[&str]) -> Output {
 
 /// Every object of an example's manifests into the API server (List items one by one).
 fn load_example(server: &FakeApiServer, dir: &Path) {
-    for f in kube_nftpolicy::manifest::manifest_files(dir).expect("files") {
+    for f in kube_nftpolicy::cluster::manifest::manifest_files(dir).expect("files") {
         let text = std::fs::read_to_string(&f).expect("read");
         for obj in objects_from_yaml(&text) {
             match obj.get("items").and_then(|i| i.as_array()) {

@@ -8,11 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kube_nftpolicy::compile::{CompileOptions, compile};
-use kube_nftpolicy::index::Index;
-use kube_nftpolicy::manifest::{self, Manifests};
-use kube_nftpolicy::resolve::resolve;
-use kube_nftpolicy::ruleset::render;
+use kube_nftpolicy::cluster::manifest::{self, Manifests};
+use kube_nftpolicy::engine::compile::{CompileOptions, compile};
+use kube_nftpolicy::engine::index::Index;
+use kube_nftpolicy::engine::resolve::resolve;
+use kube_nftpolicy::engine::ruleset::render;
 
 const NODES: [&str; 2] = ["node-1", "node-2"];
 

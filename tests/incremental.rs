@@ -5,15 +5,15 @@
 
 use std::net::IpAddr;
 
-use kube_nftpolicy::compile::{CompileOptions, compile};
-use kube_nftpolicy::incremental::{NodeCompiler, UpdateKind};
-use kube_nftpolicy::index::Index;
+use kube_nftpolicy::engine::compile::{CompileOptions, compile};
+use kube_nftpolicy::engine::incremental::{NodeCompiler, UpdateKind};
+use kube_nftpolicy::engine::index::Index;
+use kube_nftpolicy::engine::resolve::resolve;
+use kube_nftpolicy::engine::ruleset::render;
 use kube_nftpolicy::model::policy::{NamespaceScope, Peer, PortMatch, PortSpec, Protocol, Rule};
 use kube_nftpolicy::model::{
     IpBlock, Labels, NamedPort, NamespaceInfo, ObjectKey, PodInfo, Policy, Selector,
 };
-use kube_nftpolicy::resolve::resolve;
-use kube_nftpolicy::ruleset::render;
 
 const NODE: &str = "node-a";
 

@@ -9,8 +9,8 @@ mod examples;
 use std::path::PathBuf;
 use std::process::Command;
 
-use kube_nftpolicy::lint::{Finding, Severity, lint};
-use kube_nftpolicy::manifest::{load, parse_sources};
+use kube_nftpolicy::cluster::manifest::{load, parse_sources};
+use kube_nftpolicy::tools::lint::{Finding, Severity, lint};
 use serde::Deserialize;
 
 /// Namespaces shop (team=a) and kube-system; pods shop/web (named ports http/TCP 8080,

@@ -12,11 +12,11 @@ mod scenarios;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use kube_nftpolicy::explain::PortQuery;
-use kube_nftpolicy::index::{Index, Snapshot};
-use kube_nftpolicy::manifest::parse_sources;
-use kube_nftpolicy::matrix::{MatrixError, MatrixSpec, matrix};
+use kube_nftpolicy::cluster::manifest::parse_sources;
+use kube_nftpolicy::engine::index::{Index, Snapshot};
 use kube_nftpolicy::model::Family;
+use kube_nftpolicy::tools::explain::PortQuery;
+use kube_nftpolicy::tools::matrix::{MatrixError, MatrixSpec, matrix};
 use scenarios::{ModelPod, ModelState, NAMESPACES, PODS, parse_matrix, scenarios};
 
 /// The model pods: with two nodes, pod c of every namespace is on node-2 (as in the kernel

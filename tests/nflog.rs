@@ -19,10 +19,9 @@ use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kube_nftpolicy::denylog::{
-    DenyDirection, DenyLogConfig, DenyLogger, Verdict, encode_prefix, parse_prefix,
-};
-use kube_nftpolicy::nflog::{LoggedPacket, NflogSocket};
+use kube_nftpolicy::agent::denylog::{DenyLogConfig, DenyLogger, Verdict};
+use kube_nftpolicy::engine::log_prefix::{DenyDirection, encode_prefix, parse_prefix};
+use kube_nftpolicy::kernel::nflog::{LoggedPacket, NflogSocket};
 use nix::errno::Errno;
 use nix::sched::{CloneFlags, setns};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket};
@@ -370,7 +369,7 @@ fn idle_socket_times_out_and_a_bound_group_is_exclusive() {
         assert!(
             matches!(
                 err,
-                kube_nftpolicy::nflog::NflogError::ConfigRejected {
+                kube_nftpolicy::kernel::nflog::NflogError::ConfigRejected {
                     errno: Errno::EPERM,
                     ..
                 }

@@ -7,12 +7,12 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use kube_nftpolicy::evaluate::{Connection, evaluate};
-use kube_nftpolicy::index::Index;
-use kube_nftpolicy::manifest::parse_sources;
+use kube_nftpolicy::cluster::manifest::parse_sources;
+use kube_nftpolicy::engine::evaluate::{Connection, evaluate};
+use kube_nftpolicy::engine::index::Index;
+use kube_nftpolicy::engine::resolve::resolve;
 use kube_nftpolicy::model::policy::Direction::{self, Egress, Ingress};
 use kube_nftpolicy::model::{ObjectKey, Protocol};
-use kube_nftpolicy::resolve::resolve;
 
 /// Address plan: node-1 pods 10.0.1.x / fd00::1:x, node-2 pods 10.0.2.x / fd00::2:x.
 const CLUSTER: &str = r#"

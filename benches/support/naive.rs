@@ -28,10 +28,10 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::ops::Range;
 
-use kube_nftpolicy::evaluate::{Connection, evaluate};
+use kube_nftpolicy::engine::evaluate::{Connection, evaluate};
+use kube_nftpolicy::engine::resolve::{NodePolicy, PolicyRules, ResolvedPeer};
 use kube_nftpolicy::model::policy::Direction;
 use kube_nftpolicy::model::{Cidr, Family, ObjectKey, Protocol};
-use kube_nftpolicy::resolve::{NodePolicy, PolicyRules, ResolvedPeer};
 
 /// The table the naive ruleset lives in (never ours, never touched by the agent).
 pub const TABLE: &str = "knp-bench-naive";

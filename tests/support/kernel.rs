@@ -8,13 +8,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use kube_nftpolicy::compile::{CompileOptions, compile};
-use kube_nftpolicy::dataplane::{Dataplane, SyncReport};
-use kube_nftpolicy::index::Index;
-use kube_nftpolicy::manifest::parse_sources;
-use kube_nftpolicy::nft::exec::Nft;
-use kube_nftpolicy::resolve::resolve;
-use kube_nftpolicy::ruleset::Ruleset;
+use kube_nftpolicy::cluster::manifest::parse_sources;
+use kube_nftpolicy::engine::compile::{CompileOptions, compile};
+use kube_nftpolicy::engine::index::Index;
+use kube_nftpolicy::engine::resolve::resolve;
+use kube_nftpolicy::engine::ruleset::Ruleset;
+use kube_nftpolicy::kernel::dataplane::{Dataplane, SyncReport};
+use kube_nftpolicy::kernel::nft::exec::Nft;
 
 use crate::manifest_yaml;
 use crate::netns::{Cluster, PodSpec};
@@ -130,7 +130,7 @@ impl NodeDataplanes {
         cluster: &Cluster,
         node: &str,
         rs: &Ruleset,
-    ) -> Result<SyncReport, kube_nftpolicy::dataplane::SyncError> {
+    ) -> Result<SyncReport, kube_nftpolicy::kernel::dataplane::SyncError> {
         let mut dp = self.planes.remove(node).expect("node dataplane");
         let rs = rs.clone();
         let (dp, out) = cluster.run_in_node(node, move || {

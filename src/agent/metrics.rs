@@ -66,66 +66,8 @@ impl SyncKind {
     }
 }
 
-/// Why a dataplane sync failed; the `reason` label of `sync_failures_total`.
-///
-/// A closed enum rather than an error string, so the label cannot grow with error messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SyncFailure {
-    /// `nft` parsed the transaction and refused it.
-    NftRejected,
-    /// `nft` could not be run, or died without a verdict.
-    NftExec,
-    /// Reading the ruleset back from the kernel failed.
-    Readback,
-    /// The kernel's ruleset differed from what was programmed.
-    Drift,
-    /// Anything else.
-    Other,
-}
-
-impl SyncFailure {
-    pub const ALL: [SyncFailure; 5] = [
-        SyncFailure::NftRejected,
-        SyncFailure::NftExec,
-        SyncFailure::Readback,
-        SyncFailure::Drift,
-        SyncFailure::Other,
-    ];
-
-    pub fn as_label(self) -> &'static str {
-        match self {
-            SyncFailure::NftRejected => "nft_rejected",
-            SyncFailure::NftExec => "nft_exec",
-            SyncFailure::Readback => "readback",
-            SyncFailure::Drift => "drift",
-            SyncFailure::Other => "other",
-        }
-    }
-}
-
-/// The Kubernetes resources the agent watches; the `resource` label of `watch_events_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum WatchResource {
-    Pods,
-    Namespaces,
-    NetworkPolicies,
-}
-
-impl WatchResource {
-    pub const ALL: [WatchResource; 3] = [
-        WatchResource::Pods,
-        WatchResource::Namespaces,
-        WatchResource::NetworkPolicies,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WatchResource::Pods => "pods",
-            WatchResource::Namespaces => "namespaces",
-            WatchResource::NetworkPolicies => "networkpolicies",
-        }
-    }
-}
+pub use crate::cluster::WatchResource;
+pub use crate::kernel::dataplane::SyncFailure;
 
 /// Why a denied-connection log line was not written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

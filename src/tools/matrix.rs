@@ -10,9 +10,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::explain::{Endpoint, Explainer, PortQuery};
-use crate::index::Snapshot;
+use crate::engine::index::Snapshot;
 use crate::model::{Family, ObjectKey};
+use crate::tools::explain::{Endpoint, Explainer, PortQuery};
 
 /// Which pods and ports to tabulate.
 #[derive(Clone, Debug, Default)]

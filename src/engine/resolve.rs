@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::index::Snapshot;
+use crate::engine::index::Snapshot;
 use crate::model::cidr::subtract;
 use crate::model::policy::Direction;
 use crate::model::{

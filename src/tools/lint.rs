@@ -3,7 +3,7 @@
 //! Every tutorial mistake we have seen is accepted by the API server and silently does
 //! something else than intended: a `ports` list nested under a peer is dropped (so every port
 //! opens), a default-deny egress policy also cuts DNS, a selector with a typo matches nothing.
-//! This module checks loaded manifests ([`crate::manifest::Manifests`]) with one function per
+//! This module checks loaded manifests ([`crate::cluster::manifest::Manifests`]) with one function per
 //! rule and reports each finding with the object, where it was read, the field path, a rule
 //! id and a severity. Pure: the manifests were already read.
 //!
@@ -37,7 +37,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::manifest::{Manifests, ProblemKind};
+use crate::cluster::manifest::{Manifests, ProblemKind};
 use crate::model::policy::Direction;
 use crate::model::{
     Labels, NAMESPACE_NAME_LABEL, NamespaceScope, ObjectKey, Peer, PodInfo, Policy, PolicyError,

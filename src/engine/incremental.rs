@@ -18,19 +18,19 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::compile::{
+use crate::engine::compile::{
     CompileOptions, PolicyFacts, SetOrigins, Sets, compile_with_identities, dispatch_map_name,
     drop_chain_name, named_set_elements, pod_chain_name, pod_chains, policy_chain,
     policy_chain_name,
 };
-use crate::index::{Changes, Snapshot};
-use crate::model::policy::Direction;
-use crate::model::{Family, Labels, NamespaceScope, ObjectKey, PodInfo, Protocol, Selector};
-use crate::resolve::{
+use crate::engine::index::{Changes, Snapshot};
+use crate::engine::resolve::{
     LocalPod, NamedTargets, NodePolicy, PeerPods, ResolvedPeer, Resolver, namespace_labels,
     resolve, resolve_policy,
 };
-use crate::ruleset::{Chain, ChainRole, Ruleset, Set};
+use crate::engine::ruleset::{Chain, ChainRole, Ruleset, Set};
+use crate::model::policy::Direction;
+use crate::model::{Family, Labels, NamespaceScope, ObjectKey, PodInfo, Protocol, Selector};
 
 /// More pod changes than this in one update are cheaper to redo from scratch.
 const MAX_INCREMENTAL_PODS: usize = 256;

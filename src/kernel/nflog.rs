@@ -5,7 +5,7 @@
 //! N in that network namespace. This module is that socket: it speaks just enough of the
 //! `nfnetlink_log` protocol to bind a group and to turn each packet message into a
 //! [`LoggedPacket`] (the rule's prefix plus addresses, protocol and ports). Deciding what is
-//! worth a log line is [`crate::denylog`]'s job, which keeps this edge thin.
+//! worth a log line is [`crate::agent::denylog`]'s job, which keeps this edge thin.
 //!
 //! Everything the kernel sends is treated as untrusted input: the framing, attributes and
 //! packet headers are parsed by pure functions that return [`ParseError`] on anything short or

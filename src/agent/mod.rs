@@ -1,5 +1,10 @@
-//! The agent's main loop: sources → index → coalesced syncs → kernel, plus metrics,
-//! health, counters and the denied-connection log.
+//! The agent: the `run` loop that wires the cluster edge and the kernel edge to the engine.
+//!
+//! sources → index → coalesced syncs → kernel, plus metrics, health, counters and the
+//! denied-connection log. This module is the loop itself; its parts are
+//! - [`admin`]: the HTTP answers (`/healthz`, `/readyz`, `/metrics`, `/debug/explain`);
+//! - [`metrics`]: the Prometheus registry with bounded labels;
+//! - [`denylog`]: which logged packets become "denied connection" lines (dedup, rate limit).
 //!
 //! Safety rules this module enforces (DESIGN.md, "Programming the kernel"):
 //! - nothing is written before Pods, Namespaces and NetworkPolicies have all been listed once;
@@ -8,6 +13,10 @@
 //!   as a full sync, with backoff;
 //! - losing the API server changes nothing in the kernel: the last ruleset stays in force;
 //! - on shutdown the rules stay in place.
+
+pub mod admin;
+pub mod denylog;
+pub mod metrics;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -18,16 +27,17 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
 
-use crate::admin::{self, Health, LiveSnapshot};
-use crate::compile::CompileOptions;
-use crate::dataplane::Dataplane;
-use crate::denylog::{DenyLogConfig, DenyLogger, Verdict};
-use crate::incremental::{NodeCompiler, UpdateKind};
-use crate::index::Index;
-use crate::metrics::{DropCounter, Metrics, RulesetStats, SuppressReason, SyncKind, WatchResource};
-use crate::nft::exec::Nft;
-use crate::nft::transaction::Kind;
-use crate::resolve::NodePolicy;
+use crate::cluster::IndexSink;
+use crate::engine::compile::CompileOptions;
+use crate::engine::incremental::{NodeCompiler, UpdateKind};
+use crate::engine::index::Index;
+use crate::engine::resolve::NodePolicy;
+use crate::kernel::dataplane::Dataplane;
+use crate::kernel::nft::exec::Nft;
+use crate::kernel::nft::transaction::Kind;
+use admin::{Health, LiveSnapshot};
+use denylog::{DenyLogConfig, DenyLogger, Verdict};
+use metrics::{DropCounter, Metrics, RulesetStats, SuppressReason, SyncKind, WatchResource};
 
 /// Everything the agent needs to run.
 #[derive(Clone, Debug)]
@@ -117,8 +127,14 @@ impl Shared {
         }
     }
 
+    fn all_listed(&self) -> bool {
+        self.listed.iter().all(|b| b.load(Ordering::SeqCst))
+    }
+}
+
+impl IndexSink for Shared {
     /// Change the index; wakes the sync loop if anything really changed.
-    pub fn update(&self, f: impl FnOnce(&mut Index) -> bool) {
+    fn update(&self, f: impl FnOnce(&mut Index) -> bool) {
         let changed = f(&mut lock(&self.index));
         if changed {
             lock(&self.pending_since).get_or_insert_with(Instant::now);
@@ -127,7 +143,7 @@ impl Shared {
     }
 
     /// Record that one kind has completed its first list.
-    pub fn mark_listed(&self, r: WatchResource) {
+    fn mark_listed(&self, r: WatchResource) {
         let i = match r {
             WatchResource::Pods => 0,
             WatchResource::Namespaces => 1,
@@ -142,8 +158,8 @@ impl Shared {
         }
     }
 
-    fn all_listed(&self) -> bool {
-        self.listed.iter().all(|b| b.load(Ordering::SeqCst))
+    fn watch_event(&self, kind: WatchResource) {
+        self.metrics.watch_event(kind);
     }
 }
 
@@ -172,7 +188,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     match &config.source {
         Source::Kubernetes { kubeconfig } => {
             let client = kube_client(kubeconfig.as_ref()).await?;
-            crate::watch::spawn_all(&client, &shared);
+            crate::cluster::watch::spawn_all(&client, &shared);
         }
         Source::Manifests { path, poll } => {
             tokio::spawn(follow_manifests(path.clone(), *poll, shared.clone()));
@@ -243,11 +259,11 @@ async fn follow_manifests(path: PathBuf, poll: Duration, shared: Arc<Shared>) {
         let read = {
             let path = path.clone();
             tokio::task::spawn_blocking(
-                move || -> Result<Vec<(PathBuf, String)>, crate::manifest::ManifestError> {
+                move || -> Result<Vec<(PathBuf, String)>, crate::cluster::manifest::ManifestError> {
                     let mut out = Vec::new();
-                    for f in crate::manifest::manifest_files(&path)? {
+                    for f in crate::cluster::manifest::manifest_files(&path)? {
                         let text = std::fs::read_to_string(&f).map_err(|source| {
-                            crate::manifest::ManifestError::Read {
+                            crate::cluster::manifest::ManifestError::Read {
                                 path: f.clone(),
                                 source,
                             }
@@ -261,7 +277,7 @@ async fn follow_manifests(path: PathBuf, poll: Duration, shared: Arc<Shared>) {
         };
         match read {
             Ok(Ok(sources)) if last.as_ref() != Some(&sources) => {
-                match crate::manifest::parse_sources(&sources) {
+                match crate::cluster::manifest::parse_sources(&sources) {
                     Ok(m) => {
                         for w in &m.warnings {
                             tracing::warn!("{w}");
@@ -295,7 +311,7 @@ async fn follow_manifests(path: PathBuf, poll: Duration, shared: Arc<Shared>) {
     }
 }
 
-fn publish_attribution(shared: &Shared, np: &NodePolicy, idx: &crate::index::Snapshot) {
+fn publish_attribution(shared: &Shared, np: &NodePolicy, idx: &crate::engine::index::Snapshot) {
     let mut by_ip = HashMap::new();
     for (key, pod) in idx.pods.iter() {
         if pod.is_policy_target() {
@@ -521,8 +537,12 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
                 for gone in policed.difference(&now_policed) {
                     // Series are labelled with the names as encoded in the log prefix.
                     for d in crate::model::policy::Direction::ALL {
-                        let prefix = crate::denylog::encode_prefix(d, &gone.namespace, &gone.name);
-                        if let Ok(t) = crate::denylog::parse_prefix(&prefix) {
+                        let prefix = crate::engine::log_prefix::encode_prefix(
+                            d,
+                            &gone.namespace,
+                            &gone.name,
+                        );
+                        if let Ok(t) = crate::engine::log_prefix::parse_prefix(&prefix) {
                             shared.metrics.forget_pod(&t.namespace, &t.pod);
                         }
                     }
@@ -572,7 +592,7 @@ async fn read_counters(every: Duration, dataplane: Arc<Mutex<Dataplane>>, shared
 fn deny_log(group: u16, shared: Arc<Shared>) {
     let mut logger = DenyLogger::new(DenyLogConfig::default());
     let mut socket = loop {
-        match crate::nflog::NflogSocket::open(group) {
+        match crate::kernel::nflog::NflogSocket::open(group) {
             Ok(s) => break s,
             Err(e) => {
                 tracing::error!(error = %e, group, "cannot read the NFLOG group; retrying in 5s");
@@ -631,13 +651,13 @@ fn deny_log(group: u16, shared: Arc<Shared>) {
                     "denied connection"
                 );
             }
-            Verdict::Suppressed(crate::denylog::SuppressReason::Dedup) => {
+            Verdict::Suppressed(denylog::SuppressReason::Dedup) => {
                 shared.metrics.denied_log_suppressed(SuppressReason::Dedup)
             }
-            Verdict::Suppressed(crate::denylog::SuppressReason::RateLimit) => shared
+            Verdict::Suppressed(denylog::SuppressReason::RateLimit) => shared
                 .metrics
                 .denied_log_suppressed(SuppressReason::RateLimit),
-            Verdict::Suppressed(crate::denylog::SuppressReason::Unparseable) => {
+            Verdict::Suppressed(denylog::SuppressReason::Unparseable) => {
                 tracing::debug!(prefix = %pkt.prefix, "NFLOG packet with a prefix that is not ours");
             }
         }

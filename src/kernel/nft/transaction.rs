@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 
 use super::{Counter, KernelState};
-use crate::ruleset::{Chain, ChainRole, Ruleset, Set, TABLE, quote_comment};
+use crate::engine::ruleset::{Chain, ChainRole, Ruleset, Set, TABLE, quote_comment};
 
 /// Which kind of transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -330,7 +330,7 @@ pub fn partial(applied: &Ruleset, desired: &Ruleset, pending: &BTreeSet<String>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ruleset::{Chain, ChainRole, Set};
+    use crate::engine::ruleset::{Chain, ChainRole, Set};
 
     fn map(elements: &[&str]) -> Set {
         Set {

@@ -7,14 +7,50 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use crate::compile::{is_drop_chain_name, is_policy_chain_name};
-use crate::metrics::SyncFailure;
+use crate::engine::compile::{is_drop_chain_name, is_policy_chain_name};
+use crate::engine::ruleset::{ChainRole, Ruleset, TABLE};
+use crate::kernel::nft::exec::{ExecError, Nft};
+use crate::kernel::nft::readback::{self, ReadbackError};
+use crate::kernel::nft::transaction::{self, Kind, Transaction};
+use crate::kernel::nft::{Counter, KernelState};
 use crate::model::policy::Direction;
-use crate::nft::exec::{ExecError, Nft};
-use crate::nft::readback::{self, ReadbackError};
-use crate::nft::transaction::{self, Kind, Transaction};
-use crate::nft::{Counter, KernelState};
-use crate::ruleset::{ChainRole, Ruleset, TABLE};
+
+/// Why a dataplane sync failed; the `reason` label of `sync_failures_total`.
+///
+/// A closed enum rather than an error string, so the label cannot grow with error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SyncFailure {
+    /// `nft` parsed the transaction and refused it.
+    NftRejected,
+    /// `nft` could not be run, or died without a verdict.
+    NftExec,
+    /// Reading the ruleset back from the kernel failed.
+    Readback,
+    /// The kernel's ruleset differed from what was programmed.
+    Drift,
+    /// Anything else.
+    Other,
+}
+
+impl SyncFailure {
+    pub const ALL: [SyncFailure; 5] = [
+        SyncFailure::NftRejected,
+        SyncFailure::NftExec,
+        SyncFailure::Readback,
+        SyncFailure::Drift,
+        SyncFailure::Other,
+    ];
+
+    pub fn as_label(self) -> &'static str {
+        match self {
+            SyncFailure::NftRejected => "nft_rejected",
+            SyncFailure::NftExec => "nft_exec",
+            SyncFailure::Readback => "readback",
+            SyncFailure::Drift => "drift",
+            SyncFailure::Other => "other",
+        }
+    }
+}
 
 /// Why a sync failed. The kernel still holds the previous ruleset in every case.
 #[derive(Debug, thiserror::Error)]

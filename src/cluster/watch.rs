@@ -5,7 +5,8 @@
 //! (after a 410 Gone, a dropped connection or a restart) is buffered from `Init` to
 //! `InitDone` and then replaces the kind atomically, so a half-finished list can never make
 //! the agent forget a policy. Until all three kinds have completed their first list, nothing
-//! is written to the kernel (see [`crate::agent`]).
+//! is written to the kernel (the agent's rule; the watchers only report each first list to
+//! their [`IndexSink`]).
 //!
 //! The kinds the agent watches are listed once, in [`for_each_kind`], and the requests the
 //! watchers make follow from [`watcher_config`]. [`api_access`] derives from those two the
@@ -28,9 +29,8 @@ use kube::runtime::watcher::{self, Event, InitialListStrategy};
 use kube::{Api, Client};
 use serde::de::DeserializeOwned;
 
-use crate::agent::Shared;
-use crate::index::Index;
-use crate::metrics::WatchResource;
+use crate::cluster::{IndexSink, WatchResource};
+use crate::engine::index::Index;
 use crate::model::{NamespaceInfo, ObjectKey, PodInfo, Policy};
 
 /// A Kubernetes kind the agent watches, and how it maps onto the index.
@@ -185,15 +185,15 @@ pub fn api_access() -> Vec<ApiAccess> {
     c.0
 }
 
-/// Start one watcher per kind (see [`for_each_kind`]), each feeding `shared`.
-pub fn spawn_all(client: &Client, shared: &Arc<Shared>) {
-    struct Spawn<'a>(&'a Client, &'a Arc<Shared>);
-    impl KindVisitor for Spawn<'_> {
+/// Start one watcher per kind (see [`for_each_kind`]), each feeding `sink`.
+pub fn spawn_all<S: IndexSink>(client: &Client, sink: &Arc<S>) {
+    struct Spawn<'a, S>(&'a Client, &'a Arc<S>);
+    impl<S: IndexSink> KindVisitor for Spawn<'_, S> {
         fn visit<K: Watched>(&mut self) {
-            tokio::spawn(watch::<K>(self.0.clone(), self.1.clone()));
+            tokio::spawn(watch::<K, S>(self.0.clone(), self.1.clone()));
         }
     }
-    for_each_kind(&mut Spawn(client, shared));
+    for_each_kind(&mut Spawn(client, sink));
 }
 
 fn trim_logged<K: Watched>(obj: &K) -> Option<K::Info> {
@@ -211,8 +211,8 @@ fn trim_logged<K: Watched>(obj: &K) -> Option<K::Info> {
     }
 }
 
-/// Watch one kind until the process ends, feeding the shared index.
-pub async fn watch<K: Watched>(client: Client, shared: Arc<Shared>) {
+/// Watch one kind until the process ends, feeding `sink`.
+pub async fn watch<K: Watched, S: IndexSink>(client: Client, sink: Arc<S>) {
     let api: Api<K> = Api::all(client);
     let mut stream = watcher::watcher(api, watcher_config())
         .default_backoff()
@@ -227,7 +227,7 @@ pub async fn watch<K: Watched>(client: Client, shared: Arc<Shared>) {
                 continue;
             }
         };
-        shared.metrics.watch_event(K::RESOURCE);
+        sink.watch_event(K::RESOURCE);
         match event {
             Event::Init => buffer = Some(Vec::new()),
             Event::InitApply(obj) => {
@@ -238,8 +238,8 @@ pub async fn watch<K: Watched>(client: Client, shared: Arc<Shared>) {
             Event::InitDone => {
                 let all = buffer.take().unwrap_or_default();
                 let count = all.len();
-                shared.update(|idx| K::reset(idx, all));
-                shared.mark_listed(K::RESOURCE);
+                sink.update(|idx| K::reset(idx, all));
+                sink.mark_listed(K::RESOURCE);
                 tracing::info!(
                     resource = K::RESOURCE.as_str(),
                     objects = count,
@@ -248,10 +248,10 @@ pub async fn watch<K: Watched>(client: Client, shared: Arc<Shared>) {
             }
             Event::Apply(obj) => {
                 if let Some(info) = trim_logged(&obj) {
-                    shared.update(|idx| K::apply(idx, info));
+                    sink.update(|idx| K::apply(idx, info));
                 }
             }
-            Event::Delete(obj) => shared.update(|idx| K::delete(idx, &obj)),
+            Event::Delete(obj) => sink.update(|idx| K::delete(idx, &obj)),
         }
     }
 }

@@ -33,10 +33,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 
-use crate::explain::{Endpoint, ExplainError, Explainer, PortQuery};
-use crate::index::Snapshot;
-use crate::metrics::Metrics;
+use crate::agent::metrics::Metrics;
+use crate::engine::index::Snapshot;
 use crate::model::{Family, Protocol};
+use crate::tools::explain::{Endpoint, ExplainError, Explainer, PortQuery};
 
 /// Liveness: answers as long as the process serves HTTP. The DaemonSet's `livenessProbe`
 /// uses it (`tests/deploy.rs` checks that).

@@ -7,9 +7,9 @@
 
 use std::net::IpAddr;
 
+use crate::engine::resolve::{NodePolicy, PolicyRules, ResolvedPeer, ResolvedRule};
 use crate::model::policy::Direction;
 use crate::model::{ObjectKey, Protocol};
-use crate::resolve::{NodePolicy, PolicyRules, ResolvedPeer, ResolvedRule};
 
 /// The outcome for one direction at one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]

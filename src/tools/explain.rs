@@ -13,11 +13,13 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::evaluate::{Assessment, Connection, PeerMatch, PolicyOutcome, RuleOutcome, assess};
-use crate::index::Snapshot;
+use crate::engine::evaluate::{
+    Assessment, Connection, PeerMatch, PolicyOutcome, RuleOutcome, assess,
+};
+use crate::engine::index::Snapshot;
+use crate::engine::resolve::{NodePolicy, resolve};
 use crate::model::policy::Direction;
 use crate::model::{Family, ObjectKey, PodInfo, Protocol, Rule};
-use crate::resolve::{NodePolicy, resolve};
 
 /// One end of the connection as the user names it.
 #[derive(Clone, Debug, PartialEq, Eq)]

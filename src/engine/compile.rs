@@ -15,10 +15,12 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use crate::engine::resolve::{
+    LocalPod, NamedTargets, NodePolicy, PeerPods, PolicyRules, ResolvedPeer,
+};
+use crate::engine::ruleset::{Chain, ChainRole, Ruleset, Set};
 use crate::model::policy::Direction;
 use crate::model::{Cidr, Family, NamespaceScope, ObjectKey, Protocol, Selector};
-use crate::resolve::{LocalPod, NamedTargets, NodePolicy, PeerPods, PolicyRules, ResolvedPeer};
-use crate::ruleset::{Chain, ChainRole, Ruleset, Set};
 
 /// Knobs that change the rendered ruleset.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -102,7 +104,7 @@ pub fn dispatch_map_name(direction: Direction, family: Family) -> String {
 
 /// The log prefix of a drop rule; the deny logger parses it back.
 pub fn log_prefix(direction: Direction, pod: &ObjectKey) -> String {
-    crate::denylog::encode_prefix(direction, &pod.namespace, &pod.name)
+    crate::engine::log_prefix::encode_prefix(direction, &pod.namespace, &pod.name)
 }
 
 fn addr_type(f: Family) -> &'static str {
@@ -272,7 +274,7 @@ fn accept_rule(matches: &[&str], comment: &str) -> String {
         s.push(' ');
     }
     s.push_str("accept comment ");
-    s.push_str(&crate::ruleset::quote_comment(comment));
+    s.push_str(&crate::engine::ruleset::quote_comment(comment));
     s
 }
 
@@ -466,7 +468,7 @@ pub(crate) fn pod_chains(
     }
     rules.push(format!(
         "goto {drop} comment {}",
-        crate::ruleset::quote_comment(&format!("isolated by {}", names.join(", ")))
+        crate::engine::ruleset::quote_comment(&format!("isolated by {}", names.join(", ")))
     ));
     let mut drop_rule = String::new();
     if let Some(group) = opts.log_group {

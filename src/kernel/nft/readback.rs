@@ -11,7 +11,7 @@ use rustables::{
 };
 
 use super::{ChainState, Counter, KernelState};
-use crate::ruleset::TABLE;
+use crate::engine::ruleset::TABLE;
 
 /// Why the kernel could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,380 @@
+//! The `log prefix` format that ties a kernel log message back to the isolated pod.
+//!
+//! The compiler writes it into every drop rule that logs (`knp:<direction>:<ns>/<pod>`) and
+//! the agent's deny log parses it from each NFLOG packet, so both sides use this one module.
+//! It lives in the engine because the compiler must not depend on the agent. Pure: the prefix
+//! is bounded to what the kernel accepts, and names that do not fit are abbreviated with a
+//! stable hash so distinct pods keep distinct prefixes.
+
+/// First field of every prefix the agent generates, so foreign log rules are told apart.
+pub const PREFIX_TAG: &str = "knp";
+/// nftables (and the kernel's `NF_LOG_PREFIXLEN`) allow 127 bytes plus the terminating NUL.
+pub const MAX_PREFIX_LEN: usize = 127;
+/// Marks a name that was shortened or sanitised; `~` cannot occur in Kubernetes names.
+const ABBREVIATION_MARK: char = '~';
+/// Hex digits of the hash that keeps abbreviated names distinct.
+const HASH_LEN: usize = 8;
+/// Shortest encoding of any name: the mark and the hash.
+const MIN_ENCODED_LEN: usize = 1 + HASH_LEN;
+/// Namespaces are DNS-1123 labels. Capping them here guarantees the pod name keeps most of
+/// the remaining room even if a caller passes something longer.
+const MAX_NAMESPACE_LEN: usize = 63;
+
+/// Which side of the isolated pod the denied traffic was on (the crate-wide direction).
+pub use crate::model::policy::Direction as DenyDirection;
+
+/// What a log prefix says: the direction and the isolated pod.
+///
+/// `namespace` and `pod` are the names as encoded in the prefix. Names that did not fit (or
+/// contained characters outside `[a-z0-9.-]`) are abbreviated to `<head>~<hash>`; use
+/// [`DenyTarget::refers_to`] to match such a target against full names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenyTarget {
+    pub direction: DenyDirection,
+    pub namespace: String,
+    pub pod: String,
+}
+
+impl DenyTarget {
+    /// The prefix this target was parsed from.
+    pub fn prefix(&self) -> String {
+        format!(
+            "{PREFIX_TAG}:{}:{}/{}",
+            self.direction, self.namespace, self.pod
+        )
+    }
+
+    /// Whether either name was abbreviated and so differs from the real name.
+    pub fn is_abbreviated(&self) -> bool {
+        self.namespace.contains(ABBREVIATION_MARK) || self.pod.contains(ABBREVIATION_MARK)
+    }
+
+    /// Whether this target names `namespace/pod`. Encoding is deterministic, so re-encoding
+    /// the full names reproduces the same prefix exactly when they are the named pod (up to
+    /// hash collisions among names sharing the kept head).
+    pub fn refers_to(&self, namespace: &str, pod: &str) -> bool {
+        encode_prefix(self.direction, namespace, pod) == self.prefix()
+    }
+}
+
+/// Why a log prefix is not one of the agent's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrefixError {
+    #[error("log prefix {prefix:?} does not start with \"{PREFIX_TAG}:\"")]
+    NotOurs { prefix: String },
+    #[error("log prefix {prefix:?} has no direction field")]
+    MissingDirection { prefix: String },
+    #[error("log prefix {prefix:?} has unknown direction {direction:?}")]
+    UnknownDirection { prefix: String, direction: String },
+    #[error("log prefix {prefix:?} has no namespace/pod separator")]
+    MissingSeparator { prefix: String },
+    #[error("log prefix {prefix:?} has an invalid {what} name")]
+    InvalidName { prefix: String, what: &'static str },
+}
+
+/// The `log prefix` for drops of `direction` traffic of `namespace/pod`.
+///
+/// The format is `knp:<ingress|egress>:<namespace>/<pod>`, at most [`MAX_PREFIX_LEN`] bytes.
+/// Each name appears verbatim when it is a well-formed Kubernetes name that fits; otherwise it
+/// becomes as much of it as fits (other characters replaced by `_`) followed by `~` and 8 hex
+/// digits of a hash of the full name. Neither `~`, `_`, `/` nor `:` occur in Kubernetes names,
+/// so the result always parses back, and only `[a-z0-9._~:/-]` is ever emitted, which needs no
+/// escaping inside the nft rule's quoted string.
+pub fn encode_prefix(direction: DenyDirection, namespace: &str, pod: &str) -> String {
+    let head = format!("{PREFIX_TAG}:{direction}:");
+    // Room for both names and the '/' between them; at least 105 bytes, so both minimum
+    // encodings always fit.
+    let room = MAX_PREFIX_LEN - head.len() - 1;
+    let namespace = encode_name(namespace, MAX_NAMESPACE_LEN.min(room - MIN_ENCODED_LEN));
+    let pod = encode_name(pod, room - namespace.len());
+    format!("{head}{namespace}/{pod}")
+}
+
+/// Read a prefix made by [`encode_prefix`] back into its parts.
+pub fn parse_prefix(prefix: &str) -> Result<DenyTarget, PrefixError> {
+    let owned = || prefix.to_string();
+    let rest = prefix
+        .strip_prefix(PREFIX_TAG)
+        .and_then(|rest| rest.strip_prefix(':'))
+        .ok_or_else(|| PrefixError::NotOurs { prefix: owned() })?;
+    let (direction, names) = rest
+        .split_once(':')
+        .ok_or_else(|| PrefixError::MissingDirection { prefix: owned() })?;
+    let direction = match direction {
+        "ingress" => DenyDirection::Ingress,
+        "egress" => DenyDirection::Egress,
+        other => {
+            return Err(PrefixError::UnknownDirection {
+                prefix: owned(),
+                direction: other.to_string(),
+            });
+        }
+    };
+    let (namespace, pod) = names
+        .split_once('/')
+        .ok_or_else(|| PrefixError::MissingSeparator { prefix: owned() })?;
+    for (what, name) in [("namespace", namespace), ("pod", pod)] {
+        if !is_encoded_name(name) {
+            return Err(PrefixError::InvalidName {
+                prefix: owned(),
+                what,
+            });
+        }
+    }
+    Ok(DenyTarget {
+        direction,
+        namespace: namespace.to_string(),
+        pod: pod.to_string(),
+    })
+}
+
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-'
+}
+
+/// A name that can appear verbatim: non-empty, only characters Kubernetes allows.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(is_name_byte)
+}
+
+fn is_encoded_name(name: &str) -> bool {
+    match name.split_once(ABBREVIATION_MARK) {
+        None => is_plain_name(name),
+        Some((head, hash)) => {
+            head.bytes().all(|b| is_name_byte(b) || b == b'_')
+                && hash.len() == HASH_LEN
+                && hash
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        }
+    }
+}
+
+/// `name` in at most `budget` bytes (`budget >= MIN_ENCODED_LEN`), as described at
+/// [`encode_prefix`].
+fn encode_name(name: &str, budget: usize) -> String {
+    if is_plain_name(name) && name.len() <= budget {
+        return name.to_string();
+    }
+    let keep = budget.saturating_sub(MIN_ENCODED_LEN);
+    let head: String = name
+        .chars()
+        .take(keep)
+        .map(|c| {
+            if c.is_ascii() && is_name_byte(c as u8) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{head}{ABBREVIATION_MARK}{:08x}", fnv1a(name.as_bytes()))
+}
+
+/// 32-bit FNV-1a: stable across releases and platforms, which a prefix baked into rules and
+/// log lines needs (std's hasher is randomly keyed).
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5, |hash, &b| {
+        (hash ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_round_trip() {
+        let long_ns = "n".repeat(63);
+        let long_pod = format!("{}-x", "p".repeat(251));
+        let cases: Vec<(&str, DenyDirection, String, String, Option<&str>)> = vec![
+            (
+                "short names are verbatim",
+                DenyDirection::Ingress,
+                "prod".into(),
+                "web-0".into(),
+                Some("knp:ingress:prod/web-0"),
+            ),
+            (
+                "dots and dashes are verbatim",
+                DenyDirection::Egress,
+                "a-b".into(),
+                "web.v1-7f9c".into(),
+                Some("knp:egress:a-b/web.v1-7f9c"),
+            ),
+            (
+                "longest names that fit are verbatim",
+                DenyDirection::Ingress,
+                long_ns.clone(),
+                "q".repeat(127 - 13 - 63),
+                None,
+            ),
+            (
+                "max-length namespace and pod are abbreviated",
+                DenyDirection::Ingress,
+                long_ns.clone(),
+                long_pod.clone(),
+                None,
+            ),
+            (
+                "egress has one byte more room",
+                DenyDirection::Egress,
+                long_ns.clone(),
+                long_pod.clone(),
+                None,
+            ),
+            (
+                "over-long namespace is abbreviated too",
+                DenyDirection::Egress,
+                "m".repeat(300),
+                long_pod.clone(),
+                None,
+            ),
+            (
+                "invalid characters are sanitised and hashed",
+                DenyDirection::Ingress,
+                "Prod".into(),
+                "we\"b/x:y".into(),
+                None,
+            ),
+            (
+                "non-ascii",
+                DenyDirection::Ingress,
+                "ns".into(),
+                "pöd-ünïcode".into(),
+                None,
+            ),
+            (
+                "empty names",
+                DenyDirection::Egress,
+                String::new(),
+                String::new(),
+                None,
+            ),
+        ];
+        for (name, direction, ns, pod, want_exact) in cases {
+            let prefix = encode_prefix(direction, &ns, &pod);
+            assert!(
+                prefix.len() <= MAX_PREFIX_LEN,
+                "case {name:?}: {} bytes",
+                prefix.len()
+            );
+            assert!(
+                prefix
+                    .bytes()
+                    .all(|b| is_name_byte(b) || b"_~:/".contains(&b)),
+                "case {name:?}: unsafe byte in {prefix:?}"
+            );
+            if let Some(want) = want_exact {
+                assert_eq!(prefix, want, "case {name:?}");
+            }
+            let target = parse_prefix(&prefix).unwrap_or_else(|e| panic!("case {name:?}: {e}"));
+            assert_eq!(target.direction, direction, "case {name:?}");
+            assert_eq!(target.prefix(), prefix, "case {name:?}");
+            assert!(target.refers_to(&ns, &pod), "case {name:?}");
+            assert!(!target.refers_to(&ns, &format!("{pod}z")), "case {name:?}");
+            let verbatim = target.namespace == ns && target.pod == pod;
+            assert_eq!(target.is_abbreviated(), !verbatim, "case {name:?}");
+        }
+
+        // Abbreviated names that share the kept head still differ by their hash.
+        let a = encode_prefix(DenyDirection::Ingress, &long_ns, &format!("{long_pod}-a"));
+        let b = encode_prefix(DenyDirection::Ingress, &long_ns, &format!("{long_pod}-b"));
+        assert_ne!(a, b);
+        assert_eq!(a.len(), MAX_PREFIX_LEN);
+    }
+
+    #[test]
+    fn parse_prefix_errors() {
+        let cases: Vec<(&str, &str, PrefixError)> = vec![
+            ("empty", "", PrefixError::NotOurs { prefix: "".into() }),
+            (
+                "foreign tag",
+                "kube:ingress:a/b",
+                PrefixError::NotOurs {
+                    prefix: "kube:ingress:a/b".into(),
+                },
+            ),
+            (
+                "tag without colon",
+                "knpingress:a/b",
+                PrefixError::NotOurs {
+                    prefix: "knpingress:a/b".into(),
+                },
+            ),
+            (
+                "no direction",
+                "knp:a/b",
+                PrefixError::MissingDirection {
+                    prefix: "knp:a/b".into(),
+                },
+            ),
+            (
+                "unknown direction",
+                "knp:Ingress:a/b",
+                PrefixError::UnknownDirection {
+                    prefix: "knp:Ingress:a/b".into(),
+                    direction: "Ingress".into(),
+                },
+            ),
+            (
+                "no separator",
+                "knp:egress:ab",
+                PrefixError::MissingSeparator {
+                    prefix: "knp:egress:ab".into(),
+                },
+            ),
+            (
+                "empty namespace",
+                "knp:egress:/b",
+                PrefixError::InvalidName {
+                    prefix: "knp:egress:/b".into(),
+                    what: "namespace",
+                },
+            ),
+            (
+                "empty pod",
+                "knp:egress:a/",
+                PrefixError::InvalidName {
+                    prefix: "knp:egress:a/".into(),
+                    what: "pod",
+                },
+            ),
+            (
+                "second slash",
+                "knp:egress:a/b/c",
+                PrefixError::InvalidName {
+                    prefix: "knp:egress:a/b/c".into(),
+                    what: "pod",
+                },
+            ),
+            (
+                "short hash",
+                "knp:egress:a/b~1234",
+                PrefixError::InvalidName {
+                    prefix: "knp:egress:a/b~1234".into(),
+                    what: "pod",
+                },
+            ),
+            (
+                "uppercase hash",
+                "knp:egress:a~DEADBEEF/b",
+                PrefixError::InvalidName {
+                    prefix: "knp:egress:a~DEADBEEF/b".into(),
+                    what: "namespace",
+                },
+            ),
+            (
+                "underscore without hash",
+                "knp:egress:a_b/c",
+                PrefixError::InvalidName {
+                    prefix: "knp:egress:a_b/c".into(),
+                    what: "namespace",
+                },
+            ),
+        ];
+        for (name, prefix, want) in cases {
+            assert_eq!(parse_prefix(prefix), Err(want), "case {name:?}");
+        }
+    }
+}
