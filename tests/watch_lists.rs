@@ -307,12 +307,20 @@ async fn first_lists_and_relists_ask_for_what_they_should() {
         server.apply(node("n2"));
         server.apply(namespace("ns-b", &[]));
         server.compact();
-        let pod_lists = sink.lists_of(WatchResource::Pods);
+        let relisted = [
+            WatchResource::Pods,
+            WatchResource::Nodes,
+            WatchResource::Namespaces,
+        ];
+        let before: Vec<usize> = relisted.iter().map(|k| sink.lists_of(*k)).collect();
         server.start();
-        wait_for(&format!("{}: relist", case.name), T, || {
-            sink.lists_of(WatchResource::Pods) > pod_lists
-                && sink.snapshot().pods.len() == 3
-                && sink.snapshot().nodes.len() == 2
+        wait_for(&format!("{}: relists", case.name), T, || {
+            let snap = sink.snapshot();
+            relisted
+                .iter()
+                .zip(&before)
+                .all(|(k, n)| sink.lists_of(*k) > *n)
+                && (snap.pods.len(), snap.nodes.len(), snap.namespaces.len()) == (3, 2, 2)
         })
         .await;
         tokio::time::sleep(Duration::from_millis(300)).await;

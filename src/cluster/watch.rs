@@ -284,10 +284,11 @@ fn trim_logged<K: Watched>(obj: &K) -> Option<K::Info> {
 /// Watch one kind until the process ends, feeding `sink`.
 pub async fn watch<K: Watched, S: IndexSink>(client: Client, sink: Arc<S>, initial: InitialList) {
     let mut mode = initial;
+    let mut restart_delay = RESTART_DELAY_MIN;
     loop {
         let fallback = mode == InitialList::Auto;
         match follow::<K, S>(&client, &sink, watcher_config(mode), fallback).await {
-            Some(refusal) => {
+            Ended::Refused(refusal) => {
                 tracing::warn!(
                     resource = K::RESOURCE.as_str(),
                     error = %refusal,
@@ -295,9 +296,37 @@ pub async fn watch<K: Watched, S: IndexSink>(client: Client, sink: Arc<S>, initi
                 );
                 mode = InitialList::Cache;
             }
-            None => return,
+            Ended::IncompleteList { listed_before } => {
+                if listed_before {
+                    restart_delay = RESTART_DELAY_MIN;
+                }
+                tracing::warn!(
+                    resource = K::RESOURCE.as_str(),
+                    retry_in_ms = restart_delay.as_millis(),
+                    "a streaming list lost an object it could not read; listing again (the last complete state stays in force)"
+                );
+                tokio::time::sleep(restart_delay).await;
+                restart_delay = (restart_delay * 2).min(RESTART_DELAY_MAX);
+            }
+            Ended::Stream => return,
         }
     }
+}
+
+/// Backoff between restarts of a watcher whose streaming list was incomplete.
+const RESTART_DELAY_MIN: std::time::Duration = std::time::Duration::from_millis(500);
+const RESTART_DELAY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Why [`follow`] returned.
+enum Ended {
+    /// The stream ended (it does not, under the backoff wrapper).
+    Stream,
+    /// The API server refused the streaming list asked for (and falling back was allowed).
+    Refused(String),
+    /// An initial (streaming) list reported an error part way, so it may be missing an object:
+    /// it was not applied, and the watcher must list again. `listed_before` says whether this
+    /// run had completed a list earlier (then the backoff starts afresh).
+    IncompleteList { listed_before: bool },
 }
 
 /// Whether an error is the API server refusing a streaming list: the first WATCH with
@@ -314,27 +343,37 @@ fn refuses_streaming(e: &watcher::Error) -> Option<&kube::core::Status> {
     }
 }
 
-/// Run one watcher with `config` until the stream ends (never, with the backoff wrapper), or,
-/// when `fallback` is set, until the API server refuses the streaming list it asked for: then
-/// the refusal is returned so the caller can switch strategy.
+/// Run one watcher with `config` until it must be restarted (see [`Ended`]).
+///
+/// A list replaces the kind only when it arrived whole. A paginated list that fails is retried
+/// by kube-runtime from its start (a new `Init`). A streaming list is one WATCH; an event in it
+/// that cannot be read is reported as an error and skipped, and the list would then complete
+/// without that object, which for a NetworkPolicy means enforcing less than the cluster says.
+/// So an error inside a list discards it, and a streaming list so discarded restarts the
+/// watcher.
 async fn follow<K: Watched, S: IndexSink>(
     client: &Client,
     sink: &Arc<S>,
     config: watcher::Config,
     fallback: bool,
-) -> Option<String> {
+) -> Ended {
     let api: Api<K> = Api::all(client.clone());
     let mut stream = watcher::watcher(api, config).default_backoff().boxed();
     let mut buffer: Option<Vec<K::Info>> = None;
+    let mut discarded = false;
+    let mut listed = false;
     while let Some(event) = stream.next().await {
         let event = match event {
             Ok(e) => e,
             Err(e) => {
                 if fallback && let Some(status) = refuses_streaming(&e) {
-                    return Some(format!(
+                    return Ended::Refused(format!(
                         "{} {}: {}",
                         status.code, status.reason, status.message
                     ));
+                }
+                if buffer.take().is_some() {
+                    discarded = true;
                 }
                 // The backoff wrapper retries; the last good state stays in force.
                 tracing::warn!(resource = K::RESOURCE.as_str(), error = %e, "watch failed; retrying with backoff");
@@ -343,7 +382,10 @@ async fn follow<K: Watched, S: IndexSink>(
         };
         sink.watch_event(K::RESOURCE);
         match event {
-            Event::Init => buffer = Some(Vec::new()),
+            Event::Init => {
+                buffer = Some(Vec::new());
+                discarded = false;
+            }
             Event::InitApply(obj) => {
                 // Trimmed here, one object at a time: a large list never sits in memory whole.
                 if let (Some(buf), Some(info)) = (buffer.as_mut(), trim_logged(&obj)) {
@@ -351,10 +393,18 @@ async fn follow<K: Watched, S: IndexSink>(
                 }
             }
             Event::InitDone => {
-                let all = buffer.take().unwrap_or_default();
+                let Some(all) = buffer.take() else {
+                    if discarded {
+                        return Ended::IncompleteList {
+                            listed_before: listed,
+                        };
+                    }
+                    continue;
+                };
                 let count = all.len();
                 sink.update(|idx| K::reset(idx, all));
                 sink.mark_listed(K::RESOURCE);
+                listed = true;
                 tracing::info!(
                     resource = K::RESOURCE.as_str(),
                     objects = count,
@@ -369,7 +419,7 @@ async fn follow<K: Watched, S: IndexSink>(
             Event::Delete(obj) => sink.update(|idx| K::delete(idx, &obj)),
         }
     }
-    None
+    Ended::Stream
 }
 
 /// A one-shot list that failed.

@@ -2164,6 +2164,21 @@ impl FakeApiServer {
             .count()
     }
 
+    /// Number of initial lists (and relists) on this path, in whatever way the client lists: a
+    /// LIST without a `continue` token, or a streaming list (a WATCH with
+    /// `sendInitialEvents=true`).
+    pub fn initial_list_count(&self, path: &str) -> usize {
+        lock(&self.shared.state)
+            .requests
+            .iter()
+            .filter(|r| r.path == path)
+            .filter(|r| {
+                (r.verb == "list" && r.param("continue").is_none())
+                    || (r.verb == "watch" && r.param("sendInitialEvents") == Some("true"))
+            })
+            .count()
+    }
+
     /// Number of requests with this verb on any path.
     pub fn verb_count(&self, verb: &str) -> usize {
         lock(&self.shared.state)
