@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-nftpolicy");
 
-fn write_dumps(dir: &Path, scale: &synthetic::Scale) -> (std::path::PathBuf, std::path::PathBuf) {
+fn write_dumps(dir: &Path, scale: &synthetic::Scale) {
     let objects = synthetic::objects_json(scale);
     let json = dir.join("cluster.json");
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects});
@@ -30,7 +30,6 @@ fn write_dumps(dir: &Path, scale: &synthetic::Scale) -> (std::path::PathBuf, std
         serde_yaml_ng::to_writer(&mut f, o).expect("write yaml");
     }
     f.flush().expect("flush");
-    (yaml, json)
 }
 
 /// Wall time, peak RSS (KiB, from `wait4`'s accounting of the child alone) and exit code of
@@ -73,9 +72,27 @@ fn main() {
         Some("1") => synthetic::TARGET,
         _ => synthetic::TEN_TIMES,
     };
+    if let Some(dir) = args
+        .iter()
+        .position(|a| a == "--write-dumps")
+        .and_then(|i| args.get(i + 1))
+    {
+        write_dumps(Path::new(dir), &scale);
+        return;
+    }
+    // The dumps are written by a child process: a process started from this one inherits its
+    // peak RSS in `wait4`'s accounting (the spawn shares the parent's memory until exec), and
+    // the generator holds the whole cluster as JSON values.
     let dir = tempfile::tempdir().expect("tempdir");
     let t = Instant::now();
-    let (yaml, json) = write_dumps(dir.path(), &scale);
+    let status = Command::new(std::env::current_exe().expect("own path"))
+        .args(&args[1..])
+        .arg("--write-dumps")
+        .arg(dir.path())
+        .status()
+        .expect("run the dump writer");
+    assert!(status.success(), "the dump writer failed");
+    let (yaml, json) = (dir.path().join("cluster.yaml"), dir.path().join("cluster.json"));
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) as f64 / 1e6;
     println!(
         "cluster: {} pods, {} policies, {} namespaces; cluster.yaml {:.1} MB, cluster.json {:.1} MB (written in {:.1} s)",
