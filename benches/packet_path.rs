@@ -69,6 +69,7 @@ fn measure(c: &Cluster, dp: Dataplane, text: &str) -> (Dataplane, Duration, usiz
     idx.reset_namespaces(m.namespaces);
     idx.reset_pods(m.pods);
     idx.reset_policies(m.policies);
+    idx.reset_cnps(m.cnps);
     let rs = compile(
         &resolve(&idx.snapshot(), "node-1"),
         &CompileOptions::default(),

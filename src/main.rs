@@ -46,6 +46,7 @@ fn load_index(path: &std::path::Path) -> anyhow::Result<index::Index> {
     idx.reset_namespaces(m.namespaces);
     idx.reset_pods(m.pods);
     idx.reset_policies(m.policies);
+    idx.reset_cnps(m.cnps);
     Ok(idx)
 }
 

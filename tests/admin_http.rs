@@ -447,6 +447,7 @@ fn example_snapshot(name: &str) -> Snapshot {
     idx.reset_namespaces(m.namespaces);
     idx.reset_pods(m.pods);
     idx.reset_policies(m.policies);
+    idx.reset_cnps(m.cnps);
     idx.snapshot()
 }
 

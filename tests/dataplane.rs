@@ -219,6 +219,7 @@ fn ruleset_for(c: &Cluster, text: &str) -> kube_nftpolicy::engine::ruleset::Rule
     idx.reset_namespaces(m.namespaces);
     idx.reset_pods(m.pods);
     idx.reset_policies(m.policies);
+    idx.reset_cnps(m.cnps);
     let _ = c;
     compile(
         &resolve(&idx.snapshot(), "node-1"),

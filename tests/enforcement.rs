@@ -91,6 +91,7 @@ fn snapshot_of(manifests: &str) -> Snapshot {
     idx.reset_namespaces(m.namespaces);
     idx.reset_pods(m.pods);
     idx.reset_policies(m.policies);
+    idx.reset_cnps(m.cnps);
     idx.snapshot()
 }
 

@@ -45,6 +45,7 @@ fn snapshot(dir: &Path) -> Snapshot {
     idx.reset_namespaces(m.namespaces);
     idx.reset_pods(m.pods);
     idx.reset_policies(m.policies);
+    idx.reset_cnps(m.cnps);
     idx.snapshot()
 }
 

@@ -40,6 +40,7 @@ fn render_manifests(m: Manifests, name: &str, node: &str) -> String {
     idx.reset_namespaces(m.namespaces);
     idx.reset_pods(m.pods);
     idx.reset_policies(m.policies);
+    idx.reset_cnps(m.cnps);
     let rs = compile(&resolve(&idx.snapshot(), node), &CompileOptions::default());
     render(&rs, &format!("example {name}, node {node}"))
 }

@@ -48,6 +48,7 @@ fn snapshot(text: &str) -> Snapshot {
     idx.reset_namespaces(m.namespaces);
     idx.reset_pods(m.pods);
     idx.reset_policies(m.policies);
+    idx.reset_cnps(m.cnps);
     idx.snapshot()
 }
 

@@ -583,6 +583,7 @@ fn semantics() {
         idx.reset_namespaces(m.namespaces);
         idx.reset_pods(m.pods);
         idx.reset_policies(m.policies);
+        idx.reset_cnps(m.cnps);
         for ch in &case.checks {
             let (ns, name) = ch.local.split_once('/').expect("ns/pod");
             let snap = idx.snapshot();

@@ -293,7 +293,8 @@ async fn follow_manifests(path: PathBuf, poll: Duration, shared: Arc<Shared>) {
                             let a = idx.reset_namespaces(m.namespaces);
                             let b = idx.reset_pods(m.pods);
                             let c = idx.reset_policies(m.policies);
-                            a | b | c
+                            let d = idx.reset_cnps(m.cnps);
+                            a | b | c | d
                         });
                         for r in WatchResource::ALL {
                             shared.mark_listed(r);

@@ -171,6 +171,10 @@ impl NodeCompiler {
         if changes.everything
             || !changes.namespaces.is_empty()
             || !changes.policies.is_empty()
+            || !changes.cnps.is_empty()
+            // ClusterNetworkPolicy peer sets and tier chains are not edited in place yet.
+            || !snapshot.cnps.is_empty()
+            || !self.snapshot.cnps.is_empty()
             || changes.pods.len() > MAX_INCREMENTAL_PODS
         {
             return None;
@@ -335,6 +339,7 @@ impl NodeCompiler {
                 ips: pod.ips.clone(),
                 ingress: isolated_by(Direction::Ingress),
                 egress: isolated_by(Direction::Egress),
+                cnps: Default::default(),
             };
             if entry.ingress.is_some() || entry.egress.is_some() {
                 if let Err(i) = self.np.pods.binary_search_by(|p| p.key.cmp(&key)) {
@@ -398,7 +403,9 @@ impl NodeCompiler {
                         }
                     }
                     insert_chain(&mut self.rs, pc.chain);
-                    insert_chain(&mut self.rs, pc.drop);
+                    if let Some(drop) = pc.drop {
+                        insert_chain(&mut self.rs, drop);
+                    }
                 }
             }
         }

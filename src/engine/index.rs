@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use imbl::OrdMap;
 use std::sync::Arc;
 
-use crate::model::{NamespaceInfo, ObjectKey, PodInfo, Policy};
+use crate::model::{ClusterPolicy, NamespaceInfo, ObjectKey, PodInfo, Policy};
 
 /// A map of one kind of object with change detection.
 ///
@@ -95,6 +95,8 @@ pub struct Snapshot {
     pub namespaces: Store<String, NamespaceInfo>,
     /// NetworkPolicies by namespace/name.
     pub policies: Store<ObjectKey, Policy>,
+    /// ClusterNetworkPolicies by name.
+    pub cnps: Store<String, ClusterPolicy>,
     /// Bumped on every real change.
     pub generation: u64,
 }
@@ -109,6 +111,8 @@ pub struct Changes {
     pub namespaces: BTreeSet<String>,
     /// Policies added, updated or deleted.
     pub policies: BTreeSet<ObjectKey>,
+    /// ClusterNetworkPolicies added, updated or deleted.
+    pub cnps: BTreeSet<String>,
     /// A whole kind was replaced (a relist): assume anything may have changed.
     pub everything: bool,
 }
@@ -120,6 +124,7 @@ impl Changes {
             && self.pods.is_empty()
             && self.namespaces.is_empty()
             && self.policies.is_empty()
+            && self.cnps.is_empty()
     }
 
     /// Everything may have changed (the state of a fresh compiler).
@@ -229,6 +234,28 @@ impl Index {
             .state
             .policies
             .reset(policies.into_iter().map(|p| (p.key.clone(), p)));
+        self.record_reset(changed)
+    }
+
+    /// Add or update a ClusterNetworkPolicy.
+    pub fn apply_cnp(&mut self, cnp: ClusterPolicy) -> bool {
+        let name = cnp.name.clone();
+        let changed = self.state.cnps.apply(name.clone(), cnp);
+        self.record(changed, |c| c.cnps.insert(name))
+    }
+
+    /// Remove a ClusterNetworkPolicy.
+    pub fn delete_cnp(&mut self, name: &str) -> bool {
+        let changed = self.state.cnps.delete(&name.to_string());
+        self.record(changed, |c| c.cnps.insert(name.to_string()))
+    }
+
+    /// Replace all ClusterNetworkPolicies.
+    pub fn reset_cnps(&mut self, cnps: Vec<ClusterPolicy>) -> bool {
+        let changed = self
+            .state
+            .cnps
+            .reset(cnps.into_iter().map(|p| (p.name.clone(), p)));
         self.record_reset(changed)
     }
 

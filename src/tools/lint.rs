@@ -279,6 +279,16 @@ fn reason_of(e: &PolicyError) -> String {
     text.strip_prefix(&prefix).unwrap_or(&text).to_string()
 }
 
+/// The reason of a ClusterNetworkPolicy problem without the object and field (the finding
+/// names those).
+fn cnp_reason(e: &crate::model::CnpError) -> String {
+    match e {
+        crate::model::CnpError::MissingName => e.to_string(),
+        crate::model::CnpError::Invalid { reason, .. }
+        | crate::model::CnpError::Unknown { reason, .. } => reason.clone(),
+    }
+}
+
 /// The rules a policy has in one direction, each with its field path.
 fn rules_of(p: &Policy) -> impl Iterator<Item = (Direction, String, &Rule)> {
     Direction::ALL.into_iter().flat_map(move |d| {
@@ -342,6 +352,26 @@ fn load_problems(cx: &Context<'_>, out: &mut Vec<Finding>) {
                 format!(
                     "{}: the API server rejects the policy (kube-nftpolicy ignores it)",
                     reason_of(e)
+                ),
+            ),
+            ProblemKind::InvalidClusterPolicy(e) => (
+                if matches!(e, crate::model::CnpError::Unknown { .. }) {
+                    "cnp-unknown-field"
+                } else {
+                    "invalid-cnp"
+                },
+                Severity::Error,
+                format!(
+                    "{}: the API server rejects this (kube-nftpolicy keeps the policy; an Accept rule here matches nothing, a Deny or Pass rule denies everything)",
+                    cnp_reason(e)
+                ),
+            ),
+            ProblemKind::RejectedClusterPolicy(e) => (
+                "invalid-cnp",
+                Severity::Error,
+                format!(
+                    "{}: the API server rejects the policy (kube-nftpolicy ignores it)",
+                    cnp_reason(e)
                 ),
             ),
             ProblemKind::IgnoredField => (

@@ -107,6 +107,7 @@ impl NodeDataplanes {
         idx.reset_namespaces(m.namespaces);
         idx.reset_pods(m.pods);
         idx.reset_policies(m.policies);
+        idx.reset_cnps(m.cnps);
         self.sync_index(cluster, &idx)
     }
 
