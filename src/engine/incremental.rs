@@ -175,6 +175,7 @@ impl NodeCompiler {
             // ClusterNetworkPolicy peer sets and tier chains are not edited in place yet.
             || !snapshot.cnps.is_empty()
             || !self.snapshot.cnps.is_empty()
+            || !changes.nodes.is_empty()
             || changes.pods.len() > MAX_INCREMENTAL_PODS
         {
             return None;

@@ -353,8 +353,16 @@ impl<'a> Resolver<'a> {
     }
 
     /// The nodes a `nodes` peer selects and their addresses.
-    fn node_addrs(&mut self, _sel: &Selector) -> (Vec<String>, BTreeSet<IpAddr>) {
-        (Vec::new(), BTreeSet::new())
+    fn node_addrs(&mut self, sel: &Selector) -> (Vec<String>, BTreeSet<IpAddr>) {
+        let mut members = Vec::new();
+        let mut addrs = BTreeSet::new();
+        for (name, node) in self.snapshot.nodes.iter() {
+            if sel.matches(&node.labels) {
+                members.push(name.clone());
+                addrs.extend(node.addresses.iter().copied());
+            }
+        }
+        (members, addrs)
     }
 
     /// Pods a named port may resolve on, for egress: every pod the rule's pod peers match,
