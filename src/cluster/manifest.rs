@@ -16,8 +16,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::model::cnp_api::ClusterNetworkPolicy;
 use crate::engine::index::Index;
+use crate::model::cnp_api::ClusterNetworkPolicy;
 use crate::model::{
     ClusterPolicy, CnpError, NamespaceInfo, NodeInfo, PodInfo, Policy, PolicyError,
 };
