@@ -22,7 +22,6 @@ mod manifest_yaml;
 mod netns;
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -278,7 +277,11 @@ fn substitute(text: &str, cluster: &Cluster, family: Family) -> String {
         let end = rest[start..].find('}').expect("unterminated template") + start;
         let parts: Vec<&str> = rest[start + 2..end].split(':').collect();
         if parts[0] == "all" {
-            out.push_str(if family == Family::V4 { "0.0.0.0/0" } else { "::/0" });
+            out.push_str(if family == Family::V4 {
+                "0.0.0.0/0"
+            } else {
+                "::/0"
+            });
             rest = &rest[end + 1..];
             continue;
         }

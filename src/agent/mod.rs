@@ -63,6 +63,8 @@ pub struct Config {
     pub full_sync_interval: Duration,
     /// How often to read drop counters for metrics.
     pub counters_interval: Duration,
+    /// While the ClusterNetworkPolicy CRD is not installed, how often to ask again.
+    pub crd_poll: Duration,
     /// The nft binary.
     pub nft: Nft,
 }
@@ -181,7 +183,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     match &config.source {
         Source::Kubernetes { kubeconfig } => {
             let client = kube_client(kubeconfig.as_ref()).await?;
-            crate::cluster::watch::spawn_all(&client, &shared);
+            crate::cluster::watch::spawn_all(&client, &shared, config.crd_poll);
         }
         Source::Manifests { path, poll } => {
             tokio::spawn(follow_manifests(path.clone(), *poll, shared.clone()));
