@@ -15,13 +15,16 @@
 //! manifest files that no API server has validated.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
-use kube::CustomResource;
+// The derive and the types it needs come from kube's pure crates (kube-derive, kube-core),
+// not from the client: the model stays free of I/O.
+use kube_derive::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// `spec` of a ClusterNetworkPolicy.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[kube(
+    crates(kube_core = "::kube_core"),
     group = "policy.networking.k8s.io",
     version = "v1alpha2",
     kind = "ClusterNetworkPolicy",
