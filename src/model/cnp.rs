@@ -758,3 +758,271 @@ impl ClusterPolicy {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(spec: &str) -> Result<ClusterPolicy, CnpError> {
+        let text = format!(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: p}}\nspec:\n{spec}"
+        );
+        let cnp: ClusterNetworkPolicy = serde_yaml_ng::from_str(&text).expect("decodes");
+        ClusterPolicy::from_api(&cnp)
+    }
+
+    const HEAD: &str = "  tier: Admin\n  priority: 1\n  subject: {namespaces: {}}\n";
+
+    #[test]
+    fn rejected_policies_name_the_field() {
+        let cases = [
+            (
+                "priority above 1000",
+                "  tier: Admin\n  priority: 1001\n  subject: {namespaces: {}}\n",
+                "spec.priority",
+            ),
+            (
+                "negative priority",
+                "  tier: Baseline\n  priority: -1\n  subject: {namespaces: {}}\n",
+                "spec.priority",
+            ),
+            (
+                "empty subject",
+                "  tier: Admin\n  priority: 1\n  subject: {}\n",
+                "spec.subject",
+            ),
+            (
+                "two subjects",
+                "  tier: Admin\n  priority: 1\n  subject: {namespaces: {}, pods: {podSelector: {}}}\n",
+                "spec.subject",
+            ),
+            (
+                "pods subject without podSelector",
+                "  tier: Admin\n  priority: 1\n  subject: {pods: {namespaceSelector: {}}}\n",
+                "spec.subject.pods.podSelector",
+            ),
+            (
+                "bad subject selector",
+                "  tier: Admin\n  priority: 1\n  subject: {namespaces: {matchExpressions: [{key: a, operator: Near}]}}\n",
+                "spec.subject.namespaces",
+            ),
+        ];
+        for (name, spec, field) in cases {
+            match parse(spec) {
+                Err(e) => {
+                    assert_eq!(e.field(), field, "case {name}: {e}");
+                    assert!(
+                        e.to_string().contains("ClusterNetworkPolicy p"),
+                        "case {name}: {e}"
+                    );
+                }
+                Ok(p) => panic!("case {name}: accepted {p:?}"),
+            }
+        }
+    }
+
+    /// (case, rules, field of the problem, what the first rule matches afterwards).
+    #[test]
+    fn invalid_rules_fail_closed_and_name_the_field() {
+        #[derive(Debug, PartialEq)]
+        enum Want {
+            Nothing,
+            Everything,
+        }
+        let cases = [
+            (
+                "Accept with no peers",
+                "  ingress:\n  - {action: Accept, from: []}\n",
+                "spec.ingress[0].from",
+                Want::Nothing,
+            ),
+            (
+                "Deny with no peers",
+                "  ingress:\n  - {action: Deny, from: []}\n",
+                "spec.ingress[0].from",
+                Want::Everything,
+            ),
+            (
+                "unknown ingress peer, Accept",
+                "  ingress:\n  - {action: Accept, from: [{nodes: {}}]}\n",
+                "spec.ingress[0].from[0]",
+                Want::Nothing,
+            ),
+            (
+                "unknown egress peer, Pass",
+                "  egress:\n  - {action: Pass, to: [{serviceAccounts: {}}]}\n",
+                "spec.egress[0].to[0]",
+                Want::Everything,
+            ),
+            (
+                "peer with two fields",
+                "  egress:\n  - {action: Accept, to: [{namespaces: {}, networks: [10.0.0.0/8]}]}\n",
+                "spec.egress[0].to[0]",
+                Want::Nothing,
+            ),
+            (
+                "26 peers",
+                &format!(
+                    "  ingress:\n  - action: Deny\n    from: [{}]\n",
+                    vec!["{namespaces: {}}"; 26].join(", ")
+                ),
+                "spec.ingress[0].from",
+                Want::Everything,
+            ),
+            (
+                "bad CIDR",
+                "  egress:\n  - {action: Deny, to: [{networks: [10.0.0.0/33]}]}\n",
+                "spec.egress[0].to[0].networks[0]",
+                Want::Everything,
+            ),
+            (
+                "empty networks",
+                "  egress:\n  - {action: Deny, to: [{networks: []}]}\n",
+                "spec.egress[0].to[0].networks",
+                Want::Everything,
+            ),
+            (
+                "bad domain name",
+                "  egress:\n  - {action: Accept, to: [{domainNames: [\"*foo\"]}]}\n",
+                "spec.egress[0].to[0].domainNames[0]",
+                Want::Nothing,
+            ),
+            (
+                "domainNames in a Deny rule",
+                "  egress:\n  - {action: Deny, to: [{domainNames: [example.com]}]}\n",
+                "spec.egress[0].to",
+                Want::Everything,
+            ),
+            (
+                "range start = end",
+                "  ingress:\n  - {action: Deny, from: [{namespaces: {}}], protocols: [{tcp: {destinationPort: {range: {start: 80, end: 80}}}}]}\n",
+                "spec.ingress[0].protocols[0].tcp.destinationPort.range",
+                Want::Everything,
+            ),
+            (
+                "port 0",
+                "  ingress:\n  - {action: Accept, from: [{namespaces: {}}], protocols: [{udp: {destinationPort: {number: 0}}}]}\n",
+                "spec.ingress[0].protocols[0].udp.destinationPort.number",
+                Want::Nothing,
+            ),
+            (
+                "port number and range",
+                "  ingress:\n  - {action: Deny, from: [{namespaces: {}}], protocols: [{tcp: {destinationPort: {number: 80, range: {start: 1, end: 2}}}}]}\n",
+                "spec.ingress[0].protocols[0].tcp.destinationPort",
+                Want::Everything,
+            ),
+            (
+                "tcp without destinationPort",
+                "  ingress:\n  - {action: Deny, from: [{namespaces: {}}], protocols: [{tcp: {}}]}\n",
+                "spec.ingress[0].protocols[0].tcp.destinationPort",
+                Want::Everything,
+            ),
+            (
+                "two protocols in one entry",
+                "  ingress:\n  - {action: Deny, from: [{namespaces: {}}], protocols: [{tcp: {destinationPort: {number: 1}}, udp: {destinationPort: {number: 1}}}]}\n",
+                "spec.ingress[0].protocols[0]",
+                Want::Everything,
+            ),
+            (
+                "unknown protocol",
+                "  ingress:\n  - {action: Accept, from: [{namespaces: {}}], protocols: [{icmp: {}}]}\n",
+                "spec.ingress[0].protocols[0]",
+                Want::Nothing,
+            ),
+            (
+                "empty protocols",
+                "  ingress:\n  - {action: Deny, from: [{namespaces: {}}], protocols: []}\n",
+                "spec.ingress[0].protocols",
+                Want::Everything,
+            ),
+            (
+                "named port with networks",
+                "  egress:\n  - {action: Accept, to: [{networks: [10.0.0.0/8]}], protocols: [{destinationNamedPort: web}]}\n",
+                "spec.egress[0]",
+                Want::Nothing,
+            ),
+            (
+                "named port with nodes",
+                "  egress:\n  - {action: Deny, to: [{nodes: {}}], protocols: [{destinationNamedPort: web}]}\n",
+                "spec.egress[0]",
+                Want::Everything,
+            ),
+            (
+                "rule name over 100 characters",
+                &format!(
+                    "  ingress:\n  - {{name: {}, action: Deny, from: [{{namespaces: {{}}}}]}}\n",
+                    "x".repeat(101)
+                ),
+                "spec.ingress[0].name",
+                Want::Everything,
+            ),
+            (
+                "bad peer selector",
+                "  ingress:\n  - {action: Accept, from: [{pods: {namespaceSelector: {matchExpressions: [{key: k, operator: In}]}, podSelector: {}}}]}\n",
+                "spec.ingress[0].from[0].pods.namespaceSelector",
+                Want::Nothing,
+            ),
+        ];
+        for (name, rules, field, want) in cases {
+            let p = parse(&format!("{HEAD}{rules}")).unwrap_or_else(|e| panic!("case {name}: {e}"));
+            assert_eq!(p.problems.len(), 1, "case {name}: {:?}", p.problems);
+            assert_eq!(
+                p.problems[0].field(),
+                field,
+                "case {name}: {}",
+                p.problems[0]
+            );
+            let rule = p.ingress.first().or(p.egress.first()).expect("a rule");
+            let got = match &rule.matches {
+                RuleMatch::Nothing { .. } => Want::Nothing,
+                RuleMatch::Everything { .. } => Want::Everything,
+                RuleMatch::Peers { .. } => panic!("case {name}: the rule was kept as written"),
+            };
+            assert_eq!(got, want, "case {name}");
+            if want == Want::Everything {
+                assert_eq!(rule.effective_action(), Action::Deny, "case {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn valid_rules_are_kept() {
+        let p = parse(&format!(
+            "{HEAD}  ingress:\n  - {{name: web, action: Pass, from: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: a}}}}}}}}], protocols: [{{tcp: {{destinationPort: {{range: {{start: 80, end: 90}}}}}}}}, {{destinationNamedPort: dns}}]}}\n  egress:\n  - {{action: Accept, to: [{{networks: [10.0.0.1/8, \"fd00::/8\"]}}, {{nodes: {{}}}}, {{domainNames: [\"*.example.com\"]}}]}}\n"
+        ))
+        .expect("valid");
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+        assert_eq!(p.tier, Tier::Admin);
+        let RuleMatch::Peers { peers, ports } = &p.ingress[0].matches else {
+            panic!("ingress kept")
+        };
+        assert_eq!(peers.len(), 1);
+        assert_eq!(
+            ports.as_deref(),
+            Some(
+                &[
+                    CnpPort::Ports(Protocol::Tcp, 80, 90),
+                    CnpPort::Named("dns".into())
+                ][..]
+            )
+        );
+        let RuleMatch::Peers { peers, ports } = &p.egress[0].matches else {
+            panic!("egress kept")
+        };
+        assert!(ports.is_none());
+        // isCIDR accepts host bits (v1alpha2); they are cleared.
+        assert_eq!(peers[0].to_string(), "networks 10.0.0.0/8, fd00::/8");
+        assert_eq!(p.egress[0].effective_action(), Action::Accept);
+    }
+
+    #[test]
+    fn too_many_rules_is_reported_but_enforced() {
+        let rules: String = (0..26)
+            .map(|_| "  - {action: Deny, from: [{namespaces: {}}]}\n")
+            .collect();
+        let p = parse(&format!("{HEAD}  ingress:\n{rules}")).expect("kept");
+        assert_eq!(p.ingress.len(), 26);
+        assert_eq!(p.problems.len(), 1);
+        assert_eq!(p.problems[0].field(), "spec.ingress");
+    }
+}
