@@ -506,3 +506,55 @@ fn cnp_scenarios_routed_ipv6_one_node_and_bridge_ipv4_two_nodes() {
     let b = run(Layout::Bridge, 2, Family::V4);
     report("bridge/IPv4/2 nodes", &b, start);
 }
+
+/// Each Deny rule counts what it drops, in its own terminal chain: the counter the agent
+/// exports as `cnp_denied_packets_total`. Another Deny rule's counter stays at zero, and a
+/// partial sync (a new policy) keeps the count.
+#[test]
+fn deny_rules_count_their_drops() {
+    let _g = serial();
+    let cluster = Cluster::new(cluster_spec(Layout::Routed, 1));
+    let mut planes = NodeDataplanes::new(&cluster);
+    let base = base_manifests(&cluster);
+    let deny = "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: counted}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {namespaces: {matchLabels: {conformance-house: gryffindor}}}\n  ingress:\n  - {name: deny-slytherin, action: Deny, from: [{namespaces: {matchLabels: {conformance-house: slytherin}}}]}\n  - {action: Deny, from: [{namespaces: {matchLabels: {conformance-house: ravenclaw}}}], protocols: [{tcp: {destinationPort: {number: 9}}}]}\n";
+    planes.sync_text(&cluster, &format!("{base}{deny}"));
+    let (sns, spod) = alias("s0");
+    let (gns, gpod) = alias("g0");
+    let (rns, rpod) = alias("r0");
+    let to = cluster.pod_ip(gns, gpod, Family::V4);
+    let denied: Vec<Probe> = (0..5)
+        .map(|_| Probe::new(Endpoint::pod(sns, spod), to, 80, Proto::Udp))
+        .collect();
+    let got = cluster.probe_all(&denied, PROBE_TIMEOUT);
+    assert!(got.iter().all(|ok| !ok), "slytherin → gryffindor is denied");
+    assert!(
+        cluster.probe(
+            &Probe::new(Endpoint::pod(rns, rpod), to, 80, Proto::Tcp),
+            PROBE_TIMEOUT
+        ),
+        "ravenclaw → gryffindor:80 is allowed (the second rule is for port 9)"
+    );
+    let count = |planes: &mut NodeDataplanes| {
+        let (_, denies) = planes.with(&cluster, "node-1", |dp| dp.counters().expect("counters"));
+        denies
+            .into_iter()
+            .map(|d| {
+                (
+                    (d.policy, d.tier, d.direction.as_str(), d.rule),
+                    d.counter.packets,
+                )
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    let first = count(&mut planes);
+    let key = |rule: &str| ("counted".to_string(), "admin", "ingress", rule.to_string());
+    // A UDP probe may send its datagram more than once; at least one per probe was dropped.
+    let n = first[&key("deny-slytherin")];
+    assert!(n >= 5, "deny-slytherin counted {n}: {first:?}");
+    assert_eq!(first[&key("spec.ingress[1]")], 0, "{first:?}");
+    // A partial sync (another policy) keeps the count.
+    let other = "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: other}\nspec:\n  tier: Baseline\n  priority: 1\n  subject: {namespaces: {}}\n  egress:\n  - {action: Deny, to: [{networks: [203.0.113.0/24]}]}\n";
+    planes.sync_text(&cluster, &format!("{base}{deny}{other}"));
+    let second = count(&mut planes);
+    assert_eq!(second[&key("deny-slytherin")], n, "{second:?}");
+}

@@ -38,7 +38,9 @@ use crate::kernel::nft::exec::Nft;
 use crate::kernel::nft::transaction::Kind;
 use admin::{Health, LiveSnapshot};
 use denylog::{DenyLogConfig, DenyLogger, Verdict};
-use metrics::{DropCounter, Metrics, RulesetStats, SuppressReason, SyncKind, WatchResource};
+use metrics::{
+    CnpDenyCounter, DropCounter, Metrics, RulesetStats, SuppressReason, SyncKind, WatchResource,
+};
 
 /// Everything the agent needs to run.
 #[derive(Clone, Debug)]
@@ -559,20 +561,35 @@ async fn read_counters(every: Duration, dataplane: Arc<Mutex<Dataplane>>, shared
     loop {
         tokio::time::sleep(every).await;
         let dp = dataplane.clone();
-        let read = tokio::task::spawn_blocking(move || lock(&dp).drop_counters()).await;
+        let read = tokio::task::spawn_blocking(move || lock(&dp).counters()).await;
         match read {
-            Ok(Ok(counters)) => shared.metrics.set_drop_counters(
-                counters
-                    .into_iter()
-                    .map(|c| DropCounter {
-                        namespace: c.namespace,
-                        pod: c.pod,
-                        direction: c.direction,
-                        packets: c.counter.packets,
-                        bytes: c.counter.bytes,
-                    })
-                    .collect(),
-            ),
+            Ok(Ok((counters, denies))) => {
+                shared.metrics.set_drop_counters(
+                    counters
+                        .into_iter()
+                        .map(|c| DropCounter {
+                            namespace: c.namespace,
+                            pod: c.pod,
+                            direction: c.direction,
+                            packets: c.counter.packets,
+                            bytes: c.counter.bytes,
+                        })
+                        .collect(),
+                );
+                shared.metrics.set_cnp_deny_counters(
+                    denies
+                        .into_iter()
+                        .map(|c| CnpDenyCounter {
+                            policy: c.policy,
+                            tier: c.tier.to_string(),
+                            direction: c.direction,
+                            rule: c.rule,
+                            packets: c.counter.packets,
+                            bytes: c.counter.bytes,
+                        })
+                        .collect(),
+                );
+            }
             Ok(Err(e)) => tracing::warn!(error = %e, "reading drop counters failed"),
             Err(e) => tracing::warn!(error = %e, "counter reader panicked"),
         }
