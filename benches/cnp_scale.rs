@@ -203,6 +203,11 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("cnp 10k pods / 1k NP / 200 CNP");
     g.sample_size(20);
+    g.bench_function("resolve", |b| b.iter(|| black_box(resolve(&snap, NODE))));
+    g.bench_function("compile", |b| {
+        b.iter(|| black_box(compile(&np, &CompileOptions::default())))
+    });
+    g.bench_function("render", |b| b.iter(|| black_box(render(&rs, ""))));
     g.bench_function("full: resolve+compile+render", |b| {
         b.iter(|| {
             let np = resolve(&snap, NODE);

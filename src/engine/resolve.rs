@@ -487,11 +487,15 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
     }
 }
 
-/// Does a ClusterNetworkPolicy's subject include this pod? (Host-network and finished pods
-/// are never subjects; the caller passes policy targets only.)
-pub(crate) fn cnp_selects(snapshot: &Snapshot, cnp: &ClusterPolicy, pod: &PodInfo) -> bool {
-    let (ns, pods) = cnp.subject.selectors();
-    pods.matches(&pod.labels) && ns.matches(&namespace_labels(snapshot, &pod.key.namespace))
+/// Does a ClusterNetworkPolicy's subject include a pod with these namespace and pod labels?
+/// (Host-network and finished pods are never subjects; callers pass policy targets only.)
+fn subject_matches(subject: &crate::model::Subject, ns: &Labels, pod: &Labels) -> bool {
+    match subject {
+        crate::model::Subject::Namespaces(sel) => sel.matches(ns),
+        crate::model::Subject::Pods { namespaces, pods } => {
+            pods.matches(pod) && namespaces.matches(ns)
+        }
+    }
 }
 
 /// Every ClusterNetworkPolicy that applies to a local pod, in evaluation order, with the
@@ -505,11 +509,17 @@ fn resolve_cnps(
     ordered.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
     let mut out = Vec::new();
     let mut membership: BTreeMap<ObjectKey, TierMembership> = BTreeMap::new();
+    // Each local pod's namespace labels, looked up once (every policy asks).
+    let ns_labels: Vec<Labels> = local
+        .iter()
+        .map(|p| namespace_labels(snapshot, &p.key.namespace))
+        .collect();
     for cnp in ordered {
         let selected: Vec<&Arc<PodInfo>> = local
             .iter()
-            .copied()
-            .filter(|p| cnp_selects(snapshot, cnp, p))
+            .zip(&ns_labels)
+            .filter(|(p, ns)| subject_matches(&cnp.subject, ns, &p.labels))
+            .map(|(p, _)| *p)
             .collect();
         if selected.is_empty() {
             continue;
@@ -553,23 +563,16 @@ fn resolve_cnp_rule(
         RuleMatch::Nothing { reason } => ResolvedCnpMatch::Nothing(reason.clone()),
         RuleMatch::Everything { reason } => ResolvedCnpMatch::Everything(reason.clone()),
         RuleMatch::Peers { peers, ports } => {
-            let mut pod_members: BTreeSet<ObjectKey> = BTreeSet::new();
             let resolved: Vec<ResolvedCnpPeer> = peers
                 .iter()
                 .map(|p| match p {
-                    CnpPeer::Namespaces(ns) => {
-                        let pp = r.peer_pods(
-                            &NamespaceScope::Selector(ns.clone()),
-                            &Selector::everything(),
-                        );
-                        pod_members.extend(pp.members.iter().cloned());
-                        ResolvedCnpPeer::Pods(pp)
-                    }
-                    CnpPeer::Pods { namespaces, pods } => {
-                        let pp = r.peer_pods(&NamespaceScope::Selector(namespaces.clone()), pods);
-                        pod_members.extend(pp.members.iter().cloned());
-                        ResolvedCnpPeer::Pods(pp)
-                    }
+                    CnpPeer::Namespaces(ns) => ResolvedCnpPeer::Pods(r.peer_pods(
+                        &NamespaceScope::Selector(ns.clone()),
+                        &Selector::everything(),
+                    )),
+                    CnpPeer::Pods { namespaces, pods } => ResolvedCnpPeer::Pods(
+                        r.peer_pods(&NamespaceScope::Selector(namespaces.clone()), pods),
+                    ),
                     CnpPeer::Nodes(sel) => {
                         let (members, addrs) = r.node_addrs(sel);
                         ResolvedCnpPeer::Nodes {
@@ -602,10 +605,17 @@ fn resolve_cnp_rule(
                     Direction::Ingress => {
                         named_targets(&names, selected.iter().map(|p| (*p).clone()))
                     }
-                    // Egress: the destination is a peer pod.
+                    // Egress: the destination is a peer pod (computed only here: a peer
+                    // may hold thousands of pods).
                     Direction::Egress => {
-                        let pods: Vec<Arc<PodInfo>> = pod_members
-                            .iter()
+                        let mut members: BTreeSet<&ObjectKey> = BTreeSet::new();
+                        for p in &resolved {
+                            if let ResolvedCnpPeer::Pods(pp) = p {
+                                members.extend(pp.members.iter());
+                            }
+                        }
+                        let pods: Vec<Arc<PodInfo>> = members
+                            .into_iter()
                             .filter_map(|k| r.snapshot.pods.get(k).cloned())
                             .collect();
                         named_targets(&names, pods)
