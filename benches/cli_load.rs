@@ -92,7 +92,10 @@ fn main() {
         .status()
         .expect("run the dump writer");
     assert!(status.success(), "the dump writer failed");
-    let (yaml, json) = (dir.path().join("cluster.yaml"), dir.path().join("cluster.json"));
+    let (yaml, json) = (
+        dir.path().join("cluster.yaml"),
+        dir.path().join("cluster.json"),
+    );
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) as f64 / 1e6;
     println!(
         "cluster: {} pods, {} policies, {} namespaces; cluster.yaml {:.1} MB, cluster.json {:.1} MB (written in {:.1} s)",

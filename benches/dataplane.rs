@@ -23,7 +23,8 @@
 //! loop per measurement, default 5), `DATAPLANE_IPERF_SECS` (iperf3 `-t`, default 5; 0 skips
 //! throughput), `DATAPLANE_REPEATS` (default 3, the median is reported), `DATAPLANE_CLIENTS`
 //! (concurrent connecting threads, default 2), `DATAPLANE_CONFIGS` (default
-//! `none,conntrack,base,ours,naive`). Results are in docs/benchmarks.md.
+//! `none,conntrack,base,ours,naive`), `DATAPLANE_CNPS` (ClusterNetworkPolicies added to the
+//! cluster, none of them applying to the measured pods; default 0). Results are in docs/benchmarks.md.
 
 #[path = "support/naive.rs"]
 mod naive;
@@ -168,6 +169,8 @@ struct Settings {
     iperf_secs: u32,
     repeats: usize,
     clients: usize,
+    /// ClusterNetworkPolicies in the cluster (none applies to the measured pods).
+    cnps: usize,
     configs: Vec<Config>,
 }
 
@@ -216,6 +219,7 @@ impl Settings {
             iperf_secs: parse_env("DATAPLANE_IPERF_SECS", "5")?,
             repeats: parse_env("DATAPLANE_REPEATS", "3")?,
             clients: parse_env("DATAPLANE_CLIENTS", "2")?,
+            cnps: parse_env("DATAPLANE_CNPS", "0")?,
             configs,
         };
         if !s.conn_secs.is_finite() || s.conn_secs <= 0.0 || s.repeats == 0 || s.clients == 0 {
@@ -347,7 +351,42 @@ spec:
 }
 
 /// The whole cluster with `n` NetworkPolicies (0, or the measured 8 plus `n − 8` synthetic).
-fn cluster_index(c: &Cluster, n: usize) -> Result<Index, String> {
+/// `n` ClusterNetworkPolicies of the Admin and Baseline tiers whose subjects are the
+/// synthetic teams' namespaces: none of them applies to the measured pods.
+fn cluster_network_policies(n: usize) -> Vec<kube_nftpolicy::model::ClusterPolicy> {
+    use kube_nftpolicy::model::{
+        Action, ClusterPolicy, CnpPeer, CnpRule, Labels, RuleMatch, Selector, Subject, Tier,
+    };
+    let team = |t: usize| Selector {
+        match_labels: Labels::from([("team".to_string(), format!("team-{}", t % 10))]),
+        expressions: vec![],
+    };
+    (0..n)
+        .map(|k| ClusterPolicy {
+            name: format!("cnp-{k}"),
+            tier: if k % 2 == 0 {
+                Tier::Admin
+            } else {
+                Tier::Baseline
+            },
+            priority: (k % 1000) as u16,
+            subject: Subject::Namespaces(team(k)),
+            ingress: vec![CnpRule {
+                index: 0,
+                name: "deny-other-team".into(),
+                action: Action::Deny,
+                matches: RuleMatch::Peers {
+                    peers: vec![CnpPeer::Namespaces(team(k + 1))],
+                    ports: None,
+                },
+            }],
+            egress: vec![],
+            problems: vec![],
+        })
+        .collect()
+}
+
+fn cluster_index(c: &Cluster, n: usize, cnps: usize) -> Result<Index, String> {
     let m = parse_sources(&[("measured.yaml".into(), measured_manifests(c))])
         .map_err(|e| format!("measured pods' manifests: {e}"))?;
     if !m.warnings.is_empty() {
@@ -374,6 +413,7 @@ fn cluster_index(c: &Cluster, n: usize) -> Result<Index, String> {
         return Err(format!("built {} policies instead of {n}", policies.len()));
     }
     idx.reset_policies(policies);
+    idx.reset_cnps(cluster_network_policies(cnps));
     Ok(idx)
 }
 
@@ -385,8 +425,8 @@ struct Size {
     summary: Vec<String>,
 }
 
-fn prepare(c: &Cluster, n: usize) -> Result<Size, String> {
-    let idx = cluster_index(c, n)?;
+fn prepare(c: &Cluster, n: usize, cnps: usize) -> Result<Size, String> {
+    let idx = cluster_index(c, n, cnps)?;
     let t = Instant::now();
     let np = resolve(&idx.snapshot(), NODE);
     let ours = compile(&np, &CompileOptions::default());
@@ -415,7 +455,8 @@ fn prepare(c: &Cluster, n: usize) -> Result<Size, String> {
         .map_or(0, Vec::len);
     let summary = vec![
         format!(
-            "{n} policies: {} isolated pods on {NODE}, {} select the server; resolve+compile {:.0} ms",
+            "{n} policies, {cnps} ClusterNetworkPolicies ({} CNP chains on {NODE}): {} pods with chains on {NODE}, {} policies select the server; resolve+compile {:.0} ms",
+            np.cnps.len(),
             np.pods.len(),
             server_policies,
             core.as_secs_f64() * 1e3
@@ -1027,7 +1068,7 @@ fn run(s: &Settings) -> Result<bool, String> {
     let mut all_pass = true;
     let mut table = Vec::new();
     for &n in &s.sizes {
-        let size = prepare(&c, n)?;
+        let size = prepare(&c, n, s.cnps)?;
         for line in &size.summary {
             println!("{line}");
         }

@@ -182,6 +182,9 @@ pub struct RunArgs {
     /// How often to read drop counters for metrics (s).
     #[arg(long, default_value_t = 5)]
     pub counters_interval_s: u64,
+    /// While the ClusterNetworkPolicy CRD is not installed, how often to ask again (ms).
+    #[arg(long, default_value_t = 10_000)]
+    pub crd_poll_ms: u64,
     /// The nft binary.
     #[arg(long, default_value = "nft")]
     pub nft: PathBuf,

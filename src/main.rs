@@ -180,6 +180,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 resync_interval: Duration::from_secs(a.resync_interval_s.max(1)),
                 full_sync_interval: Duration::from_secs(a.full_sync_interval_s.max(1)),
                 counters_interval: Duration::from_secs(a.counters_interval_s.max(1)),
+                crd_poll: Duration::from_millis(a.crd_poll_ms.max(100)),
                 nft: Nft::new(a.nft),
             };
             let rt = tokio::runtime::Builder::new_multi_thread()

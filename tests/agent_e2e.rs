@@ -1309,3 +1309,68 @@ fn api_requests_stay_within_the_declared_access() {
         "three first lists and at least one relist: {lists} lists"
     );
 }
+
+/// Without the ClusterNetworkPolicy CRD (its list answers 404), the agent enforces
+/// NetworkPolicy alone, says so once, and becomes ready; when the CRD appears it picks
+/// ClusterNetworkPolicies up without a restart.
+#[test]
+fn missing_cluster_network_policy_crd() {
+    let _g = serial();
+    let env = KubeEnv::new(FakeApiServerOptions::default());
+    env.server.set_served("ClusterNetworkPolicy", false);
+    let c = &env.c;
+    let kc = env.kubeconfig.to_str().expect("utf-8 path");
+    let agent = Agent::start(
+        c,
+        env.dir.path(),
+        "no-crd",
+        19880,
+        &["--kubeconfig", kc, "--crd-poll-ms", "100"],
+    );
+    agent.wait_first_sync();
+    load(&env.server, &deny_ingress());
+    converge(c, DENY, "NetworkPolicy enforced without the CRD", &agent);
+    let (status, body) = agent.http(c, "/readyz");
+    assert_eq!(status, 200, "ready without the CRD: {body}");
+    // Several polls later, still said only once.
+    thread::sleep(Duration::from_millis(800));
+    let said = agent.count(|l| l.contains("its CustomResourceDefinition is not installed"));
+    assert_eq!(said, 1, "said once:\n{}", agent.tail(40));
+    let cnp_lists = env
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("clusternetworkpolicies"))
+        .count();
+    assert!(cnp_lists >= 3, "it keeps asking ({cnp_lists} requests)");
+
+    // The CRD appears, with an Admin policy that accepts client → web before NetworkPolicy.
+    env.server.set_served("ClusterNetworkPolicy", true);
+    load(
+        &env.server,
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: admin-client-web}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}}\n  ingress:\n  - {name: client, action: Accept, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: client}}}}]}\n",
+    );
+    converge(
+        c,
+        ALLOW_CLIENT,
+        "the Admin tier accepts client → web",
+        &agent,
+    );
+    agent.wait_log("CRD noticed", Duration::from_secs(5), |lines| {
+        lines
+            .iter()
+            .any(|l| l.contains("the CustomResourceDefinition is installed now"))
+    });
+    let t = wait_table(c, &agent, "the policy's chain", |t| {
+        has_chain(t, "cnp/admin-client-web/ingress")
+    });
+    assert!(t.contains("tier/admin/ingress/default/web"), "{t}");
+
+    // Deleting it restores the NetworkPolicy verdict.
+    assert!(
+        env.server
+            .delete("ClusterNetworkPolicy", None, "admin-client-web")
+            .is_some()
+    );
+    converge(c, DENY, "ClusterNetworkPolicy deleted", &agent);
+}

@@ -227,6 +227,10 @@ struct Manifests {
     pod_monitors: Vec<(Origin, PodMonitor)>,
     prometheus_rules: Vec<(Origin, PrometheusRule)>,
     kustomizations: Vec<(Origin, Kustomization)>,
+    crds: Vec<(
+        Origin,
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    )>,
 }
 
 /// The first field of `orig` that did not survive a round trip through the type, or the first
@@ -301,6 +305,10 @@ fn parse_manifests(files: &Files, problems: &mut Vec<String>) -> Manifests {
                     strict(&origin, &v).map(|t| m.bindings.push((origin.clone(), t)))
                 }
                 "DaemonSet" => strict(&origin, &v).map(|t| m.daemonsets.push((origin.clone(), t))),
+                // The optional ClusterNetworkPolicy CRD (deploy/crd/, generated; tests/crd.rs).
+                "CustomResourceDefinition" => {
+                    strict(&origin, &v).map(|t| m.crds.push((origin.clone(), t)))
+                }
                 "PodMonitor" => exact::<PodMonitor>(&origin, &v).and_then(|t| {
                     if t.api_version != "monitoring.coreos.com/v1" || t.kind != "PodMonitor" {
                         return Err(format!(
@@ -1582,6 +1590,7 @@ fn every_manifest_parses_into_its_type() {
         ("PodMonitor", l.m.pod_monitors.len(), 1),
         ("PrometheusRule", l.m.prometheus_rules.len(), 1),
         ("Kustomization", l.m.kustomizations.len(), 2),
+        ("CustomResourceDefinition", l.m.crds.len(), 1),
     ];
     for (kind, got, want) in counts {
         assert_eq!(got, want, "{kind} objects in deploy/");
@@ -1589,7 +1598,7 @@ fn every_manifest_parses_into_its_type() {
     let yaml = l.files.keys().filter(|f| is_yaml(f)).count();
     assert_eq!(
         yaml,
-        8,
+        9,
         "YAML files in deploy/: {:?}",
         l.files.keys().collect::<Vec<_>>()
     );
@@ -1600,10 +1609,19 @@ fn cluster_role_grants_exactly_what_the_watchers_use() {
     let l = load_real();
     assert_eq!(
         api_access().len(),
-        4,
-        "pods, namespaces, networkpolicies, nodes"
+        5,
+        "pods, namespaces, networkpolicies, nodes, clusternetworkpolicies"
     );
     assert_none("ClusterRole", check_cluster_role(&l.m));
+    // The CRD offered in deploy/crd/ serves the resource the ClusterRole grants.
+    let (origin, crd) = l.m.crds.first().expect("the ClusterNetworkPolicy CRD");
+    let access = api_access();
+    let granted = access
+        .iter()
+        .find(|a| a.resource == "clusternetworkpolicies")
+        .expect("clusternetworkpolicies in the access");
+    assert_eq!(crd.spec.group, granted.group, "{origin}");
+    assert_eq!(crd.spec.names.plural, granted.resource, "{origin}");
 }
 
 #[test]
@@ -1685,7 +1703,7 @@ const BROKEN: &[Broken] = &[
     Broken { name: "ClusterRole with an extra verb", file: "deploy/rbac.yaml", from: "verbs: [\"list\", \"watch\"]", to: "verbs: [\"get\", \"list\", \"watch\"]", expect: "grants get namespaces, which the agent never uses" },
     Broken { name: "ClusterRole with an extra resource", file: "deploy/rbac.yaml", from: "resources: [\"namespaces\", \"nodes\", \"pods\"]", to: "resources: [\"namespaces\", \"nodes\", \"pods\", \"services\"]", expect: "grants list services" },
     Broken { name: "ClusterRole missing a resource", file: "deploy/rbac.yaml", from: "resources: [\"namespaces\", \"nodes\", \"pods\"]", to: "resources: [\"namespaces\", \"pods\"]", expect: "does not grant list nodes" },
-    Broken { name: "ClusterRole missing watch", file: "deploy/rbac.yaml", from: "verbs: [\"list\", \"watch\"]\n---", to: "verbs: [\"list\"]\n---", expect: "does not grant watch networking.k8s.io/networkpolicies" },
+    Broken { name: "ClusterRole missing watch", file: "deploy/rbac.yaml", from: "verbs: [\"list\", \"watch\"]\n---", to: "verbs: [\"list\"]\n---", expect: "does not grant watch policy.networking.k8s.io/clusternetworkpolicies" },
     Broken { name: "ClusterRole wildcard", file: "deploy/rbac.yaml", from: "verbs: [\"list\", \"watch\"]", to: "verbs: [\"*\"]", expect: "wildcard" },
     Broken { name: "binding to another namespace's account", file: "deploy/rbac.yaml", from: "    name: kube-nftpolicy\n    namespace: kube-nftpolicy", to: "    name: kube-nftpolicy\n    namespace: kube-system", expect: "subjects" },
     Broken { name: "account in another namespace", file: "deploy/rbac.yaml", from: "  namespace: kube-nftpolicy\n  labels", to: "  namespace: kube-system\n  labels", expect: "ServiceAccount kube-nftpolicy is in namespace kube-system" },

@@ -12,7 +12,8 @@ use kube_nftpolicy::engine::resolve::resolve;
 use kube_nftpolicy::engine::ruleset::render;
 use kube_nftpolicy::model::policy::{NamespaceScope, Peer, PortMatch, PortSpec, Protocol, Rule};
 use kube_nftpolicy::model::{
-    IpBlock, Labels, NamedPort, NamespaceInfo, ObjectKey, PodInfo, Policy, Selector,
+    Action, ClusterPolicy, CnpPeer, CnpPort, CnpRule, IpBlock, Labels, NamedPort, NamespaceInfo,
+    ObjectKey, PodInfo, Policy, RuleMatch, Selector, Subject, Tier,
 };
 
 const NODE: &str = "node-a";
@@ -494,6 +495,121 @@ fn random_walk_matches_full_compile() {
         // The walk must exercise the fast path, or it proves nothing about it.
         assert!(
             incremental > 150,
+            "seed {seed}: only {incremental} incremental updates"
+        );
+    }
+}
+
+fn random_cnp(r: &mut Rng) -> ClusterPolicy {
+    let peer = |r: &mut Rng| match r.below(5) {
+        0 => CnpPeer::Namespaces(sel(&[("team", r.pick(&["x", "y"]))])),
+        1 => CnpPeer::Pods {
+            namespaces: Selector::everything(),
+            pods: sel(&[("app", r.pick(APPS))]),
+        },
+        2 => CnpPeer::Pods {
+            namespaces: sel(&[("team", r.pick(&["x", "y"]))]),
+            pods: sel(&[("tier", r.pick(&["1", "2"]))]),
+        },
+        3 => CnpPeer::Networks(vec!["10.0.0.0/29".parse().expect("cidr")]),
+        _ => CnpPeer::Namespaces(Selector::everything()),
+    };
+    let ports = |r: &mut Rng, egress: bool| match r.below(4) {
+        0 | 1 => None,
+        2 => Some(vec![CnpPort::Ports(Protocol::Tcp, 80, 90)]),
+        // Egress named ports force the full path; keep them rare there.
+        _ if egress && r.below(4) != 0 => Some(vec![CnpPort::Ports(Protocol::Udp, 53, 53)]),
+        _ => Some(vec![CnpPort::Named("http".into())]),
+    };
+    let rules = |r: &mut Rng, egress: bool| {
+        (0..r.below(3))
+            .map(|index| {
+                let mut peers: Vec<CnpPeer> = (0..1 + r.below(2)).map(|_| peer(r)).collect();
+                let ports = ports(r, egress);
+                if !egress || matches!(ports.as_deref(), Some([CnpPort::Named(_)])) {
+                    // Ingress has pod peers only; named ports go with pod peers only.
+                    peers.retain(|p| !matches!(p, CnpPeer::Networks(_)));
+                    if peers.is_empty() {
+                        peers.push(CnpPeer::Namespaces(Selector::everything()));
+                    }
+                }
+                CnpRule {
+                    index,
+                    name: format!("r{index}"),
+                    action: [Action::Accept, Action::Deny, Action::Pass][r.below(3)],
+                    matches: RuleMatch::Peers { peers, ports },
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    ClusterPolicy {
+        name: format!("cnp{}", r.below(6)),
+        tier: [Tier::Admin, Tier::Baseline][r.below(2)],
+        priority: [1, 5, 5, 9][r.below(4)],
+        subject: if r.below(2) == 0 {
+            Subject::Namespaces(sel(&[("team", r.pick(&["x", "y"]))]))
+        } else {
+            Subject::Pods {
+                namespaces: Selector::everything(),
+                pods: sel(&[("app", r.pick(APPS))]),
+            }
+        },
+        ingress: rules(r, false),
+        egress: rules(r, true),
+        problems: vec![],
+    }
+}
+
+#[test]
+fn random_walk_with_cluster_network_policies_matches_full_compile() {
+    for seed in [3u64, 11, 99] {
+        let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut idx = Index::new();
+        idx.reset_namespaces(
+            NAMESPACES
+                .iter()
+                .map(|n| namespace(n, ["x", "y"][n.len() % 2]))
+                .collect(),
+        );
+        idx.reset_pods((0..40).map(|_| random_pod(&mut r)).collect());
+        idx.reset_policies((0..6).map(|_| random_policy(&mut r)).collect());
+        idx.reset_cnps((0..5).map(|_| random_cnp(&mut r)).collect());
+        let mut c = NodeCompiler::new(NODE, CompileOptions::default());
+        step(&mut c, &mut idx, &format!("seed {seed}: initial"));
+        let mut incremental = 0;
+        for i in 0..500 {
+            let what = match r.below(20) {
+                0 => {
+                    idx.apply_cnp(random_cnp(&mut r));
+                    "cluster network policy applied"
+                }
+                1 => {
+                    let name = format!("cnp{}", r.below(6));
+                    idx.delete_cnp(&name);
+                    "cluster network policy deleted"
+                }
+                2 => {
+                    idx.apply_policy(random_policy(&mut r));
+                    "policy applied"
+                }
+                3..=5 => {
+                    let p = random_pod(&mut r);
+                    idx.delete_pod(&p.key);
+                    "pod deleted"
+                }
+                _ => {
+                    idx.apply_pod(random_pod(&mut r));
+                    "pod applied"
+                }
+            };
+            if step(&mut c, &mut idx, &format!("seed {seed} step {i}: {what}"))
+                == UpdateKind::Incremental
+            {
+                incremental += 1;
+            }
+        }
+        assert!(
+            incremental > 60,
             "seed {seed}: only {incremental} incremental updates"
         );
     }

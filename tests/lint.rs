@@ -55,6 +55,12 @@ fn policy(name: &str, spec: &str) -> String {
     )
 }
 
+fn cnp(name: &str, tier: &str, priority: u16, rest: &str) -> String {
+    format!(
+        "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  tier: {tier}\n  priority: {priority}\n{rest}"
+    )
+}
+
 fn findings(text: &str) -> Vec<Finding> {
     let m = parse_sources(&[(PathBuf::from("case.yaml"), text.to_string())]).expect("parse");
     lint(&m).findings
@@ -79,6 +85,184 @@ fn cases() -> Vec<Case> {
         "  podSelector: {}\n  policyTypes: [Egress]\n",
     );
     vec![
+        // ClusterNetworkPolicy rules
+        Case {
+            name: "a CNP priority out of range",
+            rule: "invalid-cnp",
+            text: with_cluster(&cnp("p", "Admin", 1001, "  subject: {namespaces: {}}\n")),
+            fires: Some(("spec.priority", Severity::Error, "1001 is outside 0-1000")),
+        },
+        Case {
+            name: "a CNP port range with start = end",
+            rule: "invalid-cnp",
+            text: with_cluster(&cnp(
+                "p",
+                "Admin",
+                1,
+                "  subject: {namespaces: {}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}], protocols: [{tcp: {destinationPort: {range: {start: 80, end: 80}}}}]}\n",
+            )),
+            fires: Some((
+                "spec.ingress[0].protocols[0].tcp.destinationPort.range",
+                Severity::Error,
+                "must be less than end",
+            )),
+        },
+        Case {
+            name: "a valid CNP",
+            rule: "invalid-cnp",
+            text: with_cluster(&cnp(
+                "p",
+                "Admin",
+                1,
+                "  subject: {namespaces: {}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}]}\n",
+            )),
+            fires: None,
+        },
+        Case {
+            name: "a CNP peer of a newer CRD",
+            rule: "cnp-unknown-field",
+            text: with_cluster(&cnp(
+                "p",
+                "Admin",
+                1,
+                "  subject: {namespaces: {}}\n  egress:\n  - {action: Deny, to: [{serviceAccounts: {}}]}\n",
+            )),
+            fires: Some((
+                "spec.egress[0].to[0]",
+                Severity::Error,
+                "a Deny or Pass rule denies everything",
+            )),
+        },
+        Case {
+            name: "a CNP subject that matches no pod",
+            rule: "cnp-selects-no-pod",
+            text: with_cluster(&cnp(
+                "p",
+                "Admin",
+                1,
+                "  subject: {namespaces: {matchLabels: {team: z}}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}]}\n",
+            )),
+            fires: Some(("spec.subject", Severity::Warning, "matches no pod")),
+        },
+        Case {
+            name: "a CNP subject that matches a pod",
+            rule: "cnp-selects-no-pod",
+            text: with_cluster(&cnp(
+                "p",
+                "Admin",
+                1,
+                "  subject: {namespaces: {matchLabels: {team: a}}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}]}\n",
+            )),
+            fires: None,
+        },
+        Case {
+            name: "a rule after an ingress catch-all",
+            rule: "cnp-unreachable-rule",
+            text: with_cluster(&cnp(
+                "p",
+                "Baseline",
+                1,
+                "  subject: {namespaces: {}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}]}\n  - {action: Accept, from: [{namespaces: {matchLabels: {team: a}}}]}\n",
+            )),
+            fires: Some((
+                "spec.ingress[1]",
+                Severity::Warning,
+                "matches every ingress connection",
+            )),
+        },
+        Case {
+            name: "a rule after an egress catch-all of both families",
+            rule: "cnp-unreachable-rule",
+            text: with_cluster(&cnp(
+                "p",
+                "Admin",
+                1,
+                "  subject: {namespaces: {}}\n  egress:\n  - {action: Pass, to: [{networks: [0.0.0.0/0, \"::/0\"]}]}\n  - {action: Deny, to: [{namespaces: {}}]}\n",
+            )),
+            fires: Some(("spec.egress[1]", Severity::Warning, "never matches")),
+        },
+        Case {
+            name: "a catch-all with ports, or of one family, leaves later rules reachable",
+            rule: "cnp-unreachable-rule",
+            text: with_cluster(&cnp(
+                "p",
+                "Admin",
+                1,
+                "  subject: {namespaces: {}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}], protocols: [{tcp: {destinationPort: {number: 80}}}]}\n  - {action: Accept, from: [{namespaces: {}}]}\n  egress:\n  - {action: Deny, to: [{networks: [0.0.0.0/0]}]}\n  - {action: Deny, to: [{namespaces: {}}]}\n",
+            )),
+            fires: None,
+        },
+        Case {
+            name: "two Admin CNPs of equal priority for the same pods",
+            rule: "cnp-same-priority",
+            text: with_cluster(
+                &(cnp(
+                    "a",
+                    "Admin",
+                    5,
+                    "  subject: {namespaces: {}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}]}\n",
+                ) + &cnp(
+                    "b",
+                    "Admin",
+                    5,
+                    "  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}}\n  ingress:\n  - {action: Accept, from: [{namespaces: {}}]}\n",
+                )),
+            ),
+            fires: Some((
+                "spec.priority",
+                Severity::Warning,
+                "evaluates a first (by name)",
+            )),
+        },
+        Case {
+            name: "equal priorities in different tiers, or for different directions",
+            rule: "cnp-same-priority",
+            text: with_cluster(
+                &(cnp(
+                    "a",
+                    "Admin",
+                    5,
+                    "  subject: {namespaces: {}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}]}\n",
+                ) + &cnp(
+                    "b",
+                    "Baseline",
+                    5,
+                    "  subject: {namespaces: {}}\n  ingress:\n  - {action: Accept, from: [{namespaces: {}}]}\n",
+                ) + &cnp(
+                    "c",
+                    "Admin",
+                    5,
+                    "  subject: {namespaces: {}}\n  egress:\n  - {action: Accept, to: [{namespaces: {}}]}\n",
+                )),
+            ),
+            fires: None,
+        },
+        Case {
+            name: "a domainNames peer",
+            rule: "cnp-domain-names",
+            text: with_cluster(&cnp(
+                "p",
+                "Admin",
+                1,
+                "  subject: {namespaces: {}}\n  egress:\n  - {action: Accept, to: [{domainNames: [example.com]}]}\n",
+            )),
+            fires: Some((
+                "spec.egress[0].to[0].domainNames",
+                Severity::Warning,
+                "matches nothing",
+            )),
+        },
+        Case {
+            name: "no domainNames peer",
+            rule: "cnp-domain-names",
+            text: with_cluster(&cnp(
+                "p",
+                "Admin",
+                1,
+                "  subject: {namespaces: {}}\n  egress:\n  - {action: Accept, to: [{networks: [10.0.0.0/8]}]}\n",
+            )),
+            fires: None,
+        },
         // dropped-field
         Case {
             name: "ports nested under a peer is dropped",
@@ -635,6 +819,11 @@ fn each_rule_fires_and_does_not() {
         "no-dns-egress",
         "no-kind",
         "object-warning",
+        "cnp-selects-no-pod",
+        "cnp-unreachable-rule",
+        "cnp-same-priority",
+        "cnp-domain-names",
+        "invalid-cnp",
     ];
     for rule in every_rule {
         assert!(rules_firing.contains(rule), "{rule} has no case that fires");
@@ -729,7 +918,7 @@ fn every_example_has_exactly_its_expected_findings() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert_eq!(linted, 16, "every seed example is linted");
+    assert_eq!(linted, 17, "every example is linted");
     assert!(total >= 15, "only {total} findings over the examples");
 }
 

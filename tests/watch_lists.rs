@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fake_apiserver::{FakeApiServer, FakeApiServerOptions, RecordedRequest, namespace, pod};
-use kube_nftpolicy::cluster::watch::{InitialList, spawn_all};
+use kube_nftpolicy::cluster::watch::{DEFAULT_CRD_POLL, InitialList, spawn_all};
 use kube_nftpolicy::cluster::{IndexSink, WatchResource};
 use kube_nftpolicy::engine::index::{Index, Snapshot};
 use serde_json::json;
@@ -265,7 +265,7 @@ async fn first_lists_and_relists_ask_for_what_they_should() {
         ));
         server.apply(node("n1"));
         let sink = Arc::new(Recorder::default());
-        spawn_all(&server.client(), &sink, case.initial);
+        spawn_all(&server.client(), &sink, case.initial, DEFAULT_CRD_POLL);
 
         wait_for(&format!("{}: first lists", case.name), T, || {
             PATHS.iter().all(|(k, _)| sink.lists_of(*k) >= 1)

@@ -89,6 +89,23 @@ impl SuppressReason {
     }
 }
 
+/// The counter of one ClusterNetworkPolicy Deny rule, read back from the dataplane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CnpDenyCounter {
+    /// The ClusterNetworkPolicy.
+    pub policy: String,
+    /// `admin` or `baseline`.
+    pub tier: String,
+    /// Direction.
+    pub direction: Direction,
+    /// The rule's name, or `spec.<direction>[i]`.
+    pub rule: String,
+    /// Absolute packet count.
+    pub packets: u64,
+    /// Absolute byte count.
+    pub bytes: u64,
+}
+
 /// One kernel drop counter read back from the dataplane.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DropCounter {
@@ -119,6 +136,7 @@ pub struct RulesetStats {
 pub struct Metrics {
     registry: Registry,
     drops: DropCollector,
+    cnp_denies: DropCollector,
     sync_duration: HistogramVec,
     sync_failures: IntCounterVec,
     last_sync: Gauge,
@@ -138,7 +156,21 @@ impl Metrics {
     pub fn new() -> Result<Self, MetricsError> {
         let registry = Registry::new();
 
-        let drops = DropCollector::new()?;
+        let drops = DropCollector::new(
+            "dropped_packets_total",
+            "dropped_bytes_total",
+            "by policy, by local pod and direction",
+            &DROP_LABELS,
+        )?;
+        let cnp_denies = DropCollector::new(
+            "cnp_denied_packets_total",
+            "cnp_denied_bytes_total",
+            "by ClusterNetworkPolicy Deny rules, by policy, tier, direction and rule",
+            &CNP_DENY_LABELS,
+        )?;
+        registry
+            .register(Box::new(cnp_denies.clone()))
+            .map_err(define("cnp_denied_packets_total"))?;
         registry
             .register(Box::new(drops.clone()))
             .map_err(define("dropped_packets_total"))?;
@@ -278,6 +310,7 @@ impl Metrics {
         Ok(Metrics {
             registry,
             drops,
+            cnp_denies,
             sync_duration,
             sync_failures,
             last_sync,
@@ -303,7 +336,25 @@ impl Metrics {
     /// Pods missing from `counters` lose their series. Entries for the same pod and direction
     /// are summed, because the dataplane may keep more than one drop counter per pod.
     pub fn set_drop_counters(&self, counters: Vec<DropCounter>) {
-        self.drops.replace(counters);
+        self.drops.replace(counters.into_iter().map(|c| {
+            (
+                vec![c.direction.as_str().to_owned(), c.namespace, c.pod],
+                c.packets,
+                c.bytes,
+            )
+        }));
+    }
+
+    /// Replaces the exported ClusterNetworkPolicy Deny counters (one per Deny rule) with the
+    /// latest read-back from the kernel.
+    pub fn set_cnp_deny_counters(&self, counters: Vec<CnpDenyCounter>) {
+        self.cnp_denies.replace(counters.into_iter().map(|c| {
+            (
+                vec![c.direction.as_str().to_owned(), c.policy, c.rule, c.tier],
+                c.packets,
+                c.bytes,
+            )
+        }));
     }
 
     pub fn observe_sync(&self, kind: SyncKind, duration: Duration) {
@@ -408,54 +459,62 @@ fn gauge_value(count: usize) -> i64 {
     i64::try_from(count).unwrap_or(i64::MAX)
 }
 
-/// Packets and bytes for one (namespace, pod, direction).
-type DropSnapshot = BTreeMap<(String, String, Direction), (u64, u64)>;
+/// Packets and bytes per label values (in the collector's label order).
+type DropSnapshot = BTreeMap<Vec<String>, (u64, u64)>;
 
-/// Exposes the latest kernel drop-counter snapshot as two counter families.
+/// Exposes the latest kernel drop-counter snapshot as two counter families (packets, bytes).
 ///
 /// Cloning shares the snapshot: one clone is registered in the registry, the other is kept to
 /// replace the snapshot.
 #[derive(Debug, Clone)]
 struct DropCollector {
     descs: Vec<Desc>,
+    labels: &'static [&'static str],
     snapshot: Arc<Mutex<DropSnapshot>>,
 }
 
 /// In name order, as `prometheus`'s own vectors emit them, so every family in a scrape lists
 /// its labels the same way.
 const DROP_LABELS: [&str; 3] = ["direction", "namespace", "pod"];
+/// Labels of the ClusterNetworkPolicy Deny counters, in name order. Bounded: one series per
+/// Deny rule of a ClusterNetworkPolicy that applies to a pod of this node.
+const CNP_DENY_LABELS: [&str; 4] = ["direction", "policy", "rule", "tier"];
 
 impl DropCollector {
-    fn new() -> Result<Self, MetricsError> {
-        let labels: Vec<String> = DROP_LABELS.iter().map(|l| (*l).to_owned()).collect();
+    fn new(
+        packets_name: &'static str,
+        bytes_name: &'static str,
+        what: &str,
+        labels: &'static [&'static str],
+    ) -> Result<Self, MetricsError> {
+        let names: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
         let packets = Desc::new(
-            name("dropped_packets_total"),
-            "Packets dropped by policy, by local pod and direction.".to_owned(),
-            labels.clone(),
+            name(packets_name),
+            format!("Packets dropped {what}."),
+            names.clone(),
             Default::default(),
         )
-        .map_err(define("dropped_packets_total"))?;
+        .map_err(define(packets_name))?;
         let bytes = Desc::new(
-            name("dropped_bytes_total"),
-            "Bytes dropped by policy, by local pod and direction.".to_owned(),
-            labels,
+            name(bytes_name),
+            format!("Bytes dropped {what}."),
+            names,
             Default::default(),
         )
-        .map_err(define("dropped_bytes_total"))?;
+        .map_err(define(bytes_name))?;
         Ok(DropCollector {
             descs: vec![packets, bytes],
+            labels,
             snapshot: Arc::default(),
         })
     }
 
-    fn replace(&self, counters: Vec<DropCounter>) {
+    fn replace(&self, counters: impl IntoIterator<Item = (Vec<String>, u64, u64)>) {
         let mut snapshot = DropSnapshot::new();
-        for c in counters {
-            let entry = snapshot
-                .entry((c.namespace, c.pod, c.direction))
-                .or_default();
-            entry.0 = entry.0.saturating_add(c.packets);
-            entry.1 = entry.1.saturating_add(c.bytes);
+        for (labels, packets, bytes) in counters {
+            let entry = snapshot.entry(labels).or_default();
+            entry.0 = entry.0.saturating_add(packets);
+            entry.1 = entry.1.saturating_add(bytes);
         }
         // A panic elsewhere while holding the lock cannot leave a half-written map (the map is
         // swapped in whole), so a poisoned lock is safe to keep using.
@@ -472,12 +531,11 @@ impl Collector for DropCollector {
         let snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
         let mut packets = Vec::with_capacity(snapshot.len());
         let mut bytes = Vec::with_capacity(snapshot.len());
-        for ((namespace, pod, direction), (p, b)) in snapshot.iter() {
-            let labels = [direction.as_str(), namespace.as_str(), pod.as_str()];
+        for (values, (p, b)) in snapshot.iter() {
             // Counters are f64 in the exposition format; precision loss starts at 2^53, far
-            // beyond what a single pod's drop counter reaches.
-            packets.push(counter_metric(&labels, *p as f64));
-            bytes.push(counter_metric(&labels, *b as f64));
+            // beyond what a single drop counter reaches.
+            packets.push(counter_metric(self.labels, values, *p as f64));
+            bytes.push(counter_metric(self.labels, values, *b as f64));
         }
         drop(snapshot);
 
@@ -496,14 +554,14 @@ impl Collector for DropCollector {
     }
 }
 
-fn counter_metric(values: &[&str; 3], value: f64) -> Metric {
-    let labels = DROP_LABELS
+fn counter_metric(names: &[&str], values: &[String], value: f64) -> Metric {
+    let labels = names
         .iter()
         .zip(values)
         .map(|(name, value)| {
             let mut pair = LabelPair::default();
             pair.set_name((*name).to_owned());
-            pair.set_value((*value).to_owned());
+            pair.set_value(value.clone());
             pair
         })
         .collect();

@@ -39,7 +39,9 @@ use crate::kernel::nft::exec::Nft;
 use crate::kernel::nft::transaction::Kind;
 use admin::{Health, LiveSnapshot};
 use denylog::{DenyLogConfig, DenyLogger, Verdict};
-use metrics::{DropCounter, Metrics, RulesetStats, SuppressReason, SyncKind, WatchResource};
+use metrics::{
+    CnpDenyCounter, DropCounter, Metrics, RulesetStats, SuppressReason, SyncKind, WatchResource,
+};
 
 /// Everything the agent needs to run.
 #[derive(Clone, Debug)]
@@ -64,6 +66,8 @@ pub struct Config {
     pub full_sync_interval: Duration,
     /// How often to read drop counters for metrics.
     pub counters_interval: Duration,
+    /// While the ClusterNetworkPolicy CRD is not installed, how often to ask again.
+    pub crd_poll: Duration,
     /// The nft binary.
     pub nft: Nft,
 }
@@ -187,7 +191,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             initial_list,
         } => {
             let client = kube_client(kubeconfig.as_ref()).await?;
-            crate::cluster::watch::spawn_all(&client, &shared, *initial_list);
+            crate::cluster::watch::spawn_all(&client, &shared, *initial_list, config.crd_poll);
         }
         Source::Manifests { path, poll } => {
             tokio::spawn(follow_manifests(path.clone(), *poll, shared.clone()));
@@ -563,20 +567,35 @@ async fn read_counters(every: Duration, dataplane: Arc<Mutex<Dataplane>>, shared
     loop {
         tokio::time::sleep(every).await;
         let dp = dataplane.clone();
-        let read = tokio::task::spawn_blocking(move || lock(&dp).drop_counters()).await;
+        let read = tokio::task::spawn_blocking(move || lock(&dp).counters()).await;
         match read {
-            Ok(Ok(counters)) => shared.metrics.set_drop_counters(
-                counters
-                    .into_iter()
-                    .map(|c| DropCounter {
-                        namespace: c.namespace,
-                        pod: c.pod,
-                        direction: c.direction,
-                        packets: c.counter.packets,
-                        bytes: c.counter.bytes,
-                    })
-                    .collect(),
-            ),
+            Ok(Ok((counters, denies))) => {
+                shared.metrics.set_drop_counters(
+                    counters
+                        .into_iter()
+                        .map(|c| DropCounter {
+                            namespace: c.namespace,
+                            pod: c.pod,
+                            direction: c.direction,
+                            packets: c.counter.packets,
+                            bytes: c.counter.bytes,
+                        })
+                        .collect(),
+                );
+                shared.metrics.set_cnp_deny_counters(
+                    denies
+                        .into_iter()
+                        .map(|c| CnpDenyCounter {
+                            policy: c.policy,
+                            tier: c.tier.to_string(),
+                            direction: c.direction,
+                            rule: c.rule,
+                            packets: c.counter.packets,
+                            bytes: c.counter.bytes,
+                        })
+                        .collect(),
+                );
+            }
             Ok(Err(e)) => tracing::warn!(error = %e, "reading drop counters failed"),
             Err(e) => tracing::warn!(error = %e, "counter reader panicked"),
         }

@@ -1,7 +1,7 @@
 //! Reading cluster state from YAML/JSON manifests on disk (the embedded, cluster-less mode).
 //!
 //! Accepts what `kubectl get -o yaml` writes: multi-document YAML, `List` objects, and any mix
-//! of Namespaces, Pods and NetworkPolicies. Every problem is reported with the file, the
+//! of Namespaces, Pods, NetworkPolicies and ClusterNetworkPolicies. Every problem is reported with the file, the
 //! document number and the object, because a user debugging a policy needs to find the line.
 //! A document the agent cannot read at all fails the whole load, so a half-read directory
 //! never replaces a good ruleset; a single bad object is skipped (or, for a NetworkPolicy,
@@ -17,7 +17,10 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::engine::index::Index;
-use crate::model::{NamespaceInfo, NodeInfo, PodInfo, Policy, PolicyError};
+use crate::model::cnp_api::ClusterNetworkPolicy;
+use crate::model::{
+    ClusterPolicy, CnpError, NamespaceInfo, NodeInfo, PodInfo, Policy, PolicyError,
+};
 
 /// The objects found in a set of manifests, plus every warning, in file order.
 #[derive(Debug, Default, Clone)]
@@ -28,6 +31,8 @@ pub struct Manifests {
     pub pods: Vec<PodInfo>,
     /// NetworkPolicies.
     pub policies: Vec<Policy>,
+    /// ClusterNetworkPolicies.
+    pub cnps: Vec<ClusterPolicy>,
     /// Nodes.
     pub nodes: Vec<NodeInfo>,
     /// Human-readable problems that did not stop the load.
@@ -47,7 +52,8 @@ impl Manifests {
         let pods = index.reset_pods(std::mem::take(&mut self.pods));
         let policies = index.reset_policies(std::mem::take(&mut self.policies));
         let nodes = index.reset_nodes(std::mem::take(&mut self.nodes));
-        namespaces | pods | policies | nodes
+        let cnps = index.reset_cnps(std::mem::take(&mut self.cnps));
+        namespaces | pods | policies | nodes | cnps
     }
 
     /// A fresh index holding what was loaded.
@@ -91,6 +97,11 @@ pub enum ProblemKind {
     RejectedPolicy(PolicyError),
     /// A part of a valid policy that has no effect.
     IgnoredField,
+    /// A ClusterNetworkPolicy with a part the API server would reject (or a newer CRD's
+    /// field); it is kept, and the rules concerned fail closed.
+    InvalidClusterPolicy(CnpError),
+    /// A ClusterNetworkPolicy that cannot be placed (tier, priority or subject); ignored.
+    RejectedClusterPolicy(CnpError),
     /// The same object twice; the later one wins.
     Duplicate,
     /// Something about a Pod or Namespace that does not stop its use (or skips only it).
@@ -290,6 +301,7 @@ struct Collector {
     namespaces: BTreeMap<String, (String, NamespaceInfo)>,
     pods: BTreeMap<crate::model::ObjectKey, (String, PodInfo)>,
     policies: BTreeMap<crate::model::ObjectKey, (String, Policy)>,
+    cnps: BTreeMap<String, (String, ClusterPolicy)>,
     nodes: BTreeMap<String, (String, NodeInfo)>,
     problems: Vec<Problem>,
 }
@@ -509,6 +521,37 @@ impl Collector {
                     ),
                 }
             }
+            "ClusterNetworkPolicy" => {
+                let what = describe(&kind, &value);
+                let Ok(cnp) = self.typed::<ClusterNetworkPolicy>(origin, &what, &value) else {
+                    return;
+                };
+                match ClusterPolicy::from_api(&cnp) {
+                    Ok(policy) => {
+                        for e in &policy.problems {
+                            self.problem(
+                                origin,
+                                Some(&what),
+                                Some(e.field()),
+                                ProblemKind::InvalidClusterPolicy(e.clone()),
+                                format!("{e}"),
+                            );
+                        }
+                        let at = format!("{origin}");
+                        if let Some((prev, _)) = self.cnps.insert(policy.name.clone(), (at, policy))
+                        {
+                            self.duplicate(origin, &what, &prev);
+                        }
+                    }
+                    Err(e) => self.problem(
+                        origin,
+                        Some(&what),
+                        Some(e.field()),
+                        ProblemKind::RejectedClusterPolicy(e.clone()),
+                        format!("{e}; the policy is ignored"),
+                    ),
+                }
+            }
             other => {
                 let what = describe(other, &value);
                 self.problem(
@@ -588,6 +631,9 @@ impl Collector {
         for (key, (at, _)) in &self.policies {
             origins.insert(format!("NetworkPolicy {key}"), at.clone());
         }
+        for (name, (at, _)) in &self.cnps {
+            origins.insert(format!("ClusterNetworkPolicy {name}"), at.clone());
+        }
         for (name, (at, _)) in &self.nodes {
             origins.insert(format!("Node {name}"), at.clone());
         }
@@ -601,6 +647,7 @@ impl Collector {
             namespaces: self.namespaces.into_values().map(|(_, v)| v).collect(),
             pods: self.pods.into_values().map(|(_, v)| v).collect(),
             policies: self.policies.into_values().map(|(_, v)| v).collect(),
+            cnps: self.cnps.into_values().map(|(_, v)| v).collect(),
             nodes: self.nodes.into_values().map(|(_, v)| v).collect(),
             warnings,
             problems: self.problems,

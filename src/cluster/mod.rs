@@ -21,15 +21,17 @@ pub enum WatchResource {
     Namespaces,
     NetworkPolicies,
     Nodes,
+    ClusterNetworkPolicies,
 }
 
 impl WatchResource {
     /// Every kind, in the order the agent waits for their first lists.
-    pub const ALL: [WatchResource; 4] = [
+    pub const ALL: [WatchResource; 5] = [
         WatchResource::Pods,
         WatchResource::Namespaces,
         WatchResource::NetworkPolicies,
         WatchResource::Nodes,
+        WatchResource::ClusterNetworkPolicies,
     ];
 
     /// The API resource name (also the `resource` metric label).
@@ -39,6 +41,7 @@ impl WatchResource {
             WatchResource::Namespaces => "namespaces",
             WatchResource::NetworkPolicies => "networkpolicies",
             WatchResource::Nodes => "nodes",
+            WatchResource::ClusterNetworkPolicies => "clusternetworkpolicies",
         }
     }
 
@@ -49,6 +52,7 @@ impl WatchResource {
             WatchResource::Namespaces => 1,
             WatchResource::NetworkPolicies => 2,
             WatchResource::Nodes => 3,
+            WatchResource::ClusterNetworkPolicies => 4,
         }
     }
 }

@@ -1,5 +1,9 @@
-//! The watch edge: Pods, Namespaces, NetworkPolicies and Nodes from the API server into the
-//! index.
+//! The watch edge: Pods, Namespaces, NetworkPolicies, Nodes and ClusterNetworkPolicies from
+//! the API server into the index.
+//!
+//! The ClusterNetworkPolicy CRD may not be installed: its list then answers 404, which counts
+//! as an empty first list (NetworkPolicy is enforced alone, said once in the log), and the
+//! watcher asks again every `crd_poll` until the CRD appears.
 //!
 //! Each kind has its own kube-runtime watcher with the default backoff. Objects are trimmed
 //! to their model type the moment they arrive, so the agent never holds whole Pods. A relist
@@ -32,7 +36,8 @@ use serde::de::DeserializeOwned;
 
 use crate::cluster::{IndexSink, WatchResource};
 use crate::engine::index::Index;
-use crate::model::{NamespaceInfo, NodeInfo, ObjectKey, PodInfo, Policy};
+use crate::model::cnp_api::ClusterNetworkPolicy;
+use crate::model::{ClusterPolicy, NamespaceInfo, NodeInfo, ObjectKey, PodInfo, Policy};
 
 /// A Kubernetes kind the agent watches, and how it maps onto the index.
 pub trait Watched:
@@ -42,6 +47,9 @@ pub trait Watched:
     type Info: Send;
     /// Which resource, for metrics and logs.
     const RESOURCE: WatchResource;
+    /// Served by a CustomResourceDefinition that may not be installed: a 404 on the list
+    /// then counts as an empty first list, and the watcher polls until the CRD appears.
+    const OPTIONAL_CRD: bool = false;
     /// Trim; `Err` is a message naming the object, logged and skipped.
     fn trim(&self, warnings: &mut Vec<String>) -> Result<Self::Info, String>;
     /// Store one.
@@ -145,6 +153,29 @@ impl Watched for Node {
     }
 }
 
+impl Watched for ClusterNetworkPolicy {
+    type Info = ClusterPolicy;
+    const RESOURCE: WatchResource = WatchResource::ClusterNetworkPolicies;
+    const OPTIONAL_CRD: bool = true;
+    fn trim(&self, warnings: &mut Vec<String>) -> Result<ClusterPolicy, String> {
+        let p = ClusterPolicy::from_api(self).map_err(|e| format!("{e}; the policy is ignored"))?;
+        warnings.extend(p.problems.iter().map(ToString::to_string));
+        Ok(p)
+    }
+    fn apply(index: &mut Index, info: ClusterPolicy) -> bool {
+        index.apply_cnp(info)
+    }
+    fn delete(index: &mut Index, obj: &Self) -> bool {
+        obj.metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| index.delete_cnp(n))
+    }
+    fn reset(index: &mut Index, all: Vec<ClusterPolicy>) -> bool {
+        index.reset_cnps(all)
+    }
+}
+
 /// Something done once for every kind the agent watches (see [`for_each_kind`]).
 pub trait KindVisitor {
     /// Called once per watched kind.
@@ -158,6 +189,7 @@ pub fn for_each_kind(v: &mut impl KindVisitor) {
     v.visit::<Namespace>();
     v.visit::<NetworkPolicy>();
     v.visit::<Node>();
+    v.visit::<ClusterNetworkPolicy>();
 }
 
 /// How a watcher gets its initial list, and every relist after a `410 Gone` or a lost
@@ -255,15 +287,76 @@ pub fn api_access() -> Vec<ApiAccess> {
     c.0
 }
 
-/// Start one watcher per kind (see [`for_each_kind`]), each feeding `sink`.
-pub fn spawn_all<S: IndexSink>(client: &Client, sink: &Arc<S>, initial: InitialList) {
-    struct Spawn<'a, S>(&'a Client, &'a Arc<S>, InitialList);
+/// How often a watcher of an optional CRD that is not installed asks again.
+pub const DEFAULT_CRD_POLL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Start one watcher per kind (see [`for_each_kind`]), each feeding `sink`; a kind whose CRD
+/// is not installed is polled every `crd_poll`.
+pub fn spawn_all<S: IndexSink>(
+    client: &Client,
+    sink: &Arc<S>,
+    initial: InitialList,
+    crd_poll: std::time::Duration,
+) {
+    struct Spawn<'a, S>(&'a Client, &'a Arc<S>, InitialList, std::time::Duration);
     impl<S: IndexSink> KindVisitor for Spawn<'_, S> {
         fn visit<K: Watched>(&mut self) {
-            tokio::spawn(watch::<K, S>(self.0.clone(), self.1.clone(), self.2));
+            tokio::spawn(watch::<K, S>(
+                self.0.clone(),
+                self.1.clone(),
+                self.2,
+                self.3,
+            ));
         }
     }
-    for_each_kind(&mut Spawn(client, sink, initial));
+    for_each_kind(&mut Spawn(client, sink, initial, crd_poll));
+}
+
+/// Is this the API server saying the resource does not exist (its CRD is not installed)?
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if status.code == 404)
+}
+
+/// For a kind served by an optional CRD: return once the resource can be listed. While it
+/// answers 404, the kind counts as listed and empty (so the agent enforces the other kinds
+/// and becomes ready), said once in the log; any other error is retried without marking it
+/// listed, as for every other kind.
+async fn wait_for_crd<K: Watched, S: IndexSink>(
+    api: &Api<K>,
+    sink: &Arc<S>,
+    poll: std::time::Duration,
+) {
+    let mut missing_said = false;
+    loop {
+        match api.list(&ListParams::default().limit(1)).await {
+            Ok(_) => {
+                if missing_said {
+                    tracing::info!(
+                        resource = K::RESOURCE.as_str(),
+                        "the CustomResourceDefinition is installed now; watching it"
+                    );
+                }
+                return;
+            }
+            Err(e) if is_not_found(&e) => {
+                if !missing_said {
+                    tracing::warn!(
+                        resource = K::RESOURCE.as_str(),
+                        "the API server does not serve {} (its CustomResourceDefinition is not installed): enforcing the other kinds alone, and asking again every {}s",
+                        K::RESOURCE.as_str(),
+                        poll.as_secs_f64()
+                    );
+                    sink.update(|idx| K::reset(idx, Vec::new()));
+                    sink.mark_listed(K::RESOURCE);
+                    missing_said = true;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(resource = K::RESOURCE.as_str(), error = %e, "cannot list; retrying");
+            }
+        }
+        tokio::time::sleep(poll).await;
+    }
 }
 
 fn trim_logged<K: Watched>(obj: &K) -> Option<K::Info> {
@@ -282,7 +375,15 @@ fn trim_logged<K: Watched>(obj: &K) -> Option<K::Info> {
 }
 
 /// Watch one kind until the process ends, feeding `sink`.
-pub async fn watch<K: Watched, S: IndexSink>(client: Client, sink: Arc<S>, initial: InitialList) {
+pub async fn watch<K: Watched, S: IndexSink>(
+    client: Client,
+    sink: Arc<S>,
+    initial: InitialList,
+    crd_poll: std::time::Duration,
+) {
+    if K::OPTIONAL_CRD {
+        wait_for_crd(&Api::<K>::all(client.clone()), &sink, crd_poll).await;
+    }
     let mut mode = initial;
     let mut restart_delay = RESTART_DELAY_MIN;
     loop {
@@ -460,7 +561,13 @@ pub async fn list_once(client: &Client) -> Result<Index, ListError> {
     let pods = list_kind::<Pod>(client).await?;
     let policies = list_kind::<NetworkPolicy>(client).await?;
     let nodes = list_kind::<Node>(client).await?;
+    // A cluster without the ClusterNetworkPolicy CRD simply has none.
+    let cnps = match list_kind::<ClusterNetworkPolicy>(client).await {
+        Err(ListError::List { source, .. }) if is_not_found(&source) => Vec::new(),
+        other => other?,
+    };
     let mut index = Index::new();
+    index.reset_cnps(cnps);
     index.reset_namespaces(namespaces);
     index.reset_pods(pods);
     index.reset_policies(policies);
@@ -489,6 +596,11 @@ mod tests {
                 (
                     "networking.k8s.io".to_string(),
                     "networkpolicies".to_string(),
+                    lw.clone()
+                ),
+                (
+                    "policy.networking.k8s.io".to_string(),
+                    "clusternetworkpolicies".to_string(),
                     lw
                 ),
             ]

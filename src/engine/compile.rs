@@ -16,11 +16,12 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use crate::engine::resolve::{
-    LocalPod, NamedTargets, NodePolicy, PeerPods, PolicyRules, ResolvedPeer,
+    CnpRules, LocalPod, NamedTargets, NodePolicy, PeerPods, PolicyRules, ResolvedCnpMatch,
+    ResolvedCnpPeer, ResolvedCnpRule, ResolvedPeer, ResolvedPorts,
 };
 use crate::engine::ruleset::{Chain, ChainRole, Ruleset, Set};
 use crate::model::policy::Direction;
-use crate::model::{Cidr, Family, NamespaceScope, ObjectKey, Protocol, Selector};
+use crate::model::{Action, Cidr, Family, NamespaceScope, ObjectKey, Protocol, Selector, Tier};
 
 /// Knobs that change the rendered ruleset.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -84,9 +85,30 @@ pub fn is_drop_chain_name(name: &str) -> bool {
     name.ends_with("/drop")
 }
 
-/// Is this (kernel) chain name one of our per-policy chains?
+/// Is this (kernel) chain name one of our rule chains with concatenated lookups (per-policy,
+/// per-ClusterNetworkPolicy and per-pod tier chains), whose rules read-back cannot decode?
 pub fn is_policy_chain_name(name: &str) -> bool {
-    name.starts_with("policy/")
+    name.starts_with("policy/") || name.starts_with("cnp/") || name.starts_with("tier/")
+}
+
+/// `cnp/<name>/ingress`: the rules of one ClusterNetworkPolicy in one direction.
+pub fn cnp_chain_name(direction: Direction, name: &str) -> String {
+    fit_name(format!("cnp/{name}/{direction}"))
+}
+
+/// `cnp/<name>/ingress/<index>/drop`: the counted drop of one `Deny` rule.
+pub fn cnp_deny_chain_name(direction: Direction, name: &str, index: usize) -> String {
+    fit_name(format!("cnp/{name}/{direction}/{index}/drop"))
+}
+
+/// `tier/admin/ingress/<ns>/<pod>`: one pod's ClusterNetworkPolicies of one tier, in order.
+pub fn tier_chain_name(tier: Tier, direction: Direction, pod: &ObjectKey) -> String {
+    fit_name(format!(
+        "tier/{}/{direction}/{}/{}",
+        tier.as_str(),
+        pod.namespace,
+        pod.name
+    ))
 }
 
 /// `policy/<ns>/<name>/ingress`: the per-policy chain.
@@ -407,6 +429,10 @@ pub(crate) struct PolicyFacts {
     has_rules: BTreeMap<(ObjectKey, Direction), bool>,
     /// Policies that are invalid (they isolate but allow nothing).
     invalid: BTreeMap<ObjectKey, bool>,
+    /// (ClusterNetworkPolicy, direction) → its priority and the rules a tier chain repeats
+    /// after jumping to it: one `… return` per matcher of each `Pass` rule (see
+    /// [`cnp_chain`] for why).
+    cnp_pass: BTreeMap<(String, Direction), (u16, Vec<String>)>,
 }
 
 impl PolicyFacts {
@@ -422,16 +448,51 @@ impl PolicyFacts {
                 .iter()
                 .map(|p| (p.policy.clone(), p.invalid.is_some()))
                 .collect(),
+            cnp_pass: BTreeMap::new(),
         }
     }
 }
 
-/// The two chains of one isolated pod in one direction.
+/// The chains of one local pod in one direction.
 pub(crate) struct PodChains {
-    /// `ingress/<ns>/<pod>`: jumps to each isolating policy, then to the drop chain.
+    /// `ingress/<ns>/<pod>`: the Admin tier, then each isolating NetworkPolicy and the drop
+    /// chain, or (not isolated) the Baseline tier.
     pub(crate) chain: Chain,
-    /// `ingress/<ns>/<pod>/drop`: the counted drop.
-    pub(crate) drop: Chain,
+    /// `ingress/<ns>/<pod>/drop`: the counted drop, when a NetworkPolicy isolates the pod.
+    pub(crate) drop: Option<Chain>,
+    /// `tier/<tier>/ingress/<ns>/<pod>`: the ClusterNetworkPolicies of each tier that apply.
+    pub(crate) tiers: Vec<Chain>,
+}
+
+/// A pod's chain of one tier: jump to each ClusterNetworkPolicy in order; after each, repeat
+/// its `Pass` matchers with `return` (back to the pod chain: the next tier).
+fn tier_chain(pod: &LocalPod, tier: Tier, d: Direction, facts: &PolicyFacts) -> Option<Chain> {
+    let names = pod.cnps.get(tier, d);
+    if names.is_empty() {
+        return None;
+    }
+    let mut rules = Vec::new();
+    for name in names {
+        let (priority, pass) = facts
+            .cnp_pass
+            .get(&(name.clone(), d))
+            .cloned()
+            .unwrap_or_default();
+        rules.push(format!(
+            "jump {} comment {}",
+            cnp_chain_name(d, name),
+            crate::engine::ruleset::quote_comment(&format!(
+                "{tier} ClusterNetworkPolicy {name} priority {priority}"
+            ))
+        ));
+        rules.extend(pass);
+    }
+    Some(Chain {
+        name: tier_chain_name(tier, d, &pod.key),
+        role: ChainRole::Pod,
+        comment: format!("{tier} tier, {d} of pod {}", pod.key),
+        rules,
+    })
 }
 
 /// The chains of `pod` for direction `d`, if some policy isolates it that way.
@@ -441,10 +502,38 @@ pub(crate) fn pod_chains(
     facts: &PolicyFacts,
     opts: &CompileOptions,
 ) -> Option<PodChains> {
-    let policies = pod.isolated_by(d)?;
+    let isolated = pod.isolated_by(d);
+    if isolated.is_none() && !pod.cnps.any(d) {
+        return None;
+    }
     let chain = pod_chain_name(d, &pod.key);
     let drop = drop_chain_name(d, &pod.key);
     let mut rules = vec!["ct state invalid drop".to_string()];
+    let mut tiers = Vec::new();
+    if let Some(admin) = tier_chain(pod, Tier::Admin, d, facts) {
+        rules.push(format!("jump {} comment \"Admin tier\"", admin.name));
+        tiers.push(admin);
+    }
+    let Some(policies) = isolated else {
+        // NetworkPolicy does not isolate the pod: the Baseline tier decides, then allow.
+        if let Some(baseline) = tier_chain(pod, Tier::Baseline, d, facts) {
+            rules.push(format!(
+                "jump {} comment \"Baseline tier (no NetworkPolicy isolates the pod)\"",
+                baseline.name
+            ));
+            tiers.push(baseline);
+        }
+        return Some(PodChains {
+            chain: Chain {
+                name: chain,
+                role: ChainRole::Pod,
+                comment: format!("{d} of pod {}", pod.key),
+                rules,
+            },
+            drop: None,
+            tiers,
+        });
+    };
     for p in policies {
         if facts
             .has_rules
@@ -485,7 +574,8 @@ pub(crate) fn pod_chains(
             comment: format!("{d} of pod {}", pod.key),
             rules,
         },
-        drop: Chain {
+        tiers,
+        drop: Some(Chain {
             name: drop,
             role: ChainRole::Drop {
                 namespace: pod.key.namespace.clone(),
@@ -501,7 +591,7 @@ pub(crate) fn pod_chains(
                 }
             },
             rules: vec![drop_rule],
-        },
+        }),
     })
 }
 
@@ -608,7 +698,16 @@ pub(crate) fn compile_with_identities(
     let mut maps: BTreeMap<(Direction, Family), Vec<(IpAddr, String)>> = BTreeMap::new();
     let mut other_chains = Vec::new();
 
-    let facts = PolicyFacts::of(np);
+    let mut facts = PolicyFacts::of(np);
+    for cr in &np.cnps {
+        let compiled = cnp_chain(&mut sets, cr, opts);
+        facts.cnp_pass.insert(
+            (cr.name.clone(), cr.direction),
+            (cr.priority, compiled.pass),
+        );
+        other_chains.push(compiled.chain);
+        other_chains.extend(compiled.denies);
+    }
     for pod in &np.pods {
         for d in Direction::ALL {
             let Some(pc) = pod_chains(pod, d, &facts, opts) else {
@@ -620,7 +719,8 @@ pub(crate) fn compile_with_identities(
                     .push((*ip, pc.chain.name.clone()));
             }
             other_chains.push(pc.chain);
-            other_chains.push(pc.drop);
+            other_chains.extend(pc.drop);
+            other_chains.extend(pc.tiers);
         }
     }
 
@@ -665,4 +765,217 @@ pub(crate) fn compile_with_identities(
         chains,
     };
     (ruleset, sets.origins, identities)
+}
+
+/// One ClusterNetworkPolicy direction compiled.
+pub(crate) struct CnpChains {
+    /// `cnp/<name>/<direction>`.
+    pub(crate) chain: Chain,
+    /// One counted terminal chain per `Deny` rule.
+    pub(crate) denies: Vec<Chain>,
+    /// The `Pass` matchers with `return`, for the tier chains.
+    pub(crate) pass: Vec<String>,
+}
+
+fn nodes_set(
+    sets: &mut Sets,
+    selector: &Selector,
+    addrs: &std::collections::BTreeSet<IpAddr>,
+    family: Family,
+) -> String {
+    let identity = format!("{family:?}|nodes|{selector}");
+    sets.add(&format!("nodes-{}", family.suffix()), &identity, |name| {
+        Set {
+            name,
+            key_type: addr_type(family).into(),
+            verdict_map: false,
+            interval: false,
+            comment: if selector.is_empty() {
+                "addresses of all nodes".to_string()
+            } else {
+                format!("addresses of nodes {selector}")
+            },
+            elements: addrs
+                .iter()
+                .filter(|ip| Family::of(ip) == family)
+                .map(ToString::to_string)
+                .collect(),
+        }
+    })
+}
+
+/// The match expressions of one ClusterNetworkPolicy rule, each with the peer it stands for:
+/// one per (peer, family, kind of port match), like a NetworkPolicy rule. Empty = the rule
+/// matches nothing; one empty expression = it matches everything.
+fn cnp_matchers(sets: &mut Sets, cr: &CnpRules, rule: &ResolvedCnpRule) -> Vec<(String, String)> {
+    let d = cr.direction;
+    let peers_key = match d {
+        Direction::Ingress => "from",
+        Direction::Egress => "to",
+    };
+    let (peers, ports) = match &rule.matches {
+        ResolvedCnpMatch::Nothing(_) => return Vec::new(),
+        ResolvedCnpMatch::Everything(_) => {
+            return vec![(String::new(), "fails closed: all traffic".to_string())];
+        }
+        ResolvedCnpMatch::Peers { peers, ports } => (peers, ports.as_ref()),
+    };
+    let owner = format!("ClusterNetworkPolicy {} spec.{d}[{}]", cr.name, rule.index);
+    let numeric = ports
+        .filter(|p| !p.numeric.is_empty())
+        .map(|p| numeric_ports(&p.numeric));
+    let named: Option<&NamedTargets> = ports.and_then(|p: &ResolvedPorts| p.named.as_ref());
+    let any_port = ports.is_none();
+    let named_match = |sets: &mut Sets, f: Family| {
+        named.map(|n| {
+            let set = named_set(sets, &owner, n, f);
+            format!("{} daddr . meta l4proto . th dport @{set}", addr_match(f))
+        })
+    };
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut emit = |peer: &str, port: Option<&str>, what: &str| {
+        let m = match port {
+            Some(p) if peer.is_empty() => p.to_string(),
+            Some(p) => format!("{peer} {p}"),
+            None => peer.to_string(),
+        };
+        out.push((m, what.to_string()));
+    };
+    for (pi, peer) in peers.iter().enumerate() {
+        let what = format!("{peers_key}[{pi}]");
+        let mut addr_matchers: Vec<(Family, String)> = Vec::new();
+        match peer {
+            ResolvedCnpPeer::Pods(pods) => {
+                for f in Family::ALL {
+                    let set = peer_set(sets, pods, f);
+                    addr_matchers.push((f, format!("{} {} @{set}", addr_match(f), peer_field(d))));
+                }
+            }
+            ResolvedCnpPeer::Nodes {
+                selector, addrs, ..
+            } => {
+                for f in Family::ALL {
+                    let set = nodes_set(sets, selector, addrs, f);
+                    addr_matchers.push((f, format!("{} {} @{set}", addr_match(f), peer_field(d))));
+                }
+            }
+            ResolvedCnpPeer::Networks(cidrs) => {
+                for f in Family::ALL {
+                    let of: Vec<Cidr> = cidrs.iter().filter(|c| c.family() == f).copied().collect();
+                    if of.is_empty() {
+                        continue;
+                    }
+                    let text: Vec<String> = of.iter().map(ToString::to_string).collect();
+                    let ranges = crate::model::cidr::subtract(&of[0], &[]);
+                    let mut all = ranges;
+                    for c in &of[1..] {
+                        all.extend(crate::model::cidr::subtract(c, &[]));
+                    }
+                    let set = cidr_set(sets, &format!("networks {}", text.join(", ")), &all, f);
+                    addr_matchers.push((f, format!("{} {} @{set}", addr_match(f), peer_field(d))));
+                }
+            }
+            ResolvedCnpPeer::DomainNames(_) => continue, // not supported: matches nothing
+        }
+        let is_pods = matches!(peer, ResolvedCnpPeer::Pods(_));
+        for (f, m) in addr_matchers {
+            if any_port {
+                emit(&m, None, &what);
+            }
+            if let Some(n) = &numeric {
+                emit(&m, Some(n), &what);
+            }
+            // Ingress: named ports resolve on the subject (destination) pod.
+            if d == Direction::Ingress && is_pods {
+                if let Some(n) = named_match(sets, f) {
+                    emit(&m, Some(&n), &what);
+                }
+            }
+        }
+    }
+    // Egress: named ports resolve on the peer pods, so the named set holds exactly the peer
+    // pods that declare the port (CEL forbids named ports with other kinds of peer).
+    if d == Direction::Egress && peers.iter().any(|p| matches!(p, ResolvedCnpPeer::Pods(_))) {
+        for f in Family::ALL {
+            if let Some(n) = named_match(sets, f) {
+                emit("", Some(&n), &format!("named ports of {peers_key} pods"));
+            }
+        }
+    }
+    out
+}
+
+/// The chain of one ClusterNetworkPolicy in one direction: its rules in order, `Accept` →
+/// `accept`, `Deny` → `goto` the rule's counted drop chain, `Pass` → `return`.
+///
+/// nftables has no "return two levels", so a `Pass` cannot leave the pod's tier chain by
+/// itself. The tier chain therefore repeats the policy's `Pass` matchers with `return` right
+/// after jumping to it: a packet back from the policy chain matched no `Accept` or `Deny`
+/// before any rule it matches, so if it matches a `Pass` rule, the first rule it matched was a
+/// `Pass`. No packet mark is needed (the agent uses none).
+pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -> CnpChains {
+    let d = cr.direction;
+    let mut rules = Vec::new();
+    let mut denies = Vec::new();
+    let mut pass = Vec::new();
+    for rule in &cr.rules {
+        let matchers = cnp_matchers(sets, cr, rule);
+        let label = rule.label(d);
+        let verdict = match rule.action {
+            Action::Accept => "accept".to_string(),
+            Action::Pass => "return".to_string(),
+            Action::Deny => {
+                let chain = cnp_deny_chain_name(d, &cr.name, rule.index);
+                let mut drop_rule = String::new();
+                if let Some(group) = opts.log_group {
+                    drop_rule.push_str(&format!(
+                        "log prefix \"{}\" group {group} ",
+                        crate::engine::log_prefix::encode_prefix(d, "cnp", &cr.name)
+                    ));
+                }
+                drop_rule.push_str("counter packets 0 bytes 0 drop");
+                denies.push(Chain {
+                    name: chain.clone(),
+                    role: ChainRole::Deny {
+                        policy: cr.name.clone(),
+                        tier: cr.tier.as_str(),
+                        direction: d.as_str(),
+                        rule: if rule.name.is_empty() {
+                            format!("spec.{d}[{}]", rule.index)
+                        } else {
+                            rule.name.clone()
+                        },
+                    },
+                    comment: format!("{} {label}: Deny (counted)", cr.describe()),
+                    rules: vec![drop_rule],
+                });
+                format!("goto {chain}")
+            }
+        };
+        for (m, what) in &matchers {
+            let comment = crate::engine::ruleset::quote_comment(&format!(
+                "{} {label} {what}: {}",
+                cr.name, rule.action
+            ));
+            let stmt = if m.is_empty() {
+                format!("{verdict} comment {comment}")
+            } else {
+                format!("{m} {verdict} comment {comment}")
+            };
+            if rule.action == Action::Pass {
+                pass.push(stmt.clone());
+            }
+            rules.push(stmt);
+        }
+    }
+    CnpChains {
+        chain: Chain {
+            name: cnp_chain_name(d, &cr.name),
+            role: ChainRole::Policy,
+            comment: format!("{} {d} rules", cr.describe()),
+            rules,
+        },
+        denies,
+        pass,
+    }
 }

@@ -7,9 +7,12 @@
 
 use std::net::IpAddr;
 
-use crate::engine::resolve::{NodePolicy, PolicyRules, ResolvedPeer, ResolvedRule};
+use crate::engine::resolve::{
+    NodePolicy, PolicyRules, ResolvedCnpMatch, ResolvedCnpPeer, ResolvedCnpRule, ResolvedPeer,
+    ResolvedRule,
+};
 use crate::model::policy::Direction;
-use crate::model::{ObjectKey, Protocol};
+use crate::model::{Action, ObjectKey, Protocol, Tier};
 
 /// The outcome for one direction at one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -209,5 +212,224 @@ pub fn evaluate(np: &NodePolicy, direction: Direction, c: Connection) -> Verdict
                 Verdict::Allowed(allowed)
             }
         }
+    }
+}
+
+// ───────────────────────── tiers: ClusterNetworkPolicy around NetworkPolicy ─────────────────
+
+/// Which ClusterNetworkPolicy rule decided (or passed) a connection in a tier.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CnpHit {
+    /// The policy.
+    pub policy: String,
+    /// Its priority.
+    pub priority: u16,
+    /// Position of the rule in `spec.ingress`/`spec.egress`.
+    pub index: usize,
+    /// The rule's `name` (may be empty).
+    pub name: String,
+    /// The action that took effect.
+    pub action: Action,
+    /// Why the rule matched everything or nothing, when it fails closed.
+    pub fail_closed: Option<String>,
+    /// Which peer matched (`None` for a rule failing closed as "deny all").
+    pub peer: Option<usize>,
+}
+
+/// The outcome of one tier for one direction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TierOutcome {
+    /// No ClusterNetworkPolicy of this tier applies to the pod in this direction.
+    NoPolicies,
+    /// Policies apply, but none of their rules matched.
+    NoMatch(Vec<String>),
+    /// A rule matched (Accept, Deny or Pass).
+    Matched(CnpHit),
+}
+
+impl TierOutcome {
+    /// The action that took effect, if a rule matched.
+    pub fn action(&self) -> Option<Action> {
+        match self {
+            TierOutcome::Matched(h) => Some(h.action),
+            _ => None,
+        }
+    }
+}
+
+/// One direction at one pod, through every tier.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// The Admin tier.
+    pub admin: TierOutcome,
+    /// The NetworkPolicy tier; `None` when the Admin tier decided.
+    pub network_policy: Option<Verdict>,
+    /// The Baseline tier; `None` when an earlier tier decided.
+    pub baseline: Option<TierOutcome>,
+    /// Does the packet pass?
+    pub allowed: bool,
+}
+
+impl Decision {
+    /// Which tier decided: `Admin`, `NetworkPolicy`, `Baseline`, or `default` (allow).
+    pub fn decided_by(&self) -> &'static str {
+        if matches!(self.admin.action(), Some(Action::Accept | Action::Deny)) {
+            "Admin"
+        } else if matches!(
+            self.network_policy,
+            Some(Verdict::Allowed(_) | Verdict::Denied(_))
+        ) {
+            "NetworkPolicy"
+        } else if matches!(
+            self.baseline.as_ref().and_then(TierOutcome::action),
+            Some(Action::Accept | Action::Deny)
+        ) {
+            "Baseline"
+        } else {
+            "default"
+        }
+    }
+}
+
+/// Does one ClusterNetworkPolicy rule match? Returns the matching peer's position (or 0
+/// for a rule that matches everything).
+fn cnp_rule_matches(
+    rule: &ResolvedCnpRule,
+    direction: Direction,
+    c: &Connection,
+) -> Option<Option<usize>> {
+    let (peers, ports) = match &rule.matches {
+        ResolvedCnpMatch::Nothing(_) => return None,
+        ResolvedCnpMatch::Everything(_) => return Some(None),
+        ResolvedCnpMatch::Peers { peers, ports } => (peers, ports),
+    };
+    let peer = peers.iter().position(|p| match p {
+        ResolvedCnpPeer::Pods(pods) => pods.addrs.contains(&c.peer),
+        ResolvedCnpPeer::Nodes { addrs, .. } => addrs.contains(&c.peer),
+        ResolvedCnpPeer::Networks(cidrs) => cidrs.iter().any(|r| r.contains(&c.peer)),
+        ResolvedCnpPeer::DomainNames(_) => false,
+    })?;
+    let dst = match direction {
+        Direction::Ingress => c.local,
+        Direction::Egress => c.peer,
+    };
+    let port_ok = match ports {
+        None => true,
+        Some(p) => {
+            p.numeric
+                .iter()
+                .any(|(proto, lo, hi)| *proto == c.protocol && (*lo..=*hi).contains(&c.port))
+                || p.named
+                    .as_ref()
+                    .is_some_and(|n| n.targets.contains(&(dst, c.protocol, c.port)))
+        }
+    };
+    port_ok.then_some(Some(peer))
+}
+
+fn tier_outcome(
+    np: &NodePolicy,
+    names: &[String],
+    tier: Tier,
+    direction: Direction,
+    c: &Connection,
+) -> TierOutcome {
+    if names.is_empty() {
+        return TierOutcome::NoPolicies;
+    }
+    for name in names {
+        let Some(pr) = np
+            .cnps
+            .iter()
+            .find(|p| p.tier == tier && p.direction == direction && &p.name == name)
+        else {
+            continue;
+        };
+        for rule in &pr.rules {
+            if let Some(peer) = cnp_rule_matches(rule, direction, c) {
+                let fail_closed = match &rule.matches {
+                    ResolvedCnpMatch::Everything(why) | ResolvedCnpMatch::Nothing(why) => {
+                        Some(why.clone())
+                    }
+                    ResolvedCnpMatch::Peers { .. } => None,
+                };
+                return TierOutcome::Matched(CnpHit {
+                    policy: pr.name.clone(),
+                    priority: pr.priority,
+                    index: rule.index,
+                    name: rule.name.clone(),
+                    action: rule.action,
+                    fail_closed,
+                    peer,
+                });
+            }
+        }
+    }
+    TierOutcome::NoMatch(names.to_vec())
+}
+
+/// Judge one direction for a local pod address through the tiers: Admin
+/// ClusterNetworkPolicies, then NetworkPolicy (final for a pod it isolates), then Baseline
+/// ClusterNetworkPolicies, then allow. A pod reaching its own address is always allowed
+/// (the packet never leaves the pod).
+pub fn decide(np: &NodePolicy, direction: Direction, c: Connection) -> Decision {
+    let pod = np.pods.iter().find(|p| p.ips.contains(&c.local));
+    let Some(pod) = pod.filter(|_| c.local != c.peer) else {
+        return Decision {
+            admin: TierOutcome::NoPolicies,
+            network_policy: Some(Verdict::NotIsolated),
+            baseline: Some(TierOutcome::NoPolicies),
+            allowed: true,
+        };
+    };
+    let admin = tier_outcome(
+        np,
+        pod.cnps.get(Tier::Admin, direction),
+        Tier::Admin,
+        direction,
+        &c,
+    );
+    match admin.action() {
+        Some(Action::Accept) => {
+            return Decision {
+                admin,
+                network_policy: None,
+                baseline: None,
+                allowed: true,
+            };
+        }
+        Some(Action::Deny) => {
+            return Decision {
+                admin,
+                network_policy: None,
+                baseline: None,
+                allowed: false,
+            };
+        }
+        _ => {}
+    }
+    let verdict = evaluate(np, direction, c);
+    if !matches!(verdict, Verdict::NotIsolated) {
+        let allowed = verdict.passes();
+        return Decision {
+            admin,
+            network_policy: Some(verdict),
+            baseline: None,
+            allowed,
+        };
+    }
+    let baseline = tier_outcome(
+        np,
+        pod.cnps.get(Tier::Baseline, direction),
+        Tier::Baseline,
+        direction,
+        &c,
+    );
+    let allowed = baseline.action() != Some(Action::Deny);
+    Decision {
+        admin,
+        network_policy: Some(verdict),
+        baseline: Some(baseline),
+        allowed,
     }
 }

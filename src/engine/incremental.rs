@@ -9,7 +9,9 @@
 //! on this node also re-resolves the policies of its namespace that select it (peers come
 //! from what is already resolved) and rewrites its own chains, its dispatch-map entries and
 //! those policies' chains. Anything else (a namespace, a policy, a relist) takes the full
-//! path.
+//! path. With ClusterNetworkPolicies present, pods of other nodes are still edited in place
+//! (their peer sets are shared with NetworkPolicy's), while a pod of this node, or any pod
+//! when a ClusterNetworkPolicy resolves egress named ports, takes the full path.
 //!
 //! Pure, like the rest of the core. The result is always equal to a full
 //! `compile(resolve(snapshot))`; `tests/incremental.rs` checks that on random change sequences.
@@ -25,8 +27,8 @@ use crate::engine::compile::{
 };
 use crate::engine::index::{Changes, Snapshot};
 use crate::engine::resolve::{
-    LocalPod, NamedTargets, NodePolicy, PeerPods, ResolvedPeer, Resolver, namespace_labels,
-    resolve, resolve_policy,
+    LocalPod, NamedTargets, NodePolicy, PeerPods, ResolvedCnpMatch, ResolvedCnpPeer, ResolvedPeer,
+    Resolver, namespace_labels, resolve, resolve_policy,
 };
 use crate::engine::ruleset::{Chain, ChainRole, Ruleset, Set};
 use crate::model::policy::Direction;
@@ -171,10 +173,26 @@ impl NodeCompiler {
         if changes.everything
             || !changes.namespaces.is_empty()
             || !changes.policies.is_empty()
+            || !changes.cnps.is_empty()
             || !changes.nodes.is_empty()
             || changes.pods.len() > MAX_INCREMENTAL_PODS
         {
             return None;
+        }
+        // With ClusterNetworkPolicies, only pods of other nodes are edited in place (they move
+        // addresses in and out of peer sets); a local pod may change which policies apply to
+        // it, and egress named ports of ClusterNetworkPolicies are not tracked per pod.
+        if !snapshot.cnps.is_empty() || !self.snapshot.cnps.is_empty() {
+            let local = |p: Option<&Arc<PodInfo>>| {
+                p.is_some_and(|p| p.node.as_deref() == Some(self.node.as_str()))
+            };
+            let any_local = changes
+                .pods
+                .iter()
+                .any(|k| local(self.snapshot.pods.get(k)) || local(snapshot.pods.get(k)));
+            if any_local || cnp_egress_named(&self.np) {
+                return None;
+            }
         }
         Some(
             changes
@@ -336,6 +354,7 @@ impl NodeCompiler {
                 ips: pod.ips.clone(),
                 ingress: isolated_by(Direction::Ingress),
                 egress: isolated_by(Direction::Egress),
+                cnps: Default::default(),
             };
             if entry.ingress.is_some() || entry.egress.is_some() {
                 if let Err(i) = self.np.pods.binary_search_by(|p| p.key.cmp(&key)) {
@@ -399,7 +418,9 @@ impl NodeCompiler {
                         }
                     }
                     insert_chain(&mut self.rs, pc.chain);
-                    insert_chain(&mut self.rs, pc.drop);
+                    if let Some(drop) = pc.drop {
+                        insert_chain(&mut self.rs, drop);
+                    }
                 }
             }
         }
@@ -749,7 +770,8 @@ fn by_address(element: &str, ip: &IpAddr) -> std::cmp::Ordering {
 }
 
 fn pod_peers(np: &NodePolicy) -> impl Iterator<Item = &Arc<PeerPods>> {
-    np.policies
+    let of_policies = np
+        .policies
         .iter()
         .flat_map(|p| &p.rules)
         .filter_map(|r| r.peers.as_ref())
@@ -757,11 +779,26 @@ fn pod_peers(np: &NodePolicy) -> impl Iterator<Item = &Arc<PeerPods>> {
         .filter_map(|p| match p {
             ResolvedPeer::Pods(pods) => Some(pods),
             ResolvedPeer::IpBlock { .. } => None,
+        });
+    let of_cnps = np
+        .cnps
+        .iter()
+        .flat_map(|c| &c.rules)
+        .filter_map(|r| match &r.matches {
+            ResolvedCnpMatch::Peers { peers, .. } => Some(peers),
+            _ => None,
         })
+        .flatten()
+        .filter_map(|p| match p {
+            ResolvedCnpPeer::Pods(pods) => Some(pods),
+            _ => None,
+        });
+    of_policies.chain(of_cnps)
 }
 
 fn pod_peers_mut(np: &mut NodePolicy) -> impl Iterator<Item = &mut Arc<PeerPods>> {
-    np.policies
+    let NodePolicy { policies, cnps, .. } = np;
+    let of_policies = policies
         .iter_mut()
         .flat_map(|p| &mut p.rules)
         .filter_map(|r| r.peers.as_mut())
@@ -769,5 +806,29 @@ fn pod_peers_mut(np: &mut NodePolicy) -> impl Iterator<Item = &mut Arc<PeerPods>
         .filter_map(|p| match p {
             ResolvedPeer::Pods(pods) => Some(pods),
             ResolvedPeer::IpBlock { .. } => None,
+        });
+    let of_cnps = cnps
+        .iter_mut()
+        .flat_map(|c| &mut c.rules)
+        .filter_map(|r| match &mut r.matches {
+            ResolvedCnpMatch::Peers { peers, .. } => Some(peers),
+            _ => None,
         })
+        .flatten()
+        .filter_map(|p| match p {
+            ResolvedCnpPeer::Pods(pods) => Some(pods),
+            _ => None,
+        });
+    of_policies.chain(of_cnps)
+}
+
+/// Does a ClusterNetworkPolicy resolve named ports on peer pods (egress), which the
+/// incremental path does not edit?
+fn cnp_egress_named(np: &NodePolicy) -> bool {
+    np.cnps.iter().any(|c| {
+        c.direction == Direction::Egress
+            && c.rules.iter().any(|r| {
+                matches!(&r.matches, ResolvedCnpMatch::Peers { ports: Some(p), .. } if p.named.is_some())
+            })
+    })
 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use imbl::OrdMap;
 use std::sync::Arc;
 
-use crate::model::{NamespaceInfo, NodeInfo, ObjectKey, PodInfo, Policy};
+use crate::model::{ClusterPolicy, NamespaceInfo, NodeInfo, ObjectKey, PodInfo, Policy};
 
 /// A map of one kind of object with change detection.
 ///
@@ -95,6 +95,8 @@ pub struct Snapshot {
     pub namespaces: Store<String, NamespaceInfo>,
     /// NetworkPolicies by namespace/name.
     pub policies: Store<ObjectKey, Policy>,
+    /// ClusterNetworkPolicies by name.
+    pub cnps: Store<String, ClusterPolicy>,
     /// Nodes by name.
     pub nodes: Store<String, NodeInfo>,
     /// Bumped on every real change.
@@ -111,6 +113,8 @@ pub struct Changes {
     pub namespaces: BTreeSet<String>,
     /// Policies added, updated or deleted.
     pub policies: BTreeSet<ObjectKey>,
+    /// ClusterNetworkPolicies added, updated or deleted.
+    pub cnps: BTreeSet<String>,
     /// Nodes added, updated or deleted.
     pub nodes: BTreeSet<String>,
     /// A whole kind was replaced (a relist): assume anything may have changed.
@@ -124,6 +128,7 @@ impl Changes {
             && self.pods.is_empty()
             && self.namespaces.is_empty()
             && self.policies.is_empty()
+            && self.cnps.is_empty()
             && self.nodes.is_empty()
     }
 
@@ -234,6 +239,28 @@ impl Index {
             .state
             .policies
             .reset(policies.into_iter().map(|p| (p.key.clone(), p)));
+        self.record_reset(changed)
+    }
+
+    /// Add or update a ClusterNetworkPolicy.
+    pub fn apply_cnp(&mut self, cnp: ClusterPolicy) -> bool {
+        let name = cnp.name.clone();
+        let changed = self.state.cnps.apply(name.clone(), cnp);
+        self.record(changed, |c| c.cnps.insert(name))
+    }
+
+    /// Remove a ClusterNetworkPolicy.
+    pub fn delete_cnp(&mut self, name: &str) -> bool {
+        let changed = self.state.cnps.delete(&name.to_string());
+        self.record(changed, |c| c.cnps.insert(name.to_string()))
+    }
+
+    /// Replace all ClusterNetworkPolicies.
+    pub fn reset_cnps(&mut self, cnps: Vec<ClusterPolicy>) -> bool {
+        let changed = self
+            .state
+            .cnps
+            .reset(cnps.into_iter().map(|p| (p.name.clone(), p)));
         self.record_reset(changed)
     }
 

@@ -13,8 +13,8 @@ use crate::engine::index::Snapshot;
 use crate::model::cidr::subtract;
 use crate::model::policy::Direction;
 use crate::model::{
-    Cidr, IpBlock, Labels, NAMESPACE_NAME_LABEL, NamespaceScope, ObjectKey, Peer, PodInfo,
-    PortMatch, Protocol, Selector,
+    Action, Cidr, ClusterPolicy, CnpPeer, CnpPort, IpBlock, Labels, NAMESPACE_NAME_LABEL,
+    NamespaceScope, ObjectKey, Peer, PodInfo, PortMatch, Protocol, RuleMatch, Selector, Tier,
 };
 
 /// Everything one node enforces.
@@ -26,9 +26,12 @@ pub struct NodePolicy {
     pub pods: Vec<LocalPod>,
     /// Rules of each (policy, direction) that selects at least one local pod, sorted.
     pub policies: Vec<PolicyRules>,
+    /// Rules of each (ClusterNetworkPolicy, direction) with rules whose subject includes at
+    /// least one local pod, in evaluation order (tier, priority, name, direction).
+    pub cnps: Vec<CnpRules>,
 }
 
-/// A pod on this node that some policy isolates.
+/// A pod on this node that some NetworkPolicy isolates or some ClusterNetworkPolicy applies to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalPod {
     /// Namespace/name.
@@ -39,6 +42,137 @@ pub struct LocalPod {
     pub ingress: Option<Vec<ObjectKey>>,
     /// Policies isolating it for egress.
     pub egress: Option<Vec<ObjectKey>>,
+    /// ClusterNetworkPolicies whose subject it is, per tier and direction.
+    pub cnps: TierMembership,
+}
+
+/// The ClusterNetworkPolicies (by name, in evaluation order) that apply to one pod, per tier
+/// and direction; only policies with rules for that direction are listed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TierMembership {
+    lists: [Vec<String>; 4],
+}
+
+fn slot(tier: Tier, d: Direction) -> usize {
+    (match tier {
+        Tier::Admin => 0,
+        Tier::Baseline => 2,
+    }) + match d {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
+}
+
+impl TierMembership {
+    /// The policies of one tier and direction, in order.
+    pub fn get(&self, tier: Tier, d: Direction) -> &[String] {
+        &self.lists[slot(tier, d)]
+    }
+
+    /// Append the next policy of a tier and direction.
+    pub fn push(&mut self, tier: Tier, d: Direction, name: String) {
+        self.lists[slot(tier, d)].push(name);
+    }
+
+    /// Does any ClusterNetworkPolicy apply in this direction?
+    pub fn any(&self, d: Direction) -> bool {
+        !self.get(Tier::Admin, d).is_empty() || !self.get(Tier::Baseline, d).is_empty()
+    }
+
+    /// Does any apply at all?
+    pub fn is_empty(&self) -> bool {
+        self.lists.iter().all(Vec::is_empty)
+    }
+}
+
+/// The rules of one ClusterNetworkPolicy in one direction, shared by the local pods it
+/// applies to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CnpRules {
+    /// The policy's name.
+    pub name: String,
+    /// Its tier.
+    pub tier: Tier,
+    /// Its priority.
+    pub priority: u16,
+    /// Direction.
+    pub direction: Direction,
+    /// Local pods it applies to.
+    pub selected: Vec<ObjectKey>,
+    /// The rules, in spec order.
+    pub rules: Vec<ResolvedCnpRule>,
+}
+
+impl CnpRules {
+    /// `Admin priority 10 allow-monitoring`, for comments and explanations.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ClusterNetworkPolicy {} (priority {})",
+            self.tier, self.name, self.priority
+        )
+    }
+}
+
+/// One ClusterNetworkPolicy rule with its peers and ports resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedCnpRule {
+    /// Position in `spec.ingress`/`spec.egress`.
+    pub index: usize,
+    /// `name` as written (may be empty).
+    pub name: String,
+    /// The action as written.
+    pub written: Action,
+    /// The action that takes effect (a rule failing closed as "deny all" denies).
+    pub action: Action,
+    /// What it matches.
+    pub matches: ResolvedCnpMatch,
+}
+
+impl ResolvedCnpRule {
+    /// `spec.ingress[1]` or `spec.ingress[1] (name)`.
+    pub fn label(&self, d: Direction) -> String {
+        if self.name.is_empty() {
+            format!("spec.{d}[{}]", self.index)
+        } else {
+            format!("spec.{d}[{}] ({})", self.index, self.name)
+        }
+    }
+}
+
+/// What a resolved ClusterNetworkPolicy rule matches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResolvedCnpMatch {
+    /// Fails closed: no traffic.
+    Nothing(String),
+    /// Fails closed: all traffic.
+    Everything(String),
+    /// Traffic with one of these peers on one of these ports (`None` = any port).
+    Peers {
+        /// `from`/`to`, resolved.
+        peers: Vec<ResolvedCnpPeer>,
+        /// `protocols`, resolved.
+        ports: Option<ResolvedPorts>,
+    },
+}
+
+/// A ClusterNetworkPolicy peer turned into addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResolvedCnpPeer {
+    /// `namespaces` or `pods`: the pods they match (shared with NetworkPolicy peers).
+    Pods(Arc<PeerPods>),
+    /// `nodes`: the addresses of the nodes the selector matches.
+    Nodes {
+        /// The selector.
+        selector: Selector,
+        /// Matched node names.
+        members: Vec<String>,
+        /// Their addresses.
+        addrs: BTreeSet<IpAddr>,
+    },
+    /// `networks`.
+    Networks(Vec<Cidr>),
+    /// `domainNames`: not supported, matches nothing.
+    DomainNames(Vec<String>),
 }
 
 impl LocalPod {
@@ -218,6 +352,19 @@ impl<'a> Resolver<'a> {
         resolved
     }
 
+    /// The nodes a `nodes` peer selects and their addresses.
+    fn node_addrs(&mut self, sel: &Selector) -> (Vec<String>, BTreeSet<IpAddr>) {
+        let mut members = Vec::new();
+        let mut addrs = BTreeSet::new();
+        for (name, node) in self.snapshot.nodes.iter() {
+            if sel.matches(&node.labels) {
+                members.push(name.clone());
+                addrs.extend(node.addresses.iter().copied());
+            }
+        }
+        (members, addrs)
+    }
+
     /// Pods a named port may resolve on, for egress: every pod the rule's pod peers match,
     /// or every pod in the cluster when the rule has no peers.
     fn egress_named_candidates(&mut self, peers: Option<&[Peer]>) -> Vec<Arc<PodInfo>> {
@@ -313,15 +460,22 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
         }
     }
 
+    let (cnps, mut membership) = resolve_cnps(&mut r, snapshot, &local);
+
     let pods = local
         .iter()
         .filter_map(|p| {
-            let [ingress, egress] = isolation.remove(&p.key)?;
+            let cnps = membership.remove(&p.key).unwrap_or_default();
+            let [ingress, egress] = isolation.remove(&p.key).unwrap_or_default();
+            if ingress.is_none() && egress.is_none() && cnps.is_empty() {
+                return None;
+            }
             Some(LocalPod {
                 key: p.key.clone(),
                 ips: p.ips.clone(),
                 ingress,
                 egress,
+                cnps,
             })
         })
         .collect();
@@ -329,6 +483,161 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
         node: node.to_string(),
         pods,
         policies,
+        cnps,
+    }
+}
+
+/// Does a ClusterNetworkPolicy's subject include a pod with these namespace and pod labels?
+/// (Host-network and finished pods are never subjects; callers pass policy targets only.)
+fn subject_matches(subject: &crate::model::Subject, ns: &Labels, pod: &Labels) -> bool {
+    match subject {
+        crate::model::Subject::Namespaces(sel) => sel.matches(ns),
+        crate::model::Subject::Pods { namespaces, pods } => {
+            pods.matches(pod) && namespaces.matches(ns)
+        }
+    }
+}
+
+/// Every ClusterNetworkPolicy that applies to a local pod, in evaluation order, with the
+/// pods it applies to per tier and direction.
+fn resolve_cnps(
+    r: &mut Resolver<'_>,
+    snapshot: &Snapshot,
+    local: &[&Arc<PodInfo>],
+) -> (Vec<CnpRules>, BTreeMap<ObjectKey, TierMembership>) {
+    let mut ordered: Vec<&Arc<ClusterPolicy>> = snapshot.cnps.iter().map(|(_, c)| c).collect();
+    ordered.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+    let mut out = Vec::new();
+    let mut membership: BTreeMap<ObjectKey, TierMembership> = BTreeMap::new();
+    // Each local pod's namespace labels, looked up once (every policy asks).
+    let ns_labels: Vec<Labels> = local
+        .iter()
+        .map(|p| namespace_labels(snapshot, &p.key.namespace))
+        .collect();
+    for cnp in ordered {
+        let selected: Vec<&Arc<PodInfo>> = local
+            .iter()
+            .zip(&ns_labels)
+            .filter(|(p, ns)| subject_matches(&cnp.subject, ns, &p.labels))
+            .map(|(p, _)| *p)
+            .collect();
+        if selected.is_empty() {
+            continue;
+        }
+        for d in Direction::ALL {
+            let rules = cnp.rules(d);
+            if rules.is_empty() {
+                continue; // no rules for a direction: no effect on it
+            }
+            for p in &selected {
+                membership
+                    .entry(p.key.clone())
+                    .or_default()
+                    .push(cnp.tier, d, cnp.name.clone());
+            }
+            out.push(CnpRules {
+                name: cnp.name.clone(),
+                tier: cnp.tier,
+                priority: cnp.priority,
+                direction: d,
+                selected: selected.iter().map(|p| p.key.clone()).collect(),
+                rules: rules
+                    .iter()
+                    .map(|rule| resolve_cnp_rule(r, d, rule, &selected))
+                    .collect(),
+            });
+        }
+    }
+    (out, membership)
+}
+
+const ALL_PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+fn resolve_cnp_rule(
+    r: &mut Resolver<'_>,
+    d: Direction,
+    rule: &crate::model::CnpRule,
+    selected: &[&Arc<PodInfo>],
+) -> ResolvedCnpRule {
+    let matches = match &rule.matches {
+        RuleMatch::Nothing { reason } => ResolvedCnpMatch::Nothing(reason.clone()),
+        RuleMatch::Everything { reason } => ResolvedCnpMatch::Everything(reason.clone()),
+        RuleMatch::Peers { peers, ports } => {
+            let resolved: Vec<ResolvedCnpPeer> = peers
+                .iter()
+                .map(|p| match p {
+                    CnpPeer::Namespaces(ns) => ResolvedCnpPeer::Pods(r.peer_pods(
+                        &NamespaceScope::Selector(ns.clone()),
+                        &Selector::everything(),
+                    )),
+                    CnpPeer::Pods { namespaces, pods } => ResolvedCnpPeer::Pods(
+                        r.peer_pods(&NamespaceScope::Selector(namespaces.clone()), pods),
+                    ),
+                    CnpPeer::Nodes(sel) => {
+                        let (members, addrs) = r.node_addrs(sel);
+                        ResolvedCnpPeer::Nodes {
+                            selector: sel.clone(),
+                            members,
+                            addrs,
+                        }
+                    }
+                    CnpPeer::Networks(c) => ResolvedCnpPeer::Networks(c.clone()),
+                    CnpPeer::DomainNames(n) => ResolvedCnpPeer::DomainNames(n.clone()),
+                })
+                .collect();
+            let ports = ports.as_ref().map(|list| {
+                let mut numeric = Vec::new();
+                let mut names = Vec::new();
+                for p in list {
+                    match p {
+                        CnpPort::Ports(proto, lo, hi) => numeric.push((*proto, *lo, *hi)),
+                        // No protocol is written: the name resolves with whichever protocol
+                        // the destination pod declares it.
+                        CnpPort::Named(n) => {
+                            names.extend(ALL_PROTOCOLS.iter().map(|proto| (*proto, n.clone())));
+                        }
+                    }
+                }
+                names.sort();
+                names.dedup();
+                let named = (!names.is_empty()).then(|| match d {
+                    // Ingress: the destination is the subject pod itself.
+                    Direction::Ingress => {
+                        named_targets(&names, selected.iter().map(|p| (*p).clone()))
+                    }
+                    // Egress: the destination is a peer pod (computed only here: a peer
+                    // may hold thousands of pods).
+                    Direction::Egress => {
+                        let mut members: BTreeSet<&ObjectKey> = BTreeSet::new();
+                        for p in &resolved {
+                            if let ResolvedCnpPeer::Pods(pp) = p {
+                                members.extend(pp.members.iter());
+                            }
+                        }
+                        let pods: Vec<Arc<PodInfo>> = members
+                            .into_iter()
+                            .filter_map(|k| r.snapshot.pods.get(k).cloned())
+                            .collect();
+                        named_targets(&names, pods)
+                    }
+                });
+                ResolvedPorts {
+                    numeric: merge_ranges(numeric),
+                    named,
+                }
+            });
+            ResolvedCnpMatch::Peers {
+                peers: resolved,
+                ports,
+            }
+        }
+    };
+    ResolvedCnpRule {
+        index: rule.index,
+        name: rule.name.clone(),
+        written: rule.action,
+        action: rule.effective_action(),
+        matches,
     }
 }
 

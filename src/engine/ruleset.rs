@@ -62,6 +62,25 @@ pub enum ChainRole {
         /// `ingress` or `egress`.
         direction: &'static str,
     },
+    /// Terminal chain of one ClusterNetworkPolicy `Deny` rule, holding its drop counter; kept
+    /// like [`ChainRole::Drop`].
+    Deny {
+        /// The ClusterNetworkPolicy.
+        policy: String,
+        /// `admin` or `baseline`.
+        tier: &'static str,
+        /// `ingress` or `egress`.
+        direction: &'static str,
+        /// The rule: its name, or `spec.<direction>[i]` when it has none.
+        rule: String,
+    },
+}
+
+impl ChainRole {
+    /// Is this a terminal chain holding a drop counter that syncs must keep?
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, ChainRole::Drop { .. } | ChainRole::Deny { .. })
+    }
 }
 
 /// A chain and its rules.

@@ -102,6 +102,21 @@ pub struct PodDrops {
     pub counter: Counter,
 }
 
+/// The counter of one ClusterNetworkPolicy Deny rule as read from the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CnpDenies {
+    /// The ClusterNetworkPolicy.
+    pub policy: String,
+    /// `admin` or `baseline`.
+    pub tier: &'static str,
+    /// Direction.
+    pub direction: Direction,
+    /// The rule's name, or `spec.<direction>[i]`.
+    pub rule: String,
+    /// Counter.
+    pub counter: Counter,
+}
+
 /// The kernel-side state machine.
 #[derive(Debug)]
 pub struct Dataplane {
@@ -215,11 +230,20 @@ impl Dataplane {
 
     /// Read every local pod's drop counters.
     pub fn drop_counters(&self) -> Result<Vec<PodDrops>, ReadbackError> {
+        Ok(self.counters()?.0)
+    }
+
+    /// Read every terminal counter in one dump: the local pods' drops and the
+    /// ClusterNetworkPolicy Deny rules'.
+    pub fn counters(&self) -> Result<(Vec<PodDrops>, Vec<CnpDenies>), ReadbackError> {
         let Some(applied) = &self.applied else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         };
         let kernel = readback::read(&|name: &str| is_drop_chain_name(name))?;
-        Ok(drop_counters(applied, &kernel))
+        Ok((
+            drop_counters(applied, &kernel),
+            cnp_deny_counters(applied, &kernel),
+        ))
     }
 }
 
@@ -241,6 +265,37 @@ pub fn drop_counters(applied: &Ruleset, kernel: &KernelState) -> Vec<PodDrops> {
                 } else {
                     Direction::Egress
                 },
+                counter: kernel
+                    .chains
+                    .get(&c.name)
+                    .and_then(|k| k.counter)
+                    .unwrap_or_default(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Pair the ClusterNetworkPolicy Deny chains of `applied` with their kernel counters.
+pub fn cnp_deny_counters(applied: &Ruleset, kernel: &KernelState) -> Vec<CnpDenies> {
+    applied
+        .chains
+        .iter()
+        .filter_map(|c| match &c.role {
+            ChainRole::Deny {
+                policy,
+                tier,
+                direction,
+                rule,
+            } => Some(CnpDenies {
+                policy: policy.clone(),
+                tier,
+                direction: if *direction == "ingress" {
+                    Direction::Ingress
+                } else {
+                    Direction::Egress
+                },
+                rule: rule.clone(),
                 counter: kernel
                     .chains
                     .get(&c.name)

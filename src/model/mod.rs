@@ -6,6 +6,8 @@
 //! compiler never meet a malformed selector, CIDR or port.
 
 pub mod cidr;
+pub mod cnp;
+pub mod cnp_api;
 pub mod node;
 pub mod policy;
 pub mod selector;
@@ -16,6 +18,9 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 pub use cidr::{Cidr, Family};
+pub use cnp::{
+    Action, ClusterPolicy, CnpError, CnpPeer, CnpPort, CnpRule, RuleMatch, Subject, Tier,
+};
 pub use node::NodeInfo;
 pub use policy::{
     IpBlock, NamespaceScope, Peer, Policy, PolicyError, PolicyWarning, PortMatch, PortSpec,

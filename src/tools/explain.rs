@@ -14,12 +14,13 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::engine::evaluate::{
-    Assessment, Connection, PeerMatch, PolicyOutcome, RuleOutcome, assess,
+    Assessment, Connection, Decision, PeerMatch, PolicyOutcome, RuleOutcome, TierOutcome, assess,
+    decide,
 };
 use crate::engine::index::Snapshot;
 use crate::engine::resolve::{NodePolicy, resolve};
 use crate::model::policy::Direction;
-use crate::model::{Family, ObjectKey, PodInfo, Protocol, Rule};
+use crate::model::{Action, Family, ObjectKey, PodInfo, Protocol, Rule, RuleMatch, Tier};
 
 /// One end of the connection as the user names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -214,6 +215,28 @@ pub enum SideStatus {
     Allowed,
     /// Isolated, and no rule allows the connection.
     Denied,
+    /// An Admin ClusterNetworkPolicy rule accepted or denied it (see `admin`).
+    Admin,
+    /// NetworkPolicy does not isolate the pod, and a Baseline ClusterNetworkPolicy rule
+    /// accepted or denied it (see `baseline`).
+    Baseline,
+}
+
+/// What one ClusterNetworkPolicy tier said about one direction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TierReport {
+    /// `Admin` or `Baseline`.
+    pub tier: &'static str,
+    /// The tier's policies that apply to the pod in this direction, in evaluation order.
+    pub policies: Vec<String>,
+    /// `accept`, `deny`, `pass` or `no-match`.
+    pub outcome: &'static str,
+    /// The rule that matched: `<policy> spec.ingress[i] (name)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The matched peer, or why the rule fails closed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// A rule that allows the connection.
@@ -278,6 +301,14 @@ pub struct SideReport {
     pub allowed_by: Vec<RuleCitation>,
     /// Every isolating policy with each rule's outcome.
     pub policies: Vec<PolicyReport>,
+    /// The Admin tier, when a ClusterNetworkPolicy of it applies to the pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<TierReport>,
+    /// The Baseline tier, when consulted and a ClusterNetworkPolicy of it applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<TierReport>,
+    /// Which tier decided: `Admin`, `NetworkPolicy`, `Baseline` or `default`.
+    pub decided_by: &'static str,
 }
 
 /// The answer.
@@ -479,13 +510,33 @@ impl<'a> Explainer<'a> {
             isolated_by: Vec::new(),
             allowed_by: Vec::new(),
             policies: Vec::new(),
+            admin: None,
+            baseline: None,
+            decided_by: "default",
         };
         let Some(node) = node else {
             return report;
         };
+        let decision: Decision = decide(self.node(&node), direction, c);
+        report.decided_by = decision.decided_by();
+        report.admin = tier_report(snap, Tier::Admin, direction, &decision.admin);
+        report.baseline = decision
+            .baseline
+            .as_ref()
+            .and_then(|b| tier_report(snap, Tier::Baseline, direction, b));
+        if report.decided_by == "Admin" {
+            report.status = SideStatus::Admin;
+            report.allowed = decision.allowed;
+            return report;
+        }
         let policies = match assess(self.node(&node), direction, c) {
             Assessment::NotIsolated => {
-                report.status = SideStatus::NotIsolated;
+                report.allowed = decision.allowed;
+                report.status = if report.decided_by == "Baseline" {
+                    SideStatus::Baseline
+                } else {
+                    SideStatus::NotIsolated
+                };
                 return report;
             }
             Assessment::Isolated(policies) => policies,
@@ -510,6 +561,93 @@ impl<'a> Explainer<'a> {
         };
         report
     }
+}
+
+/// A tier's outcome for the report, naming the rule (with its peer) that matched.
+fn tier_report(
+    snap: &Snapshot,
+    tier: Tier,
+    direction: Direction,
+    outcome: &TierOutcome,
+) -> Option<TierReport> {
+    let tier_name = match tier {
+        Tier::Admin => "Admin",
+        Tier::Baseline => "Baseline",
+    };
+    match outcome {
+        TierOutcome::NoPolicies => None,
+        TierOutcome::NoMatch(names) => Some(TierReport {
+            tier: tier_name,
+            policies: names.clone(),
+            outcome: "no-match",
+            rule: None,
+            detail: None,
+        }),
+        TierOutcome::Matched(hit) => {
+            let policy = snap.cnps.get(&hit.policy);
+            let rule = policy.and_then(|p| p.rules(direction).get(hit.index));
+            let names = policy
+                .map(|p| vec![p.name.clone()])
+                .unwrap_or_else(|| vec![hit.policy.clone()]);
+            let peers_field = match direction {
+                Direction::Ingress => "from",
+                Direction::Egress => "to",
+            };
+            let detail = match (&hit.fail_closed, hit.peer, rule.map(|r| &r.matches)) {
+                (Some(why), _, _) => Some(format!("fails closed: {why}")),
+                (None, Some(i), Some(RuleMatch::Peers { peers, .. })) => {
+                    peers.get(i).map(|p| format!("peer {peers_field}[{i}] {p}"))
+                }
+                _ => None,
+            };
+            let label = if hit.name.is_empty() {
+                format!("spec.{direction}[{}]", hit.index)
+            } else {
+                format!("spec.{direction}[{}] ({})", hit.index, hit.name)
+            };
+            Some(TierReport {
+                tier: tier_name,
+                policies: names,
+                outcome: match hit.action {
+                    Action::Accept => "accept",
+                    Action::Deny => "deny",
+                    Action::Pass => "pass",
+                },
+                rule: Some(format!(
+                    "{} (priority {}) {label}",
+                    hit.policy, hit.priority
+                )),
+                detail,
+            })
+        }
+    }
+}
+
+fn tier_text(out: &mut String, t: &TierReport) {
+    let detail = t
+        .detail
+        .as_ref()
+        .map(|d| format!(" ({d})"))
+        .unwrap_or_default();
+    let _ = match (t.outcome, &t.rule) {
+        ("no-match", _) => writeln!(
+            out,
+            "    {} tier: no rule of {} matches",
+            t.tier,
+            t.policies.join(", ")
+        ),
+        (outcome, Some(rule)) => writeln!(
+            out,
+            "    {} tier: {} by ClusterNetworkPolicy {rule}{detail}",
+            t.tier,
+            match outcome {
+                "accept" => "ACCEPTED",
+                "deny" => "DENIED",
+                _ => "PASSED to the next tier",
+            }
+        ),
+        _ => Ok(()),
+    };
 }
 
 fn policy_report(snap: &Snapshot, direction: Direction, outcome: &PolicyOutcome) -> PolicyReport {
@@ -664,7 +802,19 @@ fn side_text(out: &mut String, s: &SideReport) {
             "  {what}: DENIED: isolated by {}, and no rule of theirs matches",
             s.isolated_by.join(", ")
         ),
+        SideStatus::Admin | SideStatus::Baseline => writeln!(
+            out,
+            "  {what}: {} by the {} tier",
+            if s.allowed { "allowed" } else { "DENIED" },
+            s.decided_by
+        ),
     };
+    if let Some(t) = &s.admin {
+        tier_text(out, t);
+    }
+    if let Some(t) = &s.baseline {
+        tier_text(out, t);
+    }
     for p in &s.policies {
         // When allowed, the rules that allow are the answer; when denied, every rule is.
         if !s.allowed {

@@ -27,6 +27,12 @@
 //! | `ipblock-covers-pods` | warning | an `ipBlock` (minus its excepts) contains pod addresses |
 //! | `no-dns-egress` | warning | pods isolated for egress may not send DNS over both UDP and TCP port 53 (to the `k8s-app=kube-dns` pods of `kube-system`, when the manifests have them) |
 //! | `no-kind`, `object-warning` | warning | a document without `kind`; an odd Pod or Namespace (bad IP, clashing port names) |
+//! | `invalid-cnp` | error | a ClusterNetworkPolicy the API server rejects (priority, subject, a peer with zero or several fields, a bad port or range, more than 25 items, named ports with non-pod peers, …) |
+//! | `cnp-unknown-field` | error | a ClusterNetworkPolicy peer or protocol with no field this version knows (a newer CRD): the rule fails closed |
+//! | `cnp-selects-no-pod` | warning | a ClusterNetworkPolicy subject that matches no pod |
+//! | `cnp-unreachable-rule` | warning | a rule after a catch-all rule of the same direction (every peer, every port): it never matches |
+//! | `cnp-same-priority` | warning | two ClusterNetworkPolicies of one tier with equal priorities that apply to the same pods in the same direction (the order between them is by name here, undefined upstream) |
+//! | `cnp-domain-names` | warning | a `domainNames` peer: not supported, it matches nothing |
 //!
 //! The rules that look at pods (`selects-no-pod`, `peer-matches-nothing`,
 //! `unknown-named-port`, `ipblock-covers-pods`) only run when the manifests contain pods:
@@ -40,8 +46,8 @@ use serde::Serialize;
 use crate::cluster::manifest::{Manifests, ProblemKind};
 use crate::model::policy::Direction;
 use crate::model::{
-    Labels, NAMESPACE_NAME_LABEL, NamespaceScope, ObjectKey, Peer, PodInfo, Policy, PolicyError,
-    PortMatch, Protocol, Rule, Selector,
+    ClusterPolicy, CnpPeer, CnpRule, Labels, NAMESPACE_NAME_LABEL, NamespaceScope, ObjectKey, Peer,
+    PodInfo, Policy, PolicyError, PortMatch, Protocol, Rule, RuleMatch, Selector,
 };
 
 /// How bad a finding is.
@@ -150,6 +156,14 @@ pub fn lint(m: &Manifests) -> Report {
     for p in &m.policies {
         no_dns_egress(&cx, p, &mut findings);
     }
+    for c in &m.cnps {
+        if cx.has_pods {
+            cnp_selects_no_pod(&cx, c, &mut findings);
+        }
+        cnp_unreachable_rules(&cx, c, &mut findings);
+        cnp_domain_names(&cx, c, &mut findings);
+    }
+    cnp_same_priority(&cx, &mut findings);
     findings.sort();
     findings.dedup();
     let errors = findings
@@ -279,6 +293,16 @@ fn reason_of(e: &PolicyError) -> String {
     text.strip_prefix(&prefix).unwrap_or(&text).to_string()
 }
 
+/// The reason of a ClusterNetworkPolicy problem without the object and field (the finding
+/// names those).
+fn cnp_reason(e: &crate::model::CnpError) -> String {
+    match e {
+        crate::model::CnpError::MissingName => e.to_string(),
+        crate::model::CnpError::Invalid { reason, .. }
+        | crate::model::CnpError::Unknown { reason, .. } => reason.clone(),
+    }
+}
+
 /// The rules a policy has in one direction, each with its field path.
 fn rules_of(p: &Policy) -> impl Iterator<Item = (Direction, String, &Rule)> {
     Direction::ALL.into_iter().flat_map(move |d| {
@@ -342,6 +366,26 @@ fn load_problems(cx: &Context<'_>, out: &mut Vec<Finding>) {
                 format!(
                     "{}: the API server rejects the policy (kube-nftpolicy ignores it)",
                     reason_of(e)
+                ),
+            ),
+            ProblemKind::InvalidClusterPolicy(e) => (
+                if matches!(e, crate::model::CnpError::Unknown { .. }) {
+                    "cnp-unknown-field"
+                } else {
+                    "invalid-cnp"
+                },
+                Severity::Error,
+                format!(
+                    "{}: the API server rejects this (kube-nftpolicy keeps the policy; an Accept rule here matches nothing, a Deny or Pass rule denies everything)",
+                    cnp_reason(e)
+                ),
+            ),
+            ProblemKind::RejectedClusterPolicy(e) => (
+                "invalid-cnp",
+                Severity::Error,
+                format!(
+                    "{}: the API server rejects the policy (kube-nftpolicy ignores it)",
+                    cnp_reason(e)
                 ),
             ),
             ProblemKind::IgnoredField => (
@@ -739,4 +783,153 @@ fn no_dns_egress(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
         "spec.policyTypes"
     };
     out.push(cx.finding(p, field.into(), "no-dns-egress", Severity::Warning, message));
+}
+
+fn cnp_finding(
+    cx: &Context<'_>,
+    c: &ClusterPolicy,
+    field: String,
+    rule: &'static str,
+    message: String,
+) -> Finding {
+    let object = format!("ClusterNetworkPolicy {}", c.name);
+    Finding {
+        location: cx.location(&object),
+        object,
+        field,
+        rule,
+        severity: Severity::Warning,
+        message,
+    }
+}
+
+fn cnp_subject_pods<'a>(cx: &Context<'a>, c: &ClusterPolicy) -> Vec<&'a PodInfo> {
+    let (ns, pods) = c.subject.selectors();
+    cx.selectable()
+        .filter(|p| {
+            pods.matches(&p.labels)
+                && cx
+                    .namespaces
+                    .get(&p.key.namespace)
+                    .is_some_and(|labels| ns.matches(labels))
+        })
+        .collect()
+}
+
+/// `cnp-selects-no-pod`.
+fn cnp_selects_no_pod(cx: &Context<'_>, c: &ClusterPolicy, out: &mut Vec<Finding>) {
+    if cnp_subject_pods(cx, c).is_empty() {
+        out.push(cnp_finding(
+            cx,
+            c,
+            "spec.subject".into(),
+            "cnp-selects-no-pod",
+            format!("{} matches no pod: the policy has no effect", c.subject),
+        ));
+    }
+}
+
+/// Does a rule match every connection the direction can see? (Ingress peers are pods only, so
+/// all namespaces is everything; egress needs every address of both families.)
+fn is_catch_all(d: Direction, rule: &CnpRule) -> bool {
+    match &rule.matches {
+        RuleMatch::Everything { .. } => true,
+        RuleMatch::Nothing { .. } => false,
+        RuleMatch::Peers { ports: Some(_), .. } => false,
+        RuleMatch::Peers { peers, ports: None } => match d {
+            Direction::Ingress => peers.iter().any(|p| match p {
+                CnpPeer::Namespaces(ns) => ns.is_empty(),
+                CnpPeer::Pods { namespaces, pods } => namespaces.is_empty() && pods.is_empty(),
+                _ => false,
+            }),
+            Direction::Egress => {
+                let all = |bits: u8| {
+                    peers.iter().any(|p| match p {
+                        CnpPeer::Networks(c) => c
+                            .iter()
+                            .any(|c| c.to_string().ends_with("/0") && c.family().bits() == bits),
+                        _ => false,
+                    })
+                };
+                all(32) && all(128)
+            }
+        },
+    }
+}
+
+/// `cnp-unreachable-rule`.
+fn cnp_unreachable_rules(cx: &Context<'_>, c: &ClusterPolicy, out: &mut Vec<Finding>) {
+    for d in Direction::ALL {
+        let rules = c.rules(d);
+        if let Some(first) = rules.iter().position(|r| is_catch_all(d, r)) {
+            for r in &rules[first + 1..] {
+                out.push(cnp_finding(
+                    cx,
+                    c,
+                    format!("spec.{d}[{}]", r.index),
+                    "cnp-unreachable-rule",
+                    format!(
+                        "never matches: {} before it ({}) matches every {d} connection",
+                        rules[first].label(d),
+                        rules[first].effective_action()
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// `cnp-domain-names`.
+fn cnp_domain_names(cx: &Context<'_>, c: &ClusterPolicy, out: &mut Vec<Finding>) {
+    for r in c.rules(Direction::Egress) {
+        if let RuleMatch::Peers { peers, .. } = &r.matches {
+            for (i, p) in peers.iter().enumerate() {
+                if matches!(p, CnpPeer::DomainNames(_)) {
+                    out.push(cnp_finding(
+                        cx,
+                        c,
+                        format!("spec.egress[{}].to[{i}].domainNames", r.index),
+                        "cnp-domain-names",
+                        "domainNames peers are not supported by kube-nftpolicy: this peer matches nothing (the safe reading for an Accept rule)".into(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// `cnp-same-priority`.
+fn cnp_same_priority(cx: &Context<'_>, out: &mut Vec<Finding>) {
+    let cnps = &cx.m.cnps;
+    for (i, a) in cnps.iter().enumerate() {
+        for b in &cnps[i + 1..] {
+            if a.tier != b.tier || a.priority != b.priority {
+                continue;
+            }
+            let Some(d) = Direction::ALL
+                .into_iter()
+                .find(|d| !a.rules(*d).is_empty() && !b.rules(*d).is_empty())
+            else {
+                continue;
+            };
+            if cx.has_pods {
+                let pa: BTreeSet<&ObjectKey> =
+                    cnp_subject_pods(cx, a).iter().map(|p| &p.key).collect();
+                if !cnp_subject_pods(cx, b).iter().any(|p| pa.contains(&p.key)) {
+                    continue;
+                }
+            }
+            let (first, second) = if a.name <= b.name { (a, b) } else { (b, a) };
+            out.push(cnp_finding(
+                cx,
+                second,
+                "spec.priority".into(),
+                "cnp-same-priority",
+                format!(
+                    "same tier ({}) and priority ({}) as ClusterNetworkPolicy {}, for the same pods ({d}): upstream leaves their order undefined; kube-nftpolicy evaluates {} first (by name)",
+                    first.tier, first.priority, first.name, first.name
+                ),
+            ));
+        }
+    }
 }

@@ -7,8 +7,10 @@
 //!
 //! * Served resources: Namespaces (`/api/v1/namespaces`), Nodes (`/api/v1/nodes`), Pods (`/api/v1/pods`,
 //!   `/api/v1/namespaces/{ns}/pods`) and NetworkPolicies
-//!   (`/apis/networking.k8s.io/v1/networkpolicies`, `.../namespaces/{ns}/networkpolicies`); see
-//!   [`RESOURCES`]. Objects are stored as `serde_json::Value`.
+//!   (`/apis/networking.k8s.io/v1/networkpolicies`, `.../namespaces/{ns}/networkpolicies`) and
+//!   ClusterNetworkPolicies (`/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies`,
+//!   a custom resource: [`FakeApiServer::set_served`] uninstalls its CRD, so every request for
+//!   it answers 404); see [`RESOURCES`]. Objects are stored as `serde_json::Value`.
 //! * One global, etcd-like resourceVersion counter; a retained history of every change since the
 //!   last [`FakeApiServer::compact`]. LIST supports `limit`/`continue` (consistent snapshots,
 //!   rebuilt from the history; 410 `Expired` once compacted), `resourceVersion` +
@@ -128,6 +130,17 @@ pub const RESOURCES: &[ResourceType] = &[
         singular: "networkpolicy",
         short_names: &["netpol"],
         namespaced: true,
+        has_generation: true,
+    },
+    // A custom resource: `set_served("ClusterNetworkPolicy", false)` removes its CRD.
+    ResourceType {
+        kind: "ClusterNetworkPolicy",
+        group: "policy.networking.k8s.io",
+        version: "v1alpha2",
+        plural: "clusternetworkpolicies",
+        singular: "clusternetworkpolicy",
+        short_names: &["cnp"],
+        namespaced: false,
         has_generation: true,
     },
 ];
@@ -254,6 +267,8 @@ struct State {
     requests: Vec<RecordedRequest>,
     bookmark_interval: Option<Duration>,
     next_uid: u64,
+    /// Resources answered with 404, as when their CustomResourceDefinition is not installed.
+    unserved: std::collections::HashSet<usize>,
 }
 
 #[derive(Default)]
@@ -1207,7 +1222,14 @@ async fn handle_request(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = parse_query(req.uri().query());
-    let route = route(&path);
+    let route = match route(&path) {
+        Route::Collection { res, .. } | Route::Object { res, .. }
+            if lock(&shared.state).unserved.contains(&res) =>
+        {
+            Route::NotFound
+        }
+        r => r,
+    };
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let verb = verb_of(&method, &route, watch);
     let (latency, failure) = {
@@ -1880,6 +1902,7 @@ impl FakeApiServer {
                     requests: Vec::new(),
                     bookmark_interval: opts.bookmark_interval,
                     next_uid: 0,
+                    unserved: Default::default(),
                 }),
                 events,
                 conns: Mutex::new(Conns::default()),
@@ -2037,6 +2060,18 @@ impl FakeApiServer {
     // ----- faults -----
 
     /// Delays every response (the head of a watch response included) by `d`.
+    /// Serve a resource or answer 404 for it (a CustomResourceDefinition installed or not).
+    /// Open watches of it are not closed.
+    pub fn set_served(&self, kind: &str, served: bool) {
+        let i = resource_index_or_panic(kind);
+        let mut st = lock(&self.shared.state);
+        if served {
+            st.unserved.remove(&i);
+        } else {
+            st.unserved.insert(i);
+        }
+    }
+
     pub fn set_latency(&self, d: Duration) {
         lock(&self.shared.state).latency = d;
     }

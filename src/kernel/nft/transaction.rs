@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 
 use super::{Counter, KernelState};
-use crate::engine::ruleset::{Chain, ChainRole, Ruleset, Set, TABLE, quote_comment};
+use crate::engine::ruleset::{Chain, Ruleset, Set, TABLE, quote_comment};
 
 /// Which kind of transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,7 +132,7 @@ fn drop_rule_with(rule: &str, counter: Counter) -> String {
 }
 
 fn is_drop(chain: &Chain) -> bool {
-    matches!(chain.role, ChainRole::Drop { .. })
+    chain.role.is_terminal()
 }
 
 /// Is the kernel's terminal chain exactly what we would write (so it can stay untouched)?
