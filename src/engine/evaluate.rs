@@ -20,12 +20,15 @@ pub enum Verdict {
     Allowed(Vec<RuleRef>),
     /// Isolated by these policies and no rule allows it.
     Denied(Vec<ObjectKey>),
+    /// The local address is in this node's pod ranges but is not a known pod: dropped
+    /// whatever the policies say (fail closed).
+    UnknownAddress,
 }
 
 impl Verdict {
     /// Does the packet pass?
     pub fn passes(&self) -> bool {
-        !matches!(self, Verdict::Denied(_))
+        !matches!(self, Verdict::Denied(_) | Verdict::UnknownAddress)
     }
 }
 
@@ -101,6 +104,8 @@ pub enum Assessment {
     NotIsolated,
     /// Isolated by these policies (sorted), each with its rules' outcomes.
     Isolated(Vec<PolicyOutcome>),
+    /// The local address is in this node's pod ranges but no known pod holds it: dropped.
+    UnknownAddress,
 }
 
 fn rule_outcome(
@@ -171,8 +176,13 @@ fn policy_outcome(pr: &PolicyRules, c: &Connection) -> PolicyOutcome {
 }
 
 /// Judge one direction for a local pod address, rule by rule. Addresses that are not local
-/// isolated pods are not policed on this node.
+/// isolated pods are not policed on this node, except addresses in the node's pod ranges
+/// that no known pod holds, which are dropped (traffic the node itself originates is exempt
+/// in the ruleset; the evaluator is about pods).
 pub fn assess(np: &NodePolicy, direction: Direction, c: Connection) -> Assessment {
+    if np.is_unknown_local(&c.local) {
+        return Assessment::UnknownAddress;
+    }
     let Some(pod) = np.pods.iter().find(|p| p.ips.contains(&c.local)) else {
         return Assessment::NotIsolated;
     };
@@ -192,6 +202,7 @@ pub fn assess(np: &NodePolicy, direction: Direction, c: Connection) -> Assessmen
 pub fn evaluate(np: &NodePolicy, direction: Direction, c: Connection) -> Verdict {
     match assess(np, direction, c) {
         Assessment::NotIsolated => Verdict::NotIsolated,
+        Assessment::UnknownAddress => Verdict::UnknownAddress,
         Assessment::Isolated(policies) => {
             let allowed: Vec<RuleRef> = policies
                 .iter()
@@ -210,4 +221,73 @@ pub fn evaluate(np: &NodePolicy, direction: Direction, c: Connection) -> Verdict
             }
         }
     }
+}
+
+/// An established flow as the policy sees it: who opened it, and where it went after
+/// Service DNAT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EstablishedFlow {
+    /// The original source.
+    pub src: IpAddr,
+    /// The destination after DNAT.
+    pub dst: IpAddr,
+    /// TCP, UDP or SCTP; `None` for protocols policies cannot name a port of (ICMP, …).
+    pub protocol: Option<Protocol>,
+    /// Destination port after DNAT (0 without ports).
+    pub port: u16,
+    /// The source is one of the node's own addresses: the node's traffic always passes.
+    pub from_node: bool,
+}
+
+/// What the current rules say about an established flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowJudgement {
+    /// Still allowed, or not this node's to judge: leave it alone.
+    Keep,
+    /// The policies of this direction's local pod no longer allow it.
+    Denied(Direction),
+    /// This direction's end is a local address no known pod holds any more (its pod is
+    /// gone, or it is unknown in the node's pod ranges).
+    PodGone(Direction),
+}
+
+/// Judge an established flow against `np`, as the ruleset would judge its first packet now.
+/// `gone` are addresses that local pods held at the previous sync and none holds now.
+pub fn judge_flow(
+    np: &NodePolicy,
+    flow: &EstablishedFlow,
+    gone: &std::collections::BTreeSet<IpAddr>,
+) -> FlowJudgement {
+    if flow.from_node {
+        return FlowJudgement::Keep;
+    }
+    let unknown = |ip: &IpAddr| gone.contains(ip) || np.is_unknown_local(ip);
+    if unknown(&flow.src) {
+        return FlowJudgement::PodGone(Direction::Egress);
+    }
+    if unknown(&flow.dst) {
+        return FlowJudgement::PodGone(Direction::Ingress);
+    }
+    let Some(protocol) = flow.protocol else {
+        return FlowJudgement::Keep;
+    };
+    let egress = Connection {
+        local: flow.src,
+        peer: flow.dst,
+        protocol,
+        port: flow.port,
+    };
+    if !evaluate(np, Direction::Egress, egress).passes() {
+        return FlowJudgement::Denied(Direction::Egress);
+    }
+    let ingress = Connection {
+        local: flow.dst,
+        peer: flow.src,
+        protocol,
+        port: flow.port,
+    };
+    if !evaluate(np, Direction::Ingress, ingress).passes() {
+        return FlowJudgement::Denied(Direction::Ingress);
+    }
+    FlowJudgement::Keep
 }

@@ -26,6 +26,21 @@ pub struct NodePolicy {
     pub pods: Vec<LocalPod>,
     /// Rules of each (policy, direction) that selects at least one local pod, sorted.
     pub policies: Vec<PolicyRules>,
+    /// This node's pod address ranges in which an address that is not a known local pod is
+    /// dropped (fail closed). Empty when the ranges are unknown or the rule is off; set by
+    /// [`crate::engine::compile::node_policy`] from the options (`--pod-cidr`,
+    /// `--unknown-addresses`).
+    pub pod_cidrs: Vec<Cidr>,
+    /// Every address of every local pod that takes part in policy (isolated or not): the
+    /// addresses the fail-closed rule lets through.
+    pub local_addrs: BTreeSet<IpAddr>,
+}
+
+impl NodePolicy {
+    /// Is `ip` in this node's pod ranges without being a known local pod (so dropped)?
+    pub fn is_unknown_local(&self, ip: &IpAddr) -> bool {
+        !self.local_addrs.contains(ip) && self.pod_cidrs.iter().any(|c| c.contains(ip))
+    }
 }
 
 /// A pod on this node that some policy isolates.
@@ -329,6 +344,8 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
         node: node.to_string(),
         pods,
         policies,
+        pod_cidrs: Vec::new(),
+        local_addrs: local.iter().flat_map(|p| p.ips.iter().copied()).collect(),
     }
 }
 

@@ -62,6 +62,12 @@ pub enum ChainRole {
         /// `ingress` or `egress`.
         direction: &'static str,
     },
+    /// Terminal chain that counts and drops traffic of addresses in this node's pod ranges
+    /// that are not known pods; created once, never rewritten, like [`ChainRole::Drop`].
+    UnknownDrop {
+        /// `ingress` or `egress`.
+        direction: &'static str,
+    },
 }
 
 /// A chain and its rules.

@@ -215,12 +215,47 @@ impl Dataplane {
 
     /// Read every local pod's drop counters.
     pub fn drop_counters(&self) -> Result<Vec<PodDrops>, ReadbackError> {
+        Ok(self.all_drop_counters()?.0)
+    }
+
+    /// Read every local pod's drop counters and the unknown-address drop counters (by
+    /// direction) in one netlink dump.
+    #[allow(clippy::type_complexity)]
+    pub fn all_drop_counters(
+        &self,
+    ) -> Result<(Vec<PodDrops>, Vec<(Direction, Counter)>), ReadbackError> {
         let Some(applied) = &self.applied else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         };
         let kernel = readback::read(&|name: &str| is_drop_chain_name(name))?;
-        Ok(drop_counters(applied, &kernel))
+        Ok((
+            drop_counters(applied, &kernel),
+            unknown_address_drops(applied, &kernel),
+        ))
     }
+}
+
+/// The counters of the unknown-address terminal chains of `applied`, by direction.
+pub fn unknown_address_drops(applied: &Ruleset, kernel: &KernelState) -> Vec<(Direction, Counter)> {
+    applied
+        .chains
+        .iter()
+        .filter_map(|c| match &c.role {
+            ChainRole::UnknownDrop { direction } => Some((
+                if *direction == "ingress" {
+                    Direction::Ingress
+                } else {
+                    Direction::Egress
+                },
+                kernel
+                    .chains
+                    .get(&c.name)
+                    .and_then(|k| k.counter)
+                    .unwrap_or_default(),
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Pair the terminal chains of `applied` with their kernel counters.

@@ -132,7 +132,10 @@ fn drop_rule_with(rule: &str, counter: Counter) -> String {
 }
 
 fn is_drop(chain: &Chain) -> bool {
-    matches!(chain.role, ChainRole::Drop { .. })
+    matches!(
+        chain.role,
+        ChainRole::Drop { .. } | ChainRole::UnknownDrop { .. }
+    )
 }
 
 /// Is the kernel's terminal chain exactly what we would write (so it can stay untouched)?
