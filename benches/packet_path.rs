@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use kube_nftpolicy::cluster::manifest::parse_sources;
 use kube_nftpolicy::engine::compile::{CompileOptions, compile};
-use kube_nftpolicy::engine::index::Index;
 use kube_nftpolicy::engine::resolve::resolve;
 use kube_nftpolicy::kernel::dataplane::Dataplane;
 use kube_nftpolicy::kernel::nft::exec::Nft;
@@ -65,10 +64,7 @@ fn manifests(c: &Cluster, others: usize, on_web: usize) -> String {
 
 fn measure(c: &Cluster, dp: Dataplane, text: &str) -> (Dataplane, Duration, usize) {
     let m = parse_sources(&[("b.yaml".into(), text.to_string())]).expect("manifests");
-    let mut idx = Index::new();
-    idx.reset_namespaces(m.namespaces);
-    idx.reset_pods(m.pods);
-    idx.reset_policies(m.policies);
+    let idx = m.into_index();
     let rs = compile(
         &resolve(&idx.snapshot(), "node-1"),
         &CompileOptions::default(),

@@ -42,10 +42,7 @@ fn load_index(path: &std::path::Path) -> anyhow::Result<index::Index> {
     for w in &m.warnings {
         tracing::warn!("{w}");
     }
-    let mut idx = index::Index::new();
-    idx.reset_namespaces(m.namespaces);
-    idx.reset_pods(m.pods);
-    idx.reset_policies(m.policies);
+    let idx = m.into_index();
     Ok(idx)
 }
 

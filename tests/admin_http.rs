@@ -443,10 +443,7 @@ fn example_snapshot(name: &str) -> Snapshot {
         .join("examples")
         .join(name);
     let m = kube_nftpolicy::cluster::manifest::load(&dir).expect("example loads");
-    let mut idx = Index::new();
-    idx.reset_namespaces(m.namespaces);
-    idx.reset_pods(m.pods);
-    idx.reset_policies(m.policies);
+    let idx = m.into_index();
     idx.snapshot()
 }
 

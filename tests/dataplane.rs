@@ -17,7 +17,6 @@ use std::time::Duration;
 use kernel::{NodeDataplanes, labels, list_table, pod_yaml, serial, without_counts};
 use kube_nftpolicy::cluster::manifest::parse_sources;
 use kube_nftpolicy::engine::compile::{CompileOptions, compile};
-use kube_nftpolicy::engine::index::Index;
 use kube_nftpolicy::engine::resolve::resolve;
 use kube_nftpolicy::kernel::dataplane::SyncError;
 use kube_nftpolicy::kernel::nft::transaction::Kind;
@@ -215,10 +214,7 @@ fn changes_apply_to_new_connections_while_one_is_open() {
 
 fn ruleset_for(c: &Cluster, text: &str) -> kube_nftpolicy::engine::ruleset::Ruleset {
     let m = parse_sources(&[("t.yaml".into(), text.to_string())]).expect("parse");
-    let mut idx = Index::new();
-    idx.reset_namespaces(m.namespaces);
-    idx.reset_pods(m.pods);
-    idx.reset_policies(m.policies);
+    let idx = m.into_index();
     let _ = c;
     compile(
         &resolve(&idx.snapshot(), "node-1"),

@@ -1500,7 +1500,11 @@ fn every_manifest_parses_into_its_type() {
 #[test]
 fn cluster_role_grants_exactly_what_the_watchers_use() {
     let l = load_real();
-    assert_eq!(api_access().len(), 3, "pods, namespaces, networkpolicies");
+    assert_eq!(
+        api_access().len(),
+        4,
+        "pods, namespaces, networkpolicies, nodes"
+    );
     assert_none("ClusterRole", check_cluster_role(&l.m));
 }
 
@@ -1581,8 +1585,8 @@ const BROKEN: &[Broken] = &[
     Broken { name: "misspelt PodMonitor field", file: "deploy/podmonitor.yaml", from: "honorLabels: true", to: "honourLabels: true", expect: "unknown field `honourLabels`" },
     // RBAC.
     Broken { name: "ClusterRole with an extra verb", file: "deploy/rbac.yaml", from: "verbs: [\"list\", \"watch\"]", to: "verbs: [\"get\", \"list\", \"watch\"]", expect: "grants get namespaces, which the agent never uses" },
-    Broken { name: "ClusterRole with an extra resource", file: "deploy/rbac.yaml", from: "resources: [\"namespaces\", \"pods\"]", to: "resources: [\"namespaces\", \"pods\", \"services\"]", expect: "grants list services" },
-    Broken { name: "ClusterRole missing a resource", file: "deploy/rbac.yaml", from: "resources: [\"namespaces\", \"pods\"]", to: "resources: [\"pods\"]", expect: "does not grant list namespaces" },
+    Broken { name: "ClusterRole with an extra resource", file: "deploy/rbac.yaml", from: "resources: [\"namespaces\", \"nodes\", \"pods\"]", to: "resources: [\"namespaces\", \"nodes\", \"pods\", \"services\"]", expect: "grants list services" },
+    Broken { name: "ClusterRole missing a resource", file: "deploy/rbac.yaml", from: "resources: [\"namespaces\", \"nodes\", \"pods\"]", to: "resources: [\"namespaces\", \"pods\"]", expect: "does not grant list nodes" },
     Broken { name: "ClusterRole missing watch", file: "deploy/rbac.yaml", from: "verbs: [\"list\", \"watch\"]\n---", to: "verbs: [\"list\"]\n---", expect: "does not grant watch networking.k8s.io/networkpolicies" },
     Broken { name: "ClusterRole wildcard", file: "deploy/rbac.yaml", from: "verbs: [\"list\", \"watch\"]", to: "verbs: [\"*\"]", expect: "wildcard" },
     Broken { name: "binding to another namespace's account", file: "deploy/rbac.yaml", from: "    name: kube-nftpolicy\n    namespace: kube-nftpolicy", to: "    name: kube-nftpolicy\n    namespace: kube-system", expect: "subjects" },

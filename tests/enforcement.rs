@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use examples::{Expectations, example_dirs, expectations};
 use kernel::{NodeDataplanes, serial};
-use kube_nftpolicy::engine::index::{Index, Snapshot};
+use kube_nftpolicy::engine::index::Snapshot;
 use kube_nftpolicy::model::Protocol;
 use kube_nftpolicy::tools::explain::{Endpoint as ExplainEndpoint, Explainer, PortQuery};
 use netns::{Cluster, ClusterSpec, Endpoint, Family, Layout, Probe, Proto};
@@ -87,10 +87,7 @@ fn snapshot_of(manifests: &str) -> Snapshot {
         manifests.to_string(),
     )])
     .expect("manifests");
-    let mut idx = Index::new();
-    idx.reset_namespaces(m.namespaces);
-    idx.reset_pods(m.pods);
-    idx.reset_policies(m.policies);
+    let idx = m.into_index();
     idx.snapshot()
 }
 

@@ -13,7 +13,7 @@ use std::process::{Command, Output};
 
 use examples::{example_dirs, expectations};
 use fake_apiserver::{FakeApiServer, objects_from_yaml};
-use kube_nftpolicy::engine::index::{Index, Snapshot};
+use kube_nftpolicy::engine::index::Snapshot;
 use kube_nftpolicy::model::{Family, ObjectKey, Protocol};
 use kube_nftpolicy::tools::explain::{
     Endpoint, ExplainError, PortQuery, PortRef, SideStatus, explain,
@@ -41,10 +41,7 @@ fn example(name: &str) -> PathBuf {
 
 fn snapshot(dir: &Path) -> Snapshot {
     let m = kube_nftpolicy::cluster::manifest::load(dir).expect("manifests");
-    let mut idx = Index::new();
-    idx.reset_namespaces(m.namespaces);
-    idx.reset_pods(m.pods);
-    idx.reset_policies(m.policies);
+    let idx = m.into_index();
     idx.snapshot()
 }
 

@@ -10,7 +10,6 @@ use std::process::Command;
 
 use kube_nftpolicy::cluster::manifest::{self, Manifests};
 use kube_nftpolicy::engine::compile::{CompileOptions, compile};
-use kube_nftpolicy::engine::index::Index;
 use kube_nftpolicy::engine::resolve::resolve;
 use kube_nftpolicy::engine::ruleset::render;
 
@@ -36,10 +35,7 @@ fn examples() -> Vec<PathBuf> {
 }
 
 fn render_manifests(m: Manifests, name: &str, node: &str) -> String {
-    let mut idx = Index::new();
-    idx.reset_namespaces(m.namespaces);
-    idx.reset_pods(m.pods);
-    idx.reset_policies(m.policies);
+    let idx = m.into_index();
     let rs = compile(&resolve(&idx.snapshot(), node), &CompileOptions::default());
     render(&rs, &format!("example {name}, node {node}"))
 }

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use kube_nftpolicy::cluster::manifest::parse_sources;
-use kube_nftpolicy::engine::index::{Index, Snapshot};
+use kube_nftpolicy::engine::index::Snapshot;
 use kube_nftpolicy::model::Family;
 use kube_nftpolicy::tools::explain::PortQuery;
 use kube_nftpolicy::tools::matrix::{MatrixError, MatrixSpec, matrix};
@@ -44,10 +44,7 @@ fn placement(nodes: usize) -> Vec<ModelPod> {
 
 fn snapshot(text: &str) -> Snapshot {
     let m = parse_sources(&[(PathBuf::from("state.yaml"), text.to_string())]).expect("parse");
-    let mut idx = Index::new();
-    idx.reset_namespaces(m.namespaces);
-    idx.reset_pods(m.pods);
-    idx.reset_policies(m.policies);
+    let idx = m.into_index();
     idx.snapshot()
 }
 

@@ -579,10 +579,7 @@ fn semantics() {
             text.push_str(&policy_yaml(p));
         }
         let m = parse_sources(&[(PathBuf::from("case.yaml"), text)]).expect(case.name);
-        let mut idx = Index::new();
-        idx.reset_namespaces(m.namespaces);
-        idx.reset_pods(m.pods);
-        idx.reset_policies(m.policies);
+        let idx = m.into_index();
         for ch in &case.checks {
             let (ns, name) = ch.local.split_once('/').expect("ns/pod");
             let snap = idx.snapshot();

@@ -7,7 +7,8 @@
 //! - [`denylog`]: which logged packets become "denied connection" lines (dedup, rate limit).
 //!
 //! Safety rules this module enforces (DESIGN.md, "Programming the kernel"):
-//! - nothing is written before Pods, Namespaces and NetworkPolicies have all been listed once;
+//! - nothing is written before Pods, Namespaces, NetworkPolicies and Nodes have all been listed
+//!   once;
 //! - bursts of changes coalesce into one sync, and syncs are rate-bounded;
 //! - a failed sync keeps the previous ruleset (the transaction is atomic) and is retried,
 //!   as a full sync, with backoff;
@@ -98,7 +99,7 @@ pub struct Shared {
     changed: Notify,
     /// When the oldest change not yet in the kernel happened (for programming latency).
     pending_since: Mutex<Option<Instant>>,
-    listed: [AtomicBool; 3],
+    listed: [AtomicBool; WatchResource::ALL.len()],
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Health for `/readyz`.
@@ -123,11 +124,7 @@ impl Shared {
             index: Mutex::new(Index::new()),
             changed: Notify::new(),
             pending_since: Mutex::new(None),
-            listed: [
-                AtomicBool::new(false),
-                AtomicBool::new(false),
-                AtomicBool::new(false),
-            ],
+            listed: WatchResource::ALL.map(|_| AtomicBool::new(false)),
             metrics,
             health,
             live: Arc::new(LiveSnapshot::default()),
@@ -153,11 +150,7 @@ impl IndexSink for Shared {
 
     /// Record that one kind has completed its first list.
     fn mark_listed(&self, r: WatchResource) {
-        let i = match r {
-            WatchResource::Pods => 0,
-            WatchResource::Namespaces => 1,
-            WatchResource::NetworkPolicies => 2,
-        };
+        let i = r.position();
         // Only the first completed list of a kind can unblock the sync loop.
         if !self.listed[i].swap(true, Ordering::SeqCst) {
             if self.all_listed() {
@@ -292,7 +285,7 @@ async fn follow_manifests(path: PathBuf, poll: Duration, shared: Arc<Shared>) {
         match read {
             Ok(Ok(sources)) if last.as_ref() != Some(&sources) => {
                 match crate::cluster::manifest::parse_sources(&sources) {
-                    Ok(m) => {
+                    Ok(mut m) => {
                         for w in &m.warnings {
                             tracing::warn!("{w}");
                         }
@@ -301,14 +294,10 @@ async fn follow_manifests(path: PathBuf, poll: Duration, shared: Arc<Shared>) {
                             pods = m.pods.len(),
                             namespaces = m.namespaces.len(),
                             policies = m.policies.len(),
+                            nodes = m.nodes.len(),
                             "manifests loaded"
                         );
-                        shared.update(|idx| {
-                            let a = idx.reset_namespaces(m.namespaces);
-                            let b = idx.reset_pods(m.pods);
-                            let c = idx.reset_policies(m.policies);
-                            a | b | c
-                        });
+                        shared.update(|idx| m.replace_in(idx));
                         for r in WatchResource::ALL {
                             shared.mark_listed(r);
                         }
@@ -417,7 +406,7 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
         if !shared.all_listed() {
             if !waited_for_lists {
                 tracing::info!(
-                    "waiting for the initial lists of pods, namespaces and policies before programming the kernel"
+                    "waiting for the initial lists of pods, namespaces, policies and nodes before programming the kernel"
                 );
                 waited_for_lists = true;
             }

@@ -11,12 +11,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::model::{NamespaceInfo, PodInfo, Policy, PolicyError};
+use crate::engine::index::Index;
+use crate::model::{NamespaceInfo, NodeInfo, PodInfo, Policy, PolicyError};
 
 /// The objects found in a set of manifests, plus every warning, in file order.
 #[derive(Debug, Default, Clone)]
@@ -27,6 +28,8 @@ pub struct Manifests {
     pub pods: Vec<PodInfo>,
     /// NetworkPolicies.
     pub policies: Vec<Policy>,
+    /// Nodes.
+    pub nodes: Vec<NodeInfo>,
     /// Human-readable problems that did not stop the load.
     pub warnings: Vec<String>,
     /// The same problems (and a few that are only worth a lint), structured, in file order.
@@ -34,6 +37,25 @@ pub struct Manifests {
     /// Where each kept object was read, by `Kind namespace/name` (`Kind name` for a
     /// Namespace): `file: document N[, items[i]]`.
     pub origins: BTreeMap<String, String>,
+}
+
+impl Manifests {
+    /// Replace every kind in `index` with what was loaded (each kind as one relist would);
+    /// true if anything changed. Takes the objects out, leaving the problems and origins.
+    pub fn replace_in(&mut self, index: &mut Index) -> bool {
+        let namespaces = index.reset_namespaces(std::mem::take(&mut self.namespaces));
+        let pods = index.reset_pods(std::mem::take(&mut self.pods));
+        let policies = index.reset_policies(std::mem::take(&mut self.policies));
+        let nodes = index.reset_nodes(std::mem::take(&mut self.nodes));
+        namespaces | pods | policies | nodes
+    }
+
+    /// A fresh index holding what was loaded.
+    pub fn into_index(mut self) -> Index {
+        let mut index = Index::new();
+        self.replace_in(&mut index);
+        index
+    }
 }
 
 /// One problem found while loading, with enough structure for `lint` to name the object and
@@ -205,6 +227,7 @@ struct Collector {
     namespaces: BTreeMap<String, (String, NamespaceInfo)>,
     pods: BTreeMap<crate::model::ObjectKey, (String, PodInfo)>,
     policies: BTreeMap<crate::model::ObjectKey, (String, Policy)>,
+    nodes: BTreeMap<String, (String, NodeInfo)>,
     problems: Vec<Problem>,
 }
 
@@ -286,6 +309,32 @@ impl Collector {
                             let at = format!("{origin}");
                             if let Some((prev, _)) =
                                 self.namespaces.insert(info.name.clone(), (at, info))
+                            {
+                                self.duplicate(origin, &what, &prev);
+                            }
+                        }
+                        Err(e) => self.problem(
+                            origin,
+                            Some(&what),
+                            None,
+                            ProblemKind::Object,
+                            format!("{e}; skipped"),
+                        ),
+                    }
+                }
+            }
+            "Node" => {
+                let what = describe(&kind, &value);
+                if let Ok(node) = self.typed::<Node>(origin, &what, &value) {
+                    let mut w = Vec::new();
+                    match NodeInfo::from_k8s(&node, &mut w) {
+                        Ok(info) => {
+                            for m in w {
+                                self.problem(origin, Some(&what), None, ProblemKind::Object, m);
+                            }
+                            let at = format!("{origin}");
+                            if let Some((prev, _)) =
+                                self.nodes.insert(info.name.clone(), (at, info))
                             {
                                 self.duplicate(origin, &what, &prev);
                             }
@@ -471,6 +520,9 @@ impl Collector {
         for (key, (at, _)) in &self.policies {
             origins.insert(format!("NetworkPolicy {key}"), at.clone());
         }
+        for (name, (at, _)) in &self.nodes {
+            origins.insert(format!("Node {name}"), at.clone());
+        }
         let warnings = self
             .problems
             .iter()
@@ -481,6 +533,7 @@ impl Collector {
             namespaces: self.namespaces.into_values().map(|(_, v)| v).collect(),
             pods: self.pods.into_values().map(|(_, v)| v).collect(),
             policies: self.policies.into_values().map(|(_, v)| v).collect(),
+            nodes: self.nodes.into_values().map(|(_, v)| v).collect(),
             warnings,
             problems: self.problems,
             origins,
@@ -710,5 +763,39 @@ mod tests {
         assert_eq!(m.pods[0].key.to_string(), "default/web");
         assert_eq!(m.pods[0].ips.len(), 2);
         assert_eq!(m.pods[0].named_ports[0].port, 8080);
+    }
+
+    #[test]
+    fn nodes_load_and_fill_the_index() {
+        let mut m = parse("apiVersion: v1\nkind: NodeList\nitems:\n- metadata: {name: n1, labels: {zone: a}}\n  spec: {podCIDRs: [10.244.1.0/24, 'fd00:10:244:1::/64']}\n  status: {addresses: [{type: InternalIP, address: 172.18.0.3}, {type: Hostname, address: n1}]}\n- metadata: {name: n2}\n  spec: {podCIDRs: [not-a-cidr]}\n").expect("parse");
+        assert_eq!(m.nodes.len(), 2);
+        assert_eq!(m.nodes[0].pod_cidrs.len(), 2);
+        assert_eq!(
+            m.nodes[0].addresses,
+            vec!["172.18.0.3".parse::<std::net::IpAddr>().expect("ip")]
+        );
+        assert_eq!(
+            m.origins.get("Node n1").map(String::as_str),
+            Some("test.yaml: document 1, items[0]")
+        );
+        assert!(
+            m.warnings.iter().any(|w| w.contains("items[1]")
+                && w.contains("Node n2")
+                && w.contains("not-a-cidr")),
+            "{:?}",
+            m.warnings
+        );
+        let mut idx = Index::new();
+        assert!(m.replace_in(&mut idx), "a first load changes the index");
+        let snap = idx.snapshot();
+        assert_eq!(snap.nodes.len(), 2);
+        assert!(m.nodes.is_empty(), "the objects moved into the index");
+        let mut again = parse("kind: Node\napiVersion: v1\nmetadata: {name: n1, labels: {zone: a}}\nspec: {podCIDRs: [10.244.1.0/24, 'fd00:10:244:1::/64']}\nstatus: {addresses: [{type: InternalIP, address: 172.18.0.3}]}\n---\nkind: Node\napiVersion: v1\nmetadata: {name: n2}\n").expect("parse");
+        assert!(
+            !again.replace_in(&mut idx),
+            "the same nodes again change nothing"
+        );
+        let changes = idx.take_changes();
+        assert!(changes.everything, "the first load reports everything");
     }
 }

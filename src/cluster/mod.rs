@@ -20,14 +20,16 @@ pub enum WatchResource {
     Pods,
     Namespaces,
     NetworkPolicies,
+    Nodes,
 }
 
 impl WatchResource {
     /// Every kind, in the order the agent waits for their first lists.
-    pub const ALL: [WatchResource; 3] = [
+    pub const ALL: [WatchResource; 4] = [
         WatchResource::Pods,
         WatchResource::Namespaces,
         WatchResource::NetworkPolicies,
+        WatchResource::Nodes,
     ];
 
     /// The API resource name (also the `resource` metric label).
@@ -36,6 +38,17 @@ impl WatchResource {
             WatchResource::Pods => "pods",
             WatchResource::Namespaces => "namespaces",
             WatchResource::NetworkPolicies => "networkpolicies",
+            WatchResource::Nodes => "nodes",
+        }
+    }
+
+    /// Position in [`WatchResource::ALL`].
+    pub fn position(self) -> usize {
+        match self {
+            WatchResource::Pods => 0,
+            WatchResource::Namespaces => 1,
+            WatchResource::NetworkPolicies => 2,
+            WatchResource::Nodes => 3,
         }
     }
 }

@@ -1,10 +1,11 @@
-//! The watch edge: Pods, Namespaces and NetworkPolicies from the API server into the index.
+//! The watch edge: Pods, Namespaces, NetworkPolicies and Nodes from the API server into the
+//! index.
 //!
 //! Each kind has its own kube-runtime watcher with the default backoff. Objects are trimmed
 //! to their model type the moment they arrive, so the agent never holds whole Pods. A relist
 //! (after a 410 Gone, a dropped connection or a restart) is buffered from `Init` to
 //! `InitDone` and then replaces the kind atomically, so a half-finished list can never make
-//! the agent forget a policy. Until all three kinds have completed their first list, nothing
+//! the agent forget a policy. Until every kind has completed their first list, nothing
 //! is written to the kernel (the agent's rule; the watchers only report each first list to
 //! their [`IndexSink`]).
 //!
@@ -21,7 +22,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::ListParams;
 use kube::runtime::WatchStreamExt as _;
@@ -31,7 +32,7 @@ use serde::de::DeserializeOwned;
 
 use crate::cluster::{IndexSink, WatchResource};
 use crate::engine::index::Index;
-use crate::model::{NamespaceInfo, ObjectKey, PodInfo, Policy};
+use crate::model::{NamespaceInfo, NodeInfo, ObjectKey, PodInfo, Policy};
 
 /// A Kubernetes kind the agent watches, and how it maps onto the index.
 pub trait Watched:
@@ -124,6 +125,26 @@ impl Watched for NetworkPolicy {
     }
 }
 
+impl Watched for Node {
+    type Info = NodeInfo;
+    const RESOURCE: WatchResource = WatchResource::Nodes;
+    fn trim(&self, warnings: &mut Vec<String>) -> Result<NodeInfo, String> {
+        NodeInfo::from_k8s(self, warnings).map_err(|e| e.to_string())
+    }
+    fn apply(index: &mut Index, info: NodeInfo) -> bool {
+        index.apply_node(info)
+    }
+    fn delete(index: &mut Index, obj: &Self) -> bool {
+        obj.metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| index.delete_node(n))
+    }
+    fn reset(index: &mut Index, all: Vec<NodeInfo>) -> bool {
+        index.reset_nodes(all)
+    }
+}
+
 /// Something done once for every kind the agent watches (see [`for_each_kind`]).
 pub trait KindVisitor {
     /// Called once per watched kind.
@@ -136,6 +157,7 @@ pub fn for_each_kind(v: &mut impl KindVisitor) {
     v.visit::<Pod>();
     v.visit::<Namespace>();
     v.visit::<NetworkPolicy>();
+    v.visit::<Node>();
 }
 
 /// How every watcher watches: the whole cluster, with kube-runtime's defaults.
@@ -287,16 +309,18 @@ async fn list_kind<K: Watched>(client: &Client) -> Result<Vec<K::Info>, ListErro
     }
 }
 
-/// List Namespaces, Pods and NetworkPolicies once into a fresh index; warnings about single
-/// objects are logged, as the watcher logs them.
+/// List every watched kind once into a fresh index; warnings about single objects are logged,
+/// as the watcher logs them.
 pub async fn list_once(client: &Client) -> Result<Index, ListError> {
     let namespaces = list_kind::<Namespace>(client).await?;
     let pods = list_kind::<Pod>(client).await?;
     let policies = list_kind::<NetworkPolicy>(client).await?;
+    let nodes = list_kind::<Node>(client).await?;
     let mut index = Index::new();
     index.reset_namespaces(namespaces);
     index.reset_pods(pods);
     index.reset_policies(policies);
+    index.reset_nodes(nodes);
     Ok(index)
 }
 
@@ -305,7 +329,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn access_covers_the_three_kinds_with_list_and_watch() {
+    fn access_covers_every_kind_with_list_and_watch() {
         let got: Vec<(String, String, Vec<&str>)> = api_access()
             .into_iter()
             .map(|a| (a.group, a.resource, a.verbs))
@@ -315,6 +339,7 @@ mod tests {
             got,
             [
                 ("".to_string(), "namespaces".to_string(), lw.clone()),
+                ("".to_string(), "nodes".to_string(), lw.clone()),
                 ("".to_string(), "pods".to_string(), lw.clone()),
                 (
                     "networking.k8s.io".to_string(),

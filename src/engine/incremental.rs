@@ -171,6 +171,7 @@ impl NodeCompiler {
         if changes.everything
             || !changes.namespaces.is_empty()
             || !changes.policies.is_empty()
+            || !changes.nodes.is_empty()
             || changes.pods.len() > MAX_INCREMENTAL_PODS
         {
             return None;

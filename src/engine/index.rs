@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use imbl::OrdMap;
 use std::sync::Arc;
 
-use crate::model::{NamespaceInfo, ObjectKey, PodInfo, Policy};
+use crate::model::{NamespaceInfo, NodeInfo, ObjectKey, PodInfo, Policy};
 
 /// A map of one kind of object with change detection.
 ///
@@ -95,6 +95,8 @@ pub struct Snapshot {
     pub namespaces: Store<String, NamespaceInfo>,
     /// NetworkPolicies by namespace/name.
     pub policies: Store<ObjectKey, Policy>,
+    /// Nodes by name.
+    pub nodes: Store<String, NodeInfo>,
     /// Bumped on every real change.
     pub generation: u64,
 }
@@ -109,6 +111,8 @@ pub struct Changes {
     pub namespaces: BTreeSet<String>,
     /// Policies added, updated or deleted.
     pub policies: BTreeSet<ObjectKey>,
+    /// Nodes added, updated or deleted.
+    pub nodes: BTreeSet<String>,
     /// A whole kind was replaced (a relist): assume anything may have changed.
     pub everything: bool,
 }
@@ -120,6 +124,7 @@ impl Changes {
             && self.pods.is_empty()
             && self.namespaces.is_empty()
             && self.policies.is_empty()
+            && self.nodes.is_empty()
     }
 
     /// Everything may have changed (the state of a fresh compiler).
@@ -232,6 +237,28 @@ impl Index {
         self.record_reset(changed)
     }
 
+    /// Add or update a node.
+    pub fn apply_node(&mut self, node: NodeInfo) -> bool {
+        let name = node.name.clone();
+        let changed = self.state.nodes.apply(name.clone(), node);
+        self.record(changed, |c| c.nodes.insert(name))
+    }
+
+    /// Remove a node.
+    pub fn delete_node(&mut self, name: &str) -> bool {
+        let changed = self.state.nodes.delete(&name.to_string());
+        self.record(changed, |c| c.nodes.insert(name.to_string()))
+    }
+
+    /// Replace all nodes.
+    pub fn reset_nodes(&mut self, nodes: Vec<NodeInfo>) -> bool {
+        let changed = self
+            .state
+            .nodes
+            .reset(nodes.into_iter().map(|n| (n.name.clone(), n)));
+        self.record_reset(changed)
+    }
+
     fn record(&mut self, changed: bool, note: impl FnOnce(&mut Changes) -> bool) -> bool {
         // After a relist everything is redone anyway; a list of keys would only grow.
         if changed && !self.changes.everything {
@@ -321,5 +348,30 @@ mod tests {
             "snapshots are isolated from later writes"
         );
         assert_eq!(idx.snapshot().pods.len(), 0);
+    }
+
+    #[test]
+    fn node_changes_are_recorded() {
+        let node = |zone: &str| NodeInfo {
+            name: "n1".into(),
+            labels: Labels::from([("zone".to_string(), zone.to_string())]),
+            addresses: vec!["172.18.0.3".parse().expect("ip")],
+            pod_cidrs: vec!["10.244.1.0/24".parse().expect("cidr")],
+        };
+        let mut idx = Index::new();
+        idx.take_changes();
+        assert!(idx.apply_node(node("a")));
+        assert!(
+            !idx.apply_node(node("a")),
+            "an equal node (a heartbeat) is a no-op"
+        );
+        let changes = idx.take_changes();
+        assert_eq!(changes.nodes, BTreeSet::from(["n1".to_string()]));
+        assert!(!changes.is_empty());
+        assert!(idx.apply_node(node("b")), "a relabel is a change");
+        assert!(idx.delete_node("n1"));
+        assert!(!idx.delete_node("n1"));
+        assert_eq!(idx.take_changes().nodes.len(), 1);
+        assert!(idx.snapshot().nodes.is_empty());
     }
 }

@@ -2,10 +2,11 @@
 //!
 //! Kubernetes objects are trimmed into these types the moment they arrive (from a watch or a
 //! manifest file), keeping only what enforcement needs (labels, node, `status.podIPs`, named
-//! container ports, policy specs). Validation happens here, once, so that the resolver and
+//! container ports, policy specs, node addresses and pod ranges). Validation happens here, once, so that the resolver and
 //! compiler never meet a malformed selector, CIDR or port.
 
 pub mod cidr;
+pub mod node;
 pub mod policy;
 pub mod selector;
 
@@ -15,6 +16,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 pub use cidr::{Cidr, Family};
+pub use node::NodeInfo;
 pub use policy::{
     IpBlock, NamespaceScope, Peer, Policy, PolicyError, PolicyWarning, PortMatch, PortSpec,
     Protocol, Rule,

@@ -5,7 +5,7 @@
 //! Include it from an integration test with
 //! `#[path = "support/fake_apiserver.rs"] mod fake_apiserver;`.
 //!
-//! * Served resources: Namespaces (`/api/v1/namespaces`), Pods (`/api/v1/pods`,
+//! * Served resources: Namespaces (`/api/v1/namespaces`), Nodes (`/api/v1/nodes`), Pods (`/api/v1/pods`,
 //!   `/api/v1/namespaces/{ns}/pods`) and NetworkPolicies
 //!   (`/apis/networking.k8s.io/v1/networkpolicies`, `.../namespaces/{ns}/networkpolicies`); see
 //!   [`RESOURCES`]. Objects are stored as `serde_json::Value`.
@@ -109,6 +109,16 @@ pub const RESOURCES: &[ResourceType] = &[
         short_names: &["po"],
         namespaced: true,
         has_generation: true,
+    },
+    ResourceType {
+        kind: "Node",
+        group: "",
+        version: "v1",
+        plural: "nodes",
+        singular: "node",
+        short_names: &["no"],
+        namespaced: false,
+        has_generation: false,
     },
     ResourceType {
         kind: "NetworkPolicy",

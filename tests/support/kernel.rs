@@ -131,10 +131,7 @@ impl NodeDataplanes {
     pub fn sync_text(&mut self, cluster: &Cluster, manifests: &str) -> Vec<(String, SyncReport)> {
         let m = parse_sources(&[(PathBuf::from("state.yaml"), manifests.to_string())])
             .unwrap_or_else(|e| panic!("manifests: {e}\n{manifests}"));
-        let mut idx = Index::new();
-        idx.reset_namespaces(m.namespaces);
-        idx.reset_pods(m.pods);
-        idx.reset_policies(m.policies);
+        let idx = m.into_index();
         self.sync_index(cluster, &idx)
     }
 
