@@ -291,3 +291,88 @@ pub fn judge_flow(
     }
     FlowJudgement::Keep
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    /// A node with range 10.244.1.0/24, one known (not isolated) pod 10.244.1.5.
+    fn node() -> NodePolicy {
+        NodePolicy {
+            node: "n".into(),
+            pod_cidrs: vec!["10.244.1.0/24".parse().expect("cidr")],
+            local_addrs: BTreeSet::from([ip("10.244.1.5")]),
+            ..NodePolicy::default()
+        }
+    }
+
+    #[test]
+    fn unknown_addresses_in_the_pod_ranges_are_dropped() {
+        let np = node();
+        let c = |local: &str| Connection {
+            local: ip(local),
+            peer: ip("10.0.0.1"),
+            protocol: Protocol::Tcp,
+            port: 80,
+        };
+        let cases = [
+            ("known pod", "10.244.1.5", Verdict::NotIsolated),
+            ("unknown in range", "10.244.1.6", Verdict::UnknownAddress),
+            ("outside the range", "10.244.2.6", Verdict::NotIsolated),
+        ];
+        for (name, local, want) in cases {
+            for d in Direction::ALL {
+                assert_eq!(evaluate(&np, d, c(local)), want, "{name} {d}");
+            }
+        }
+        assert!(!Verdict::UnknownAddress.passes());
+    }
+
+    #[test]
+    fn judge_flow_cases() {
+        let np = node();
+        let gone = BTreeSet::from([ip("10.9.9.9")]);
+        let flow = |src: &str, dst: &str, from_node: bool| EstablishedFlow {
+            src: ip(src),
+            dst: ip(dst),
+            protocol: Some(Protocol::Tcp),
+            port: 80,
+            from_node,
+        };
+        let cases = [
+            (
+                "known to outside",
+                flow("10.244.1.5", "8.8.8.8", false),
+                FlowJudgement::Keep,
+            ),
+            (
+                "from an unknown address",
+                flow("10.244.1.7", "8.8.8.8", false),
+                FlowJudgement::PodGone(Direction::Egress),
+            ),
+            (
+                "to an unknown address",
+                flow("8.8.8.8", "10.244.1.7", false),
+                FlowJudgement::PodGone(Direction::Ingress),
+            ),
+            (
+                "to a gone pod outside the ranges",
+                flow("10.244.1.5", "10.9.9.9", false),
+                FlowJudgement::PodGone(Direction::Ingress),
+            ),
+            (
+                "the node's own traffic",
+                flow("10.244.1.1", "10.244.1.7", true),
+                FlowJudgement::Keep,
+            ),
+        ];
+        for (name, f, want) in cases {
+            assert_eq!(judge_flow(&np, &f, &gone), want, "{name}");
+        }
+    }
+}

@@ -344,7 +344,12 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
         node: node.to_string(),
         pods,
         policies,
-        pod_cidrs: Vec::new(),
+        // The Node object's `spec.podCIDRs`; `compile::node_policy` applies the options.
+        pod_cidrs: snapshot
+            .nodes
+            .get(&node.to_string())
+            .map(|n| n.pod_cidrs.clone())
+            .unwrap_or_default(),
         local_addrs: local.iter().flat_map(|p| p.ips.iter().copied()).collect(),
     }
 }

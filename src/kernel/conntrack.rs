@@ -321,8 +321,11 @@ fn message(header: NetlinkHeader, family: NetfilterProtoFamily, m: ConntrackMess
     buf
 }
 
+/// Source, destination, protocol number, source port and destination port of one tuple.
+type Endpoints = (IpAddr, IpAddr, u8, Option<u16>, Option<u16>);
+
 /// Addresses and ports of one tuple.
-fn endpoints(tuple: &[Tuple]) -> Option<(IpAddr, IpAddr, u8, Option<u16>, Option<u16>)> {
+fn endpoints(tuple: &[Tuple]) -> Option<Endpoints> {
     let (mut src, mut dst, mut proto, mut sport, mut dport) = (None, None, None, None, None);
     for t in tuple {
         match t {
@@ -384,7 +387,6 @@ fn flow_of(msg: NetfilterMessage) -> Option<Flow> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netlink_packet_core::Emitable;
     use netlink_packet_netfilter::conntrack::Protocol;
 
     fn tuple(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<Tuple> {
@@ -482,6 +484,7 @@ mod tests {
         );
         let parsed = NetlinkMessage::<NetfilterMessage>::deserialize(&bytes).expect("parses");
         assert_eq!(parsed.header.sequence_number, 9);
+        assert_eq!(bytes.len(), parsed.buffer_len());
         let NetlinkPayload::InnerMessage(inner) = parsed.payload else {
             panic!("not an inner message");
         };
@@ -492,6 +495,5 @@ mod tests {
                 vec![ConntrackAttribute::CtaTupleOrig(orig)]
             ))
         );
-        assert_eq!(bytes.len(), parsed.buffer_len());
     }
 }

@@ -396,7 +396,16 @@ impl<'a> Explainer<'a> {
 
     /// The node whose pod ranges hold `ip`, if any.
     fn node_of_address(&mut self, ip: &IpAddr) -> Option<String> {
-        let names: Vec<String> = self.pod_cidrs.keys().cloned().collect();
+        let mut names: Vec<String> = self.pod_cidrs.keys().cloned().collect();
+        names.extend(
+            self.snap
+                .nodes
+                .iter()
+                .filter(|(_, n)| !n.pod_cidrs.is_empty())
+                .map(|(name, _)| name.clone()),
+        );
+        names.sort();
+        names.dedup();
         names
             .into_iter()
             .find(|n| self.node(n).pod_cidrs.iter().any(|c| c.contains(ip)))
