@@ -32,6 +32,10 @@ pub struct PassReport {
     pub already_gone: usize,
     /// Wall time of the dump, the judging and the deletions.
     pub duration: Duration,
+    /// Of which: listing the entries.
+    pub dump: Duration,
+    /// Of which: judging them.
+    pub judge: Duration,
 }
 
 /// The node's own addresses (in its network namespace): traffic it originates is always
@@ -101,8 +105,10 @@ pub fn pass(np: &NodePolicy, gone: &BTreeSet<IpAddr>) -> Result<PassReport, Conn
     let node_addrs = node_addresses();
     let mut ct = Conntrack::open()?;
     let flows = ct.dump(|f| concerns_node(np, gone, &f.src) || concerns_node(np, gone, &f.dst))?;
+    let dump = started.elapsed();
     let examined = flows.len();
     let (denied, pod_gone) = choose(np, gone, &node_addrs, flows);
+    let judge = started.elapsed() - dump;
     let a = ct.delete(&denied)?;
     let b = ct.delete(&pod_gone)?;
     Ok(PassReport {
@@ -111,5 +117,7 @@ pub fn pass(np: &NodePolicy, gone: &BTreeSet<IpAddr>) -> Result<PassReport, Conn
         pod_gone: b.deleted,
         already_gone: a.already_gone + b.already_gone,
         duration: started.elapsed(),
+        dump,
+        judge,
     })
 }

@@ -31,6 +31,7 @@ use tokio::sync::Notify;
 
 use crate::cluster::IndexSink;
 use crate::engine::compile::{CompileOptions, UnknownAddresses};
+use crate::engine::evaluate::may_deny_more;
 use crate::engine::incremental::{NodeCompiler, UpdateKind};
 use crate::engine::index::Index;
 use crate::engine::resolve::NodePolicy;
@@ -461,8 +462,9 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
             let mut nc = lock(&nc);
             let started = Instant::now();
             let generation = snapshot.generation;
-            // Local addresses before this change: those that go are pods that went.
-            let before_local = enforce_established.then(|| nc.node_policy().local_addrs.clone());
+            // The policy before this change: what it allowed that the new one may not, and
+            // the local addresses that go (pods that went).
+            let before = enforce_established.then(|| nc.node_policy().clone());
             let update = nc.update(snapshot, &changes);
             let compile_time = started.elapsed();
             let mut dp = lock(&dp);
@@ -487,10 +489,18 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
             }
             // After the kernel holds the new rules (never before: a flow deleted earlier
             // could be accepted again by the old ones), drop the flows they deny.
-            let established = match (&out, before_local) {
-                (Ok(report), Some(before)) if report.kind.is_some() => {
+            // Only a sync that can deny something the last one allowed can leave a flow to
+            // remove; remote pods starting (the common change) only grow peer sets.
+            let established = match (&out, before) {
+                (Ok(report), Some(before))
+                    if report.kind.is_some() && may_deny_more(&before, nc.node_policy()) =>
+                {
                     let np = nc.node_policy();
-                    let gone = before.difference(&np.local_addrs).copied().collect();
+                    let gone = before
+                        .local_addrs
+                        .difference(&np.local_addrs)
+                        .copied()
+                        .collect();
                     Some(established::pass(np, &gone))
                 }
                 _ => None,

@@ -292,6 +292,67 @@ pub fn judge_flow(
     FlowJudgement::Keep
 }
 
+/// Can `new` deny a connection that `old` allowed? Conservative: `false` only when every
+/// difference can only allow more (a peer set or named-port set that only grew, a pod that
+/// only gained a known address), so the conntrack pass after a sync can be skipped when it
+/// cannot find anything to remove. Most changes in a large cluster are remote pods starting,
+/// which only grow peer sets.
+pub fn may_deny_more(old: &NodePolicy, new: &NodePolicy) -> bool {
+    if old.pod_cidrs != new.pod_cidrs
+        || !old.local_addrs.is_subset(&new.local_addrs)
+        || old.pods != new.pods
+        || old.policies.len() != new.policies.len()
+    {
+        return true;
+    }
+    old.policies
+        .iter()
+        .zip(&new.policies)
+        .any(|(a, b)| !policy_only_grew(a, b))
+}
+
+fn policy_only_grew(a: &PolicyRules, b: &PolicyRules) -> bool {
+    a.policy == b.policy
+        && a.direction == b.direction
+        && a.selected == b.selected
+        && a.invalid == b.invalid
+        && a.rules.len() == b.rules.len()
+        && a.rules
+            .iter()
+            .zip(&b.rules)
+            .all(|(x, y)| rule_only_grew(x, y))
+}
+
+fn rule_only_grew(a: &ResolvedRule, b: &ResolvedRule) -> bool {
+    let peers = match (&a.peers, &b.peers) {
+        (None, None) => true,
+        (Some(x), Some(y)) => {
+            x.len() == y.len()
+                && x.iter().zip(y).all(|(p, q)| match (p, q) {
+                    (ResolvedPeer::Pods(p), ResolvedPeer::Pods(q)) => {
+                        p.scope == q.scope && p.pods == q.pods && p.addrs.is_subset(&q.addrs)
+                    }
+                    (p @ ResolvedPeer::IpBlock { .. }, q @ ResolvedPeer::IpBlock { .. }) => p == q,
+                    _ => false,
+                })
+        }
+        _ => false,
+    };
+    let ports = match (&a.ports, &b.ports) {
+        (None, None) => true,
+        (Some(x), Some(y)) => {
+            x.numeric == y.numeric
+                && match (&x.named, &y.named) {
+                    (None, None) => true,
+                    (Some(m), Some(n)) => m.names == n.names && m.targets.is_subset(&n.targets),
+                    _ => false,
+                }
+        }
+        _ => false,
+    };
+    a.index == b.index && peers && ports
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,6 +392,53 @@ mod tests {
             }
         }
         assert!(!Verdict::UnknownAddress.passes());
+    }
+
+    #[test]
+    fn may_deny_more_cases() {
+        let base = node();
+        let with = |f: &dyn Fn(&mut NodePolicy)| {
+            let mut np = node();
+            f(&mut np);
+            np
+        };
+        let cases: Vec<(&str, NodePolicy, bool)> = vec![
+            ("no change", node(), false),
+            (
+                "a local pod appeared",
+                with(&|np| {
+                    np.local_addrs.insert(ip("10.244.1.6"));
+                }),
+                false,
+            ),
+            (
+                "a local pod went",
+                with(&|np| {
+                    np.local_addrs.clear();
+                }),
+                true,
+            ),
+            (
+                "the pod ranges changed",
+                with(&|np| np.pod_cidrs.clear()),
+                true,
+            ),
+            (
+                "a pod became isolated",
+                with(&|np| {
+                    np.pods.push(crate::engine::resolve::LocalPod {
+                        key: ObjectKey::new("a", "p"),
+                        ips: vec![ip("10.244.1.5")],
+                        ingress: Some(vec![ObjectKey::new("a", "deny")]),
+                        egress: None,
+                    })
+                }),
+                true,
+            ),
+        ];
+        for (name, new, want) in cases {
+            assert_eq!(may_deny_more(&base, &new), want, "{name}");
+        }
     }
 
     #[test]
