@@ -186,8 +186,12 @@ fn main() {
     let elements = metric(&metrics, "kube_nftpolicy_set_elements").unwrap_or(0.0);
     let expected = {
         let snap = synthetic::index(&s).snapshot();
-        let np = kube_nftpolicy::engine::resolve::resolve(&snap, NODE);
-        kube_nftpolicy::engine::compile::compile(&np, &Default::default()).element_count()
+        let opts = kube_nftpolicy::engine::compile::CompileOptions {
+            pod_cidrs: vec![LOCAL_RANGE.parse().expect("range")],
+            ..Default::default()
+        };
+        let np = kube_nftpolicy::engine::compile::node_policy(&snap, NODE, &opts);
+        kube_nftpolicy::engine::compile::compile(&np, &opts).element_count()
     };
     println!(
         "agent ready (initial lists + first full sync) after {:.2} s; {elements} set elements in the kernel (expected {expected})",
