@@ -425,3 +425,59 @@ fn the_agent_removes_denied_flows_within_one_sync_and_leaves_them_when_told_to()
     stop.store(true, Ordering::SeqCst);
     let _ = server.join();
 }
+
+#[test]
+fn unknown_addresses_stay_dropped_while_the_agent_is_stopped() {
+    let _g = serial();
+    let c = cluster(Layout::Routed);
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("manifests")).expect("mkdir");
+    // `other` runs, but its address is not in the cluster state yet; no policy anywhere.
+    write(dir.path(), &manifests(&c, &["web", "client"], ""));
+    let probes = |c: &Cluster| {
+        let ip = |n: &str, f: Family| c.pod_ip("default", n, f);
+        let mut out = Vec::new();
+        for f in [Family::V4, Family::V6] {
+            out.push(Probe::tcp(
+                Endpoint::pod("default", "client"),
+                ip("web", f),
+                80,
+            ));
+            out.push(Probe::tcp(
+                Endpoint::pod("default", "client"),
+                ip("other", f),
+                80,
+            ));
+            out.push(Probe::tcp(
+                Endpoint::pod("default", "other"),
+                ip("web", f),
+                80,
+            ));
+        }
+        c.probe_all(&out, T)
+    };
+    let unknown = vec![true, false, false, true, false, false];
+    {
+        let agent = Agent::start(&c, dir.path(), "first", 19933, &[]);
+        agent.wait_syncs(1);
+        assert_eq!(probes(&c), unknown, "agent running: other is unknown");
+    } // the agent is killed here (SIGKILL): nothing runs on the node any more
+    assert_eq!(
+        probes(&c),
+        unknown,
+        "agent stopped: the rule is in the kernel"
+    );
+    write(dir.path(), &manifests(&c, &["web", "client", "other"], ""));
+    assert_eq!(
+        probes(&c),
+        unknown,
+        "agent stopped, other now in the cluster state: still dropped until programmed"
+    );
+    let agent = Agent::start(&c, dir.path(), "second", 19934, &[]);
+    agent.wait_syncs(1);
+    assert_eq!(
+        probes(&c),
+        vec![true; 6],
+        "the first sync that knows other (no policy) connects it"
+    );
+}
