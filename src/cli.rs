@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+pub use crate::cluster::watch::InitialList;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "kube-nftpolicy",
@@ -148,6 +150,12 @@ pub struct RunArgs {
     /// Follow manifest files instead of a cluster (the embedded mode).
     #[arg(long)]
     pub manifests: Option<PathBuf>,
+    /// How the watchers get their initial lists and relists: `auto` asks for streaming lists
+    /// and falls back to paginated lists from the API server's watch cache where they are
+    /// refused; `stream`, `cache` (resourceVersion=0) and `consistent` (quorum reads from etcd)
+    /// force one.
+    #[arg(long, value_enum, default_value_t = InitialList::Auto)]
+    pub initial_list: InitialList,
     /// How often to look for changed manifest files, in milliseconds.
     #[arg(long, default_value_t = 500)]
     pub manifests_poll_ms: u64,

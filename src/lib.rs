@@ -23,9 +23,10 @@
 //! | [`agent`] | the `run` loop that wires the edges to the engine; admin HTTP, metrics, deny log | everything but `tools` directly; `tools::explain` for `/debug/explain` |
 //! | [`tools`] | the tools for people: explain, matrix, lint | `engine`, `model`, `cluster::manifest` |
 //!
-//! `cli` is the command line (clap), in the library so the deploy tests parse the DaemonSet's
-//! arguments with the binary's own parser. `tests/architecture.rs` checks the table's "may use"
-//! column against every `use` in `src/`, so the layering cannot rot.
+//! `cli` is the command line (clap; it names `cluster::watch::InitialList` for a flag), in the
+//! library so the deploy tests parse the DaemonSet's arguments with the binary's own parser.
+//! `tests/architecture.rs` checks the table's "may use" column against every `use` in `src/`,
+//! so the layering cannot rot.
 
 pub mod agent;
 pub mod cli;

@@ -180,7 +180,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     path,
                     poll: Duration::from_millis(a.manifests_poll_ms),
                 },
-                (None, kubeconfig) => agent::Source::Kubernetes { kubeconfig },
+                (None, kubeconfig) => agent::Source::Kubernetes {
+                    kubeconfig,
+                    initial_list: a.initial_list,
+                },
             };
             let config = agent::Config {
                 node: a.node_name,

@@ -826,7 +826,7 @@ fn api_server_outage_keeps_rules() {
         .expect("existed");
     load(&env.server, &web_allows("web-allows-other", "other"));
     env.server.compact();
-    let lists = env.server.request_count("list", NETPOL_PATH);
+    let lists = env.server.initial_list_count(NETPOL_PATH);
     let netpol_lists = agent.lists_complete("networkpolicies");
     env.server.start();
     // The watchers' backoff (kube-runtime: 0.8 s doubling up to 30 s, each step plus up to
@@ -839,7 +839,7 @@ fn api_server_outage_keeps_rules() {
         "caught up {:?} after the API server came back",
         restarted.elapsed()
     );
-    assert!(env.server.request_count("list", NETPOL_PATH) > lists);
+    assert!(env.server.initial_list_count(NETPOL_PATH) > lists);
     assert!(agent.lists_complete("networkpolicies") > netpol_lists);
 
     // 410 Gone on re-watch: move the resourceVersion on with another kind, compact, drop the
@@ -851,7 +851,7 @@ fn api_server_outage_keeps_rules() {
     load(&env.server, &namespace_yaml("unrelated", &BTreeMap::new()));
     env.server.compact();
     env.server.set_latency(Duration::from_secs(1));
-    let lists = env.server.request_count("list", NETPOL_PATH);
+    let lists = env.server.initial_list_count(NETPOL_PATH);
     let netpol_lists = agent.lists_complete("networkpolicies");
     let expired = agent.count(|l| l.contains("watch failed") && l.contains("Expired"));
     let dropped = env.server.drop_watches();
@@ -874,7 +874,7 @@ fn api_server_outage_keeps_rules() {
     );
     env.server.set_latency(Duration::ZERO);
     assert!(
-        env.server.request_count("list", NETPOL_PATH) > lists,
+        env.server.initial_list_count(NETPOL_PATH) > lists,
         "policies were listed again"
     );
     assert!(
@@ -1243,11 +1243,16 @@ fn api_resource(path: &str) -> Option<(String, String)> {
 
 /// What deploy/rbac.yaml grants is `watch::api_access()` (tests/deploy.rs); this checks that
 /// a running agent, through its first lists, watch events, a dropped watch and a relist after
-/// a compaction, sends no request outside it, and uses every grant.
+/// a compaction, sends no request outside it, and uses every grant. The API server refuses
+/// streaming lists, so the agent uses both ways it can list: the streaming WATCH it tries
+/// first, then LISTs.
 #[test]
 fn api_requests_stay_within_the_declared_access() {
     let _g = serial();
-    let env = KubeEnv::new(FakeApiServerOptions::default());
+    let env = KubeEnv::new(FakeApiServerOptions {
+        streaming_lists: false,
+        ..FakeApiServerOptions::default()
+    });
     let c = &env.c;
     let agent = env.agent("rbac", 19876);
     agent.wait_first_sync();

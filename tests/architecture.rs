@@ -54,7 +54,7 @@ const LAYERS: &[Layer] = &[
     },
     Layer {
         name: "cli",
-        may_use: &[],
+        may_use: &["cluster"],
         pure: false,
     },
 ];

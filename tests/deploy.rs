@@ -45,7 +45,10 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const AGENT: &str = "kube-nftpolicy";
 const CLEANUP: &str = "kube-nftpolicy-cleanup";
 /// Files in deploy/ that the kustomization leaves out on purpose (they need a CRD).
-const OPTIONAL: &[&str] = &["deploy/podmonitor.yaml"];
+const OPTIONAL: &[&str] = &[
+    "deploy/podmonitor.yaml",
+    "deploy/monitoring/prometheusrule.yaml",
+];
 /// What the kubelet would put in an env var whose value comes from a `fieldRef`: the test
 /// cannot know the node, so it stands in a marker naming the field.
 fn field_ref_value(path: &str) -> String {
@@ -177,6 +180,41 @@ struct RelabelConfig {
     replacement: Option<String>,
 }
 
+/// The prometheus-operator's PrometheusRule (monitoring.coreos.com/v1): the fields a rule
+/// group has, nothing else allowed. promtool checks the rules themselves (tests/observability.rs).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PrometheusRule {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMeta,
+    spec: PrometheusRuleSpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrometheusRuleSpec {
+    groups: Vec<RuleGroup>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleGroup {
+    name: String,
+    rules: Vec<AlertRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertRule {
+    alert: String,
+    expr: String,
+    #[serde(rename = "for")]
+    for_: Option<String>,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+}
+
 /// Every object in deploy/, by type.
 #[derive(Debug, Default)]
 struct Manifests {
@@ -187,6 +225,7 @@ struct Manifests {
     bindings: Vec<(Origin, ClusterRoleBinding)>,
     daemonsets: Vec<(Origin, DaemonSet)>,
     pod_monitors: Vec<(Origin, PodMonitor)>,
+    prometheus_rules: Vec<(Origin, PrometheusRule)>,
     kustomizations: Vec<(Origin, Kustomization)>,
 }
 
@@ -270,6 +309,16 @@ fn parse_manifests(files: &Files, problems: &mut Vec<String>) -> Manifests {
                         ));
                     }
                     m.pod_monitors.push((origin.clone(), t));
+                    Ok(())
+                }),
+                "PrometheusRule" => exact::<PrometheusRule>(&origin, &v).and_then(|t| {
+                    if t.api_version != "monitoring.coreos.com/v1" || t.kind != "PrometheusRule" {
+                        return Err(format!(
+                            "{origin}: apiVersion {} is not monitoring.coreos.com/v1",
+                            t.api_version
+                        ));
+                    }
+                    m.prometheus_rules.push((origin.clone(), t));
                     Ok(())
                 }),
                 "Kustomization" => exact::<Kustomization>(&origin, &v).and_then(|t| {
@@ -903,6 +952,47 @@ fn check_ports_and_paths(m: &Manifests, image: &ImageDefaults) -> Vec<String> {
         }
     }
 
+    // Every alert reads the PodMonitor's series (job="kube-nftpolicy"), says how bad it is,
+    // and tells the person paged what happened.
+    for (origin, rule) in &m.prometheus_rules {
+        for (group, r) in rule
+            .spec
+            .groups
+            .iter()
+            .flat_map(|g| g.rules.iter().map(move |r| (g, r)))
+        {
+            if !r.expr.contains(&format!("job=\"{AGENT}\"")) {
+                problems.push(format!(
+                    "{origin}: group {}: alert {} does not select job=\"{AGENT}\"",
+                    group.name, r.alert
+                ));
+            }
+            if r.for_
+                .as_deref()
+                .is_some_and(|f| !f.ends_with(['s', 'm', 'h']))
+            {
+                problems.push(format!(
+                    "{origin}: alert {} has `for: {:?}`, not a duration",
+                    r.alert, r.for_
+                ));
+            }
+            if !matches!(
+                r.labels.get("severity").map(String::as_str),
+                Some("warning" | "critical")
+            ) {
+                problems.push(format!(
+                    "{origin}: alert {} has no severity warning or critical",
+                    r.alert
+                ));
+            }
+            for a in ["summary", "description"] {
+                if r.annotations.get(a).is_none_or(String::is_empty) {
+                    problems.push(format!("{origin}: alert {} has no {a} annotation", r.alert));
+                }
+            }
+        }
+    }
+
     // The PodMonitor scrapes the same pods, port and path, and keeps the per-pod labels.
     let Some((pm_origin, pm)) = one("PodMonitor", &m.pod_monitors, &mut problems) else {
         return problems;
@@ -1279,6 +1369,13 @@ fn check_names(m: &Manifests) -> Vec<String> {
             p.metadata.namespace.as_deref(),
         )
     }));
+    namespaced.extend(m.prometheus_rules.iter().map(|(o, p)| {
+        (
+            o,
+            format!("PrometheusRule {}", name_of(&p.metadata)),
+            p.metadata.namespace.as_deref(),
+        )
+    }));
     for (origin, what, ns) in namespaced {
         if ns != Some(namespace.as_str()) {
             problems.push(format!(
@@ -1483,6 +1580,7 @@ fn every_manifest_parses_into_its_type() {
         ("ClusterRoleBinding", l.m.bindings.len(), 1),
         ("DaemonSet", l.m.daemonsets.len(), 2),
         ("PodMonitor", l.m.pod_monitors.len(), 1),
+        ("PrometheusRule", l.m.prometheus_rules.len(), 1),
         ("Kustomization", l.m.kustomizations.len(), 2),
     ];
     for (kind, got, want) in counts {
@@ -1491,7 +1589,7 @@ fn every_manifest_parses_into_its_type() {
     let yaml = l.files.keys().filter(|f| is_yaml(f)).count();
     assert_eq!(
         yaml,
-        7,
+        8,
         "YAML files in deploy/: {:?}",
         l.files.keys().collect::<Vec<_>>()
     );

@@ -22,7 +22,11 @@
 //! - `--log-denied` writes one line per denied connection (not per packet), names both pods,
 //!   the port, the protocol and the isolating policy, and stays within its rate limit under a
 //!   flood of distinct flows, with every logged packet accounted for in the metrics;
-//! - failed syncs and drift repairs are counted, and failed syncs keep `/readyz` at 503.
+//! - failed syncs and drift repairs are counted, and failed syncs keep `/readyz` at 503;
+//! - the monitoring kit in deploy/monitoring/: its rules pass `promtool check rules` and
+//!   `promtool test rules`, and a real Prometheus in the node namespace scrapes the agent,
+//!   answers PromQL about real drops, runs every dashboard query, and fires
+//!   `KubeNftpolicySyncFailing` when the agent's syncs are made to fail.
 //!
 //! Two are regression tests of fixed agent bugs (see their doc comments):
 //! `denied_connection_series_end_with_the_pod` and
@@ -1689,4 +1693,408 @@ fn address_detector_flags_addresses_and_ports() {
     );
     assert_eq!(s.value("x_total", &[("a", "q\"uote"), ("b", "c,d")]), 3.0);
     assert_eq!(s.value("y", &[]), 1.5);
+}
+
+// ───────────────────────────── the monitoring kit ─────────────────────────────
+//
+// deploy/monitoring/ ships a PrometheusRule and a Grafana dashboard. The rules pass `promtool
+// check rules` and the unit tests in tests/monitoring/alerts_test.yaml; then a real Prometheus
+// server, started inside the node namespace, scrapes the real agent while real denied and
+// allowed connections cross the node, answers PromQL over its HTTP API, runs every dashboard
+// query, and evaluates the rules: a forced sync failure makes KubeNftpolicySyncFailing fire.
+
+const RULES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/deploy/monitoring/prometheusrule.yaml"
+);
+const RULE_TESTS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/monitoring/alerts_test.yaml"
+);
+const DASHBOARD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/deploy/monitoring/grafana-dashboard.json"
+);
+const PROMETHEUS: &str = "/usr/bin/prometheus";
+/// Prometheus's address inside the node namespace.
+const PROMETHEUS_ADDR: &str = "127.0.0.1:9090";
+
+/// The PrometheusRule's `spec.groups` written as a plain Prometheus rule file `rules.yaml`
+/// in `dir` (what promtool and Prometheus read).
+fn write_rule_file(dir: &Path) -> std::path::PathBuf {
+    let text = fs::read_to_string(RULES).expect("prometheusrule.yaml");
+    let rule: serde_json::Value = serde_yaml_ng::from_str(&text).expect("PrometheusRule YAML");
+    assert_eq!(rule["kind"], "PrometheusRule");
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    let groups = serde_json::json!({ "groups": rule["spec"]["groups"] });
+    let path = dir.join("rules.yaml");
+    fs::write(&path, serde_yaml_ng::to_string(&groups).expect("yaml")).expect("write rules");
+    path
+}
+
+/// Every alert name in the PrometheusRule.
+fn alert_names() -> BTreeSet<String> {
+    let text = fs::read_to_string(RULES).expect("prometheusrule.yaml");
+    let rule: serde_json::Value = serde_yaml_ng::from_str(&text).expect("PrometheusRule YAML");
+    rule["spec"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r["alert"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn promtool(args: &[&str], dir: &Path) -> (bool, String) {
+    let out = Command::new(PROMTOOL)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run promtool");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn alert_rules_pass_promtool() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_rule_file(dir.path());
+    let (ok, out) = promtool(&["check", "rules", "rules.yaml"], dir.path());
+    assert!(ok, "promtool check rules:\n{out}");
+    assert!(out.contains("SUCCESS"), "{out}");
+
+    fs::copy(RULE_TESTS, dir.path().join("alerts_test.yaml")).expect("copy rule tests");
+    let (ok, out) = promtool(&["test", "rules", "alerts_test.yaml"], dir.path());
+    assert!(ok, "promtool test rules:\n{out}");
+
+    // Every alert is shown firing by at least one unit test (an alert nobody tested could
+    // have a query that never matches).
+    let tests: serde_json::Value =
+        serde_yaml_ng::from_str(&fs::read_to_string(RULE_TESTS).expect("rule tests"))
+            .expect("rule tests YAML");
+    let fired: BTreeSet<String> = tests["tests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|t| t["alert_rule_test"].as_array().cloned().unwrap_or_default())
+        .filter(|a| a["exp_alerts"].as_array().is_some_and(|e| !e.is_empty()))
+        .filter_map(|a| a["alertname"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(fired, alert_names(), "alerts without a firing unit test");
+
+    // A broken copy must fail, so the checks above can fail.
+    let good = fs::read_to_string(dir.path().join("rules.yaml")).expect("rules");
+    let broken = good.replacen("== 0", "== 0)", 1);
+    assert_ne!(broken, good, "the broken copy differs");
+    fs::write(dir.path().join("rules.yaml"), broken).expect("write");
+    let (ok, out) = promtool(&["check", "rules", "rules.yaml"], dir.path());
+    assert!(!ok, "a syntax error passed promtool check rules:\n{out}");
+}
+
+/// Every query of the dashboard, by panel title, with Grafana's variables replaced as
+/// Grafana would for "all nodes" and a short range.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let d: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(DASHBOARD).expect("dashboard")).expect("JSON");
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().expect("panels") {
+        let title = p["title"].as_str().expect("panel title").to_string();
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {title:?} has no query");
+        for t in targets {
+            let expr = t["expr"].as_str().expect("expr");
+            out.push((
+                title.clone(),
+                expr.replace("$node", ".*")
+                    .replace("$__rate_interval", "30s"),
+            ));
+        }
+    }
+    out
+}
+
+/// Percent-encodes a query-string value.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One series of an instant query's answer: its labels and value.
+type PromSeries = (BTreeMap<String, String>, f64);
+
+/// A Prometheus server in the node namespace, scraping the agent every second and evaluating
+/// the kit's rules every second. Killed (and its storage removed) on drop.
+struct Prometheus<'c> {
+    cluster: &'c Cluster,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl<'c> Prometheus<'c> {
+    fn start(cluster: &'c Cluster) -> Prometheus<'c> {
+        let dir = tempfile::tempdir().expect("prometheus tempdir");
+        write_rule_file(dir.path());
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [rules.yaml]\nscrape_configs:\n  - job_name: kube-nftpolicy\n    static_configs:\n      - targets: ['{ADMIN}']\n        labels: {{node: {NODE}}}\n"
+        );
+        fs::write(dir.path().join("prometheus.yml"), config).expect("prometheus.yml");
+        let log = File::create(dir.path().join("prometheus.log")).expect("log file");
+        let ns = cluster.netns_name(Endpoint::node(NODE));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, PROMETHEUS])
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={PROMETHEUS_ADDR}"))
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn prometheus");
+        let p = Prometheus {
+            cluster,
+            child,
+            dir,
+        };
+        wait_until("Prometheus to be ready", DEADLINE, || {
+            match p.get("/-/ready") {
+                Ok(r) if r.status == 200 => Ok(()),
+                Ok(r) => Err(format!("{} {}", r.status, r.body)),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        p
+    }
+
+    fn get(&self, path: &str) -> io::Result<Reply> {
+        let addr: SocketAddr = PROMETHEUS_ADDR.parse().expect("address");
+        let path = path.to_string();
+        self.cluster
+            .run_in_node(NODE, move || http_get(addr, &path))
+    }
+
+    /// The result vector of an instant query: each series' labels and value.
+    fn query(&self, q: &str) -> Result<Vec<PromSeries>, String> {
+        let reply = self
+            .get(&format!("/api/v1/query?query={}", url_encode(q)))
+            .map_err(|e| e.to_string())?;
+        let v: serde_json::Value =
+            serde_json::from_str(&reply.body).map_err(|e| format!("{e}: {}", reply.body))?;
+        if v["status"] != "success" {
+            return Err(format!("query {q:?} failed: {}", reply.body));
+        }
+        let mut out = Vec::new();
+        for r in v["data"]["result"].as_array().into_iter().flatten() {
+            let labels = r["metric"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect();
+            let value = r["value"][1]
+                .as_str()
+                .and_then(|s| s.parse::<f64>().ok())
+                .ok_or_else(|| format!("no value in {r}"))?;
+            out.push((labels, value));
+        }
+        Ok(out)
+    }
+
+    /// Active alerts: (name, state, labels).
+    fn alerts(&self) -> Vec<(String, String, BTreeMap<String, String>)> {
+        let reply = self.get("/api/v1/alerts").expect("GET /api/v1/alerts");
+        let v: serde_json::Value = serde_json::from_str(&reply.body).expect("alerts JSON");
+        v["data"]["alerts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| {
+                let labels: BTreeMap<String, String> = a["labels"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect();
+                (
+                    labels.get("alertname").cloned().unwrap_or_default(),
+                    a["state"].as_str().unwrap_or_default().to_string(),
+                    labels,
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Prometheus<'_> {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log =
+                fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default();
+            eprintln!(
+                "--- prometheus, last lines of its log ---\n{}",
+                tail(&log, 30)
+            );
+        }
+    }
+}
+
+#[test]
+fn real_prometheus_scrapes_the_agent_and_alerts() {
+    let _g = serial();
+    let c = cluster();
+    // An nft that works until a flag file exists, then fails every transaction: the way to
+    // force sync failures on a running agent.
+    let tools = tempfile::tempdir().expect("tempdir");
+    let fail_flag = tools.path().join("fail");
+    let wrapper = tools.path().join("nft");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ -e {} ]; then echo 'forced failure' >&2; exit 1; fi\nexec nft \"$@\"\n",
+            fail_flag.display()
+        ),
+    )
+    .expect("write wrapper");
+    let mut perms = fs::metadata(&wrapper).expect("meta").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    fs::set_permissions(&wrapper, perms).expect("chmod");
+    let wrapper_arg = wrapper.to_str().expect("utf-8 path").to_string();
+
+    let agent = Agent::start(
+        &c,
+        Some(&manifests(&c, ALL_PODS, WEB_ALLOWS_CLIENT)),
+        &["--log-denied", "--nft", &wrapper_arg],
+    );
+    agent.wait_ready();
+    let prom = Prometheus::start(&c);
+    wait_until("Prometheus to scrape the agent", DEADLINE, || {
+        match prom.query(r#"up{job="kube-nftpolicy"}"#)?.as_slice() {
+            [(labels, v)] if *v == 1.0 && labels.get("node").map(String::as_str) == Some(NODE) => {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    });
+
+    // Real traffic: 40 denied datagrams from `other` (one socket, one flow), allowed
+    // connections from `client`.
+    let w = web(&c, Family::V4);
+    send_udp(&c, "other", w, vec![53; 40]);
+    assert_eq!(
+        c.probe_all(&allowed_probes(&c), T),
+        vec![true; 4],
+        "client reaches web over TCP and UDP, IPv4 and IPv6"
+    );
+    let web_drops = r#"kube_nftpolicy_dropped_packets_total{job="kube-nftpolicy", namespace="default", pod="web", direction="ingress"}"#;
+    wait_until("Prometheus to see the 40 drops", DEADLINE, || {
+        match prom.query(web_drops)?.as_slice() {
+            [(_, v)] if *v == 40.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert_eq!(
+        agent.scrape().value(DROPPED_PACKETS, &WEB_INGRESS),
+        40.0,
+        "Prometheus holds what the agent exports"
+    );
+    // The drop rate is the denied pod's alone: only web is isolated.
+    let rate = prom
+        .query(r#"sum by (namespace, pod, direction) (rate(kube_nftpolicy_dropped_packets_total{job="kube-nftpolicy"}[30s])) > 0"#)
+        .expect("rate query");
+    let pods: Vec<(String, String)> = rate
+        .iter()
+        .map(|(l, _)| (l["pod"].clone(), l["direction"].clone()))
+        .collect();
+    assert_eq!(
+        pods,
+        vec![("web".to_string(), "ingress".to_string())],
+        "{rate:?}"
+    );
+    let denied = prom
+        .query(r#"kube_nftpolicy_denied_connections_total{job="kube-nftpolicy", pod="web", direction="ingress"}"#)
+        .expect("denied query");
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(
+        denied[0].1, 1.0,
+        "one flow, one denied connection: {denied:?}"
+    );
+
+    // Every dashboard query returns series from this one agent.
+    for (panel, q) in dashboard_queries() {
+        wait_until(&format!("panel {panel:?}: {q}"), DEADLINE, || {
+            let r = prom.query(&q)?;
+            if r.is_empty() {
+                Err("no series".into())
+            } else if r
+                .iter()
+                .any(|(l, _)| l.get("node").is_some_and(|n| n != NODE))
+            {
+                Err(format!("a series from another node: {r:?}"))
+            } else {
+                Ok(())
+            }
+        });
+    }
+
+    // Healthy: no alert of ours is pending or firing.
+    let ours = alert_names();
+    let active: Vec<_> = prom
+        .alerts()
+        .into_iter()
+        .filter(|(name, _, _)| ours.contains(name))
+        .collect();
+    assert!(active.is_empty(), "alerts while healthy: {active:?}");
+
+    // Force sync failures: every transaction now fails, and a change makes the agent try.
+    fs::write(&fail_flag, "").expect("flag");
+    agent.write_manifests(&manifests(&c, ALL_PODS, DENY_ALL_INGRESS));
+    let alert = wait_until("KubeNftpolicySyncFailing", Duration::from_secs(60), || {
+        let alerts = prom.alerts();
+        alerts
+            .iter()
+            .find(|(name, state, labels)| {
+                name == "KubeNftpolicySyncFailing"
+                    && (state == "pending" || state == "firing")
+                    && labels.get("node").map(String::as_str) == Some(NODE)
+            })
+            .cloned()
+            .ok_or_else(|| format!("{alerts:?}"))
+    });
+    assert_eq!(alert.2.get("severity").map(String::as_str), Some("warning"));
+    assert_eq!(
+        alert.2.get("reason").map(String::as_str),
+        Some("nft_rejected"),
+        "{alert:?}"
+    );
+    // The previous ruleset stayed in force: client still reaches web, other does not.
+    assert_eq!(
+        c.probe_all(
+            &[
+                Probe::tcp(pod("client"), w, 80),
+                Probe::tcp(pod("other"), w, 80)
+            ],
+            T
+        ),
+        vec![true, false]
+    );
 }

@@ -2,11 +2,18 @@
 //! A synthetic cluster at the scale targets of DESIGN.md: 10,000 pods in 100 namespaces on
 //! 91 nodes (~110 pods per node), 1,000 NetworkPolicies, built from model types directly so
 //! the benchmarks measure our code, not YAML parsing.
+//!
+//! It is shaped like real clusters, the hard case: namespaces labelled by team (a tenth each)
+//! and environment (a third each); pods with app, tier and version labels, three named ports
+//! and two addresses (dual stack); policies of nine shapes (see [`policy`]), among them
+//! namespace selectors spanning a third of the cluster, named ports resolved on every peer,
+//! port ranges, ipBlocks with excepts and matchExpressions with In, NotIn and Exists.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use kube_nftpolicy::engine::index::Index;
 use kube_nftpolicy::model::policy::{NamespaceScope, Peer, PortMatch, PortSpec, Protocol, Rule};
+use kube_nftpolicy::model::selector::{Operator, Requirement};
 use kube_nftpolicy::model::{
     Cidr, IpBlock, Labels, NamedPort, NamespaceInfo, ObjectKey, PodInfo, Policy, Selector,
 };
@@ -55,6 +62,35 @@ fn sel(pairs: &[(&str, String)]) -> Selector {
     }
 }
 
+fn req(key: &str, operator: Operator, values: &[&str]) -> Requirement {
+    Requirement {
+        key: key.into(),
+        operator,
+        values: values.iter().map(|v| v.to_string()).collect(),
+    }
+}
+
+/// The tiers pods are labelled with; policies select on them.
+const TIERS: [&str; 3] = ["web", "api", "db"];
+/// Namespace environments: every third namespace is `prod`.
+const ENVS: [&str; 3] = ["prod", "staging", "dev"];
+
+/// The labels of namespace `n`: a team shared by a tenth of the namespaces, and an
+/// environment shared by a third.
+pub fn namespace(n: usize) -> NamespaceInfo {
+    NamespaceInfo {
+        name: format!("ns-{n}"),
+        labels: labels(&[
+            ("team", format!("team-{}", n % 10)),
+            ("env", ENVS[n % 3].to_string()),
+            ("kubernetes.io/metadata.name", format!("ns-{n}")),
+        ]),
+    }
+}
+
+/// Pod `i`: spread over the namespaces and nodes, labelled with one of ten apps (shifted by
+/// `app_salt`, to relabel), a tier and one of four versions, declaring three named ports, with
+/// an IPv4 and an IPv6 address.
 pub fn pod(i: usize, s: &Scale, app_salt: usize) -> PodInfo {
     let ns = i % s.namespaces;
     let node = i % s.nodes;
@@ -65,116 +101,191 @@ pub fn pod(i: usize, s: &Scale, app_salt: usize) -> PodInfo {
         (i % 256) as u8,
     );
     let v6 = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, (i >> 16) as u16, i as u16);
+    let named = |name: &str, port: u16| NamedPort {
+        name: name.into(),
+        protocol: Protocol::Tcp,
+        port,
+    };
     PodInfo {
         key: ObjectKey::new(format!("ns-{ns}"), format!("pod-{i}")),
         node: Some(format!("node-{node}")),
         labels: labels(&[
             ("app", format!("app-{}", (i / s.namespaces + app_salt) % 10)),
-            ("tier", format!("t{}", i % 3)),
+            ("tier", TIERS[i % 3].to_string()),
+            ("version", format!("v{}", (i / 7) % 4)),
         ]),
         ips: vec![IpAddr::V4(v4), IpAddr::V6(v6)],
-        named_ports: vec![NamedPort {
-            name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 8080,
-        }],
+        named_ports: vec![
+            named("grpc", 50_051),
+            named("http", 8080),
+            named("metrics", 9090),
+        ],
         host_network: false,
         finished: false,
     }
 }
 
+fn tcp(p: u16) -> PortSpec {
+    PortSpec {
+        protocol: Protocol::Tcp,
+        port: PortMatch::Range(p, p),
+    }
+}
+
+fn named_port(name: &str) -> PortSpec {
+    PortSpec {
+        protocol: Protocol::Tcp,
+        port: PortMatch::Named(name.into()),
+    }
+}
+
+/// Policy `j`, one of nine shapes taken in turn, the shapes real clusters are made of:
+/// default deny; same app; namespaces of a shared team label; a namespace AND pod selector
+/// spanning every prod namespace; an ipBlock with excepts; named ports; port ranges across all
+/// namespaces; DNS egress to one namespace; and matchExpressions (In, NotIn, Exists) in both
+/// selectors.
 pub fn policy(j: usize, s: &Scale) -> Policy {
     let ns = format!("ns-{}", j % s.namespaces);
     let key = ObjectKey::new(ns.clone(), format!("policy-{j}"));
-    let target = sel(&[("app", format!("app-{}", (j / s.namespaces) % 10))]);
-    let port = |p: u16| PortSpec {
-        protocol: Protocol::Tcp,
-        port: PortMatch::Range(p, p),
+    let app = |k: usize| format!("app-{}", k % 10);
+    let mut target = sel(&[("app", app(j / s.namespaces))]);
+    let own = |pods: Selector| Peer::Pods {
+        namespaces: NamespaceScope::Own(ns.clone()),
+        pods,
     };
-    let (ingress, egress) = match j % 5 {
-        // default deny for the namespace
-        0 => (Some(vec![]), Some(vec![])),
-        // same-namespace app → app on a port
+    let across = |namespaces: Selector, pods: Selector| Peer::Pods {
+        namespaces: NamespaceScope::Selector(namespaces),
+        pods,
+    };
+    let rule = |peers: Vec<Peer>, ports: Vec<PortSpec>| Rule {
+        peers: Some(peers),
+        ports: Some(ports),
+    };
+    let (ingress, egress) = match j % 9 {
+        // default deny for the whole namespace, both directions
+        0 => {
+            target = Selector::everything();
+            (Some(vec![]), Some(vec![]))
+        }
+        // same app → app, two ports
         1 => (
-            Some(vec![Rule {
-                peers: Some(vec![Peer::Pods {
-                    namespaces: NamespaceScope::Own(ns.clone()),
-                    pods: sel(&[("app", format!("app-{}", (j + 1) % 10))]),
-                }]),
-                ports: Some(vec![port(8080), port(9090)]),
-            }]),
+            Some(vec![rule(
+                vec![own(sel(&[("app", app(j / s.namespaces))]))],
+                vec![tcp(8080), tcp(9090)],
+            )]),
             None,
         ),
-        // from a team of namespaces, named port
+        // every namespace of a team (a tenth of the cluster), on the named port `http`
         2 => (
-            Some(vec![Rule {
-                peers: Some(vec![Peer::Pods {
-                    namespaces: NamespaceScope::Selector(sel(&[(
-                        "team",
-                        format!("team-{}", j % 10),
-                    )])),
-                    pods: Selector::everything(),
-                }]),
-                ports: Some(vec![PortSpec {
-                    protocol: Protocol::Tcp,
-                    port: PortMatch::Named("http".into()),
-                }]),
-            }]),
+            Some(vec![rule(
+                vec![across(
+                    sel(&[("team", format!("team-{}", j % 10))]),
+                    Selector::everything(),
+                )],
+                vec![named_port("http")],
+            )]),
             None,
         ),
-        // egress to an ipBlock with an except, plus DNS anywhere
+        // web pods of every prod namespace (a third of the cluster)
         3 => (
+            Some(vec![rule(
+                vec![across(
+                    sel(&[("env", "prod".to_string())]),
+                    sel(&[("tier", "web".to_string())]),
+                )],
+                vec![tcp(8080)],
+            )]),
             None,
-            Some(vec![
-                Rule {
-                    peers: Some(vec![Peer::IpBlock(IpBlock {
-                        cidr: "192.168.0.0/16".parse::<Cidr>().expect("cidr"),
-                        except: vec![
-                            format!("192.168.{}.0/24", j % 256)
-                                .parse::<Cidr>()
-                                .expect("cidr"),
-                        ],
-                    })]),
-                    ports: Some(vec![port(443)]),
-                },
-                Rule {
-                    peers: None,
-                    ports: Some(vec![PortSpec {
+        ),
+        // egress to an ipBlock with two excepts, on 443
+        4 => (
+            None,
+            Some(vec![rule(
+                vec![Peer::IpBlock(IpBlock {
+                    cidr: "192.168.0.0/16".parse::<Cidr>().expect("cidr"),
+                    except: [j % 256, (j + 128) % 256]
+                        .iter()
+                        .map(|b| format!("192.168.{b}.0/24").parse::<Cidr>().expect("cidr"))
+                        .collect(),
+                })],
+                vec![tcp(443)],
+            )]),
+        ),
+        // api pods of the namespace on the named ports `metrics` and `grpc`
+        5 => (
+            Some(vec![rule(
+                vec![own(sel(&[("tier", "api".to_string())]))],
+                vec![named_port("metrics"), named_port("grpc")],
+            )]),
+            None,
+        ),
+        // egress to db pods in every namespace on two port ranges
+        6 => (
+            None,
+            Some(vec![rule(
+                vec![across(
+                    Selector::everything(),
+                    sel(&[("tier", "db".to_string())]),
+                )],
+                vec![
+                    PortSpec {
+                        protocol: Protocol::Tcp,
+                        port: PortMatch::Range(5432, 5440),
+                    },
+                    PortSpec {
+                        protocol: Protocol::Tcp,
+                        port: PortMatch::Range(8000, 8100),
+                    },
+                ],
+            )]),
+        ),
+        // DNS egress to the resolver pods of one namespace, UDP and TCP 53
+        7 => (
+            None,
+            Some(vec![rule(
+                vec![across(
+                    sel(&[("kubernetes.io/metadata.name", "ns-0".to_string())]),
+                    sel(&[("app", app(0))]),
+                )],
+                vec![
+                    PortSpec {
                         protocol: Protocol::Udp,
                         port: PortMatch::Range(53, 53),
-                    }]),
-                },
-            ]),
+                    },
+                    tcp(53),
+                ],
+            )]),
         ),
-        // egress to tier pods in all namespaces on a port range; half of them also reach
-        // the named port `http` of same-namespace pods of that tier
+        // matchExpressions in the target and in both peer selectors
         _ => {
-            let wide = Rule {
-                peers: Some(vec![Peer::Pods {
-                    namespaces: NamespaceScope::Selector(Selector::everything()),
-                    pods: sel(&[("tier", format!("t{}", j % 3))]),
-                }]),
-                ports: Some(vec![PortSpec {
-                    protocol: Protocol::Tcp,
-                    port: PortMatch::Range(8000, 8100),
-                }]),
+            target = Selector {
+                match_labels: Labels::new(),
+                expressions: vec![
+                    req("app", Operator::In, &["app-1", "app-2", "app-3"]),
+                    req("version", Operator::NotIn, &["v0"]),
+                ],
             };
-            let named = Rule {
-                peers: Some(vec![Peer::Pods {
-                    namespaces: NamespaceScope::Own(ns.clone()),
-                    pods: sel(&[("tier", format!("t{}", j % 3))]),
-                }]),
-                ports: Some(vec![PortSpec {
-                    protocol: Protocol::Tcp,
-                    port: PortMatch::Named("http".into()),
-                }]),
+            let namespaces = Selector {
+                match_labels: Labels::new(),
+                expressions: vec![
+                    req("env", Operator::In, &["prod", "staging"]),
+                    req("team", Operator::Exists, &[]),
+                ],
             };
-            let rules = if j % 10 == 4 {
-                vec![wide, named]
-            } else {
-                vec![wide]
+            let pods = Selector {
+                match_labels: Labels::new(),
+                expressions: vec![
+                    req("tier", Operator::NotIn, &["db"]),
+                    req("version", Operator::Exists, &[]),
+                ],
             };
-            (None, Some(rules))
+            (
+                Some(vec![rule(
+                    vec![across(namespaces, pods)],
+                    vec![named_port("http")],
+                )]),
+                None,
+            )
         }
     };
     Policy {
@@ -188,17 +299,7 @@ pub fn policy(j: usize, s: &Scale) -> Policy {
 
 pub fn index(s: &Scale) -> Index {
     let mut idx = Index::new();
-    idx.reset_namespaces(
-        (0..s.namespaces)
-            .map(|n| NamespaceInfo {
-                name: format!("ns-{n}"),
-                labels: labels(&[
-                    ("team", format!("team-{}", n % 10)),
-                    ("kubernetes.io/metadata.name", format!("ns-{n}")),
-                ]),
-            })
-            .collect(),
-    );
+    idx.reset_namespaces((0..s.namespaces).map(namespace).collect());
     idx.reset_pods((0..s.pods).map(|i| pod(i, s, 0)).collect());
     idx.reset_policies((0..s.policies).map(|j| policy(j, s)).collect());
     idx
@@ -216,11 +317,23 @@ fn labels_json(l: &Labels) -> serde_json::Value {
 }
 
 fn selector_json(s: &Selector) -> serde_json::Value {
-    assert!(
-        s.expressions.is_empty(),
-        "the synthetic cluster uses matchLabels only"
-    );
-    serde_json::json!({ "matchLabels": labels_json(&s.match_labels) })
+    let mut v = serde_json::json!({ "matchLabels": labels_json(&s.match_labels) });
+    if !s.expressions.is_empty() {
+        v["matchExpressions"] = s
+            .expressions
+            .iter()
+            .map(|r| {
+                let mut e =
+                    serde_json::json!({"key": r.key, "operator": format!("{:?}", r.operator)});
+                if !r.values.is_empty() {
+                    e["values"] = r.values.iter().cloned().collect::<Vec<_>>().into();
+                }
+                e
+            })
+            .collect::<Vec<_>>()
+            .into();
+    }
+    v
 }
 
 pub fn namespace_json(n: &NamespaceInfo) -> serde_json::Value {

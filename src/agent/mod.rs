@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 
 use crate::cluster::IndexSink;
+use crate::cluster::watch::InitialList;
 use crate::engine::compile::{CompileOptions, UnknownAddresses};
 use crate::engine::evaluate::may_deny_more;
 use crate::engine::incremental::{NodeCompiler, UpdateKind};
@@ -84,6 +85,8 @@ pub enum Source {
     Kubernetes {
         /// Path to a kubeconfig; `None` = infer (in-cluster, then `~/.kube/config`).
         kubeconfig: Option<PathBuf>,
+        /// How the watchers list.
+        initial_list: InitialList,
     },
     /// Manifest files, re-read when they change.
     Manifests {
@@ -194,9 +197,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
 
     match &config.source {
-        Source::Kubernetes { kubeconfig } => {
+        Source::Kubernetes {
+            kubeconfig,
+            initial_list,
+        } => {
             let client = kube_client(kubeconfig.as_ref()).await?;
-            crate::cluster::watch::spawn_all(&client, &shared);
+            crate::cluster::watch::spawn_all(&client, &shared, *initial_list);
         }
         Source::Manifests { path, poll } => {
             tokio::spawn(follow_manifests(path.clone(), *poll, shared.clone()));

@@ -119,13 +119,13 @@ pub enum ManifestError {
         source: std::io::Error,
     },
     /// YAML/JSON syntax error.
-    #[error("{path}: document {document}: malformed YAML: {message}")]
+    #[error("{path}: document {document}: {message}")]
     Syntax {
         /// File.
         path: PathBuf,
         /// 1-based document number.
         document: usize,
-        /// Parser message, with line and column.
+        /// `malformed YAML: …` or `malformed JSON: …`, with line and column.
         message: String,
     },
     /// No manifest files in a directory.
@@ -201,25 +201,88 @@ pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
 }
 
 /// Parse already-read sources (pure; used by `load` and by tests).
+///
+/// A source whose first non-blank character is `{` or `[` is JSON (`kubectl get -o json`),
+/// read with serde_json, which is many times faster than a YAML parser on a large dump; any
+/// other source is YAML, one or more documents. Either way a document may be a `List`.
 pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<Manifests, ManifestError> {
     let mut collector = Collector::default();
     for (path, text) in sources {
-        for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-            let document = i + 1;
-            let value = Value::deserialize(doc).map_err(|e| ManifestError::Syntax {
-                path: path.clone(),
-                document,
-                message: e.to_string(),
-            })?;
+        let syntax = |document: usize, message: String| ManifestError::Syntax {
+            path: path.clone(),
+            document,
+            message,
+        };
+        let mut each = |document: usize, value: Value| {
             let origin = Origin {
                 path,
                 document,
                 item: None,
             };
             collector.document(&origin, value);
+        };
+        if text.trim_start().starts_with(['{', '[']) {
+            let docs = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+            for (i, doc) in docs.enumerate() {
+                let value = doc.map_err(|e| syntax(i + 1, format!("malformed JSON: {e}")))?;
+                match value {
+                    // A bare JSON array of objects reads as a list of them.
+                    Value::Array(items) => {
+                        each(i + 1, serde_json::json!({"kind": "List", "items": items}))
+                    }
+                    value => each(i + 1, value),
+                }
+            }
+        } else {
+            let mut document = 0;
+            for (first_line, chunk) in yaml_documents(text) {
+                for doc in serde_yaml_ng::Deserializer::from_str(chunk) {
+                    document += 1;
+                    let value = Value::deserialize(doc).map_err(|e| {
+                        syntax(
+                            document,
+                            format!(
+                                "malformed YAML: {e} (the document starts at line {first_line})"
+                            ),
+                        )
+                    })?;
+                    each(document, value);
+                }
+            }
         }
     }
     Ok(collector.finish())
+}
+
+/// The documents of a YAML stream, each with the number of its first line, split at the
+/// `---` markers that start a line (YAML forbids that marker inside a scalar, so the split is
+/// exact). serde_yaml_ng parses every document of its input before yielding the first, which
+/// for a dump of a large cluster holds the events of all of them at once (1.8 GB for 57 MB);
+/// one document at a time, memory follows the largest document instead.
+fn yaml_documents(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    let mut starts = vec![(1, 0)];
+    let mut offset = 0;
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let is_marker = bare == "---"
+            || bare
+                .strip_prefix("---")
+                .is_some_and(|rest| rest.starts_with([' ', '\t']));
+        if is_marker && offset > 0 {
+            starts.push((n + 1, offset));
+        }
+        offset += line.len();
+    }
+    let ends: Vec<usize> = starts
+        .iter()
+        .skip(1)
+        .map(|(_, at)| *at)
+        .chain([text.len()])
+        .collect();
+    starts
+        .into_iter()
+        .zip(ends)
+        .map(move |((line, from), to)| (line, &text[from..to]))
 }
 
 #[derive(Default)]
@@ -279,8 +342,13 @@ impl Collector {
             return;
         };
         if kind == "List" || kind.ends_with("List") {
-            let items = value.get("items").and_then(Value::as_array).cloned();
-            for (i, item) in items.into_iter().flatten().enumerate() {
+            // Taken, not cloned: a dump of a large cluster is one list of every object.
+            let mut value = value;
+            let items = match value.get_mut("items").map(Value::take) {
+                Some(Value::Array(items)) => items,
+                _ => Vec::new(),
+            };
+            for (i, item) in items.into_iter().enumerate() {
                 let origin = Origin {
                     item: Some(i),
                     ..origin.clone()
@@ -493,7 +561,7 @@ impl Collector {
         };
         if let Ok(round_trip) = serde_json::to_value(&typed) {
             let mut dropped = Vec::new();
-            dropped_fields(value, &round_trip, String::new(), &mut dropped);
+            dropped_fields(value, &round_trip, &mut String::new(), &mut dropped);
             for field in dropped {
                 self.problem(
                     origin,
@@ -580,25 +648,31 @@ fn default_namespace(value: &mut Value) -> bool {
 }
 
 /// Paths present (and non-null) in `original` but missing after a typed round trip.
-fn dropped_fields(original: &Value, typed: &Value, path: String, out: &mut Vec<String>) {
+fn dropped_fields(original: &Value, typed: &Value, path: &mut String, out: &mut Vec<String>) {
+    // One path buffer, grown and cut back on the way down: this walks every field of every
+    // object in a dump, and almost none of them is dropped.
+    let at = path.len();
     match (original, typed) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in a {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                match b.get(k) {
-                    Some(tv) => dropped_fields(v, tv, p, out),
-                    None if v.is_null() => {}
-                    None => out.push(p),
+                if !path.is_empty() {
+                    path.push('.');
                 }
+                path.push_str(k);
+                match b.get(k) {
+                    Some(tv) => dropped_fields(v, tv, path, out),
+                    None if v.is_null() => {}
+                    None => out.push(path.clone()),
+                }
+                path.truncate(at);
             }
         }
         (Value::Array(a), Value::Array(b)) => {
             for (i, (v, tv)) in a.iter().zip(b.iter()).enumerate() {
-                dropped_fields(v, tv, format!("{path}[{i}]"), out);
+                use std::fmt::Write as _;
+                let _ = write!(path, "[{i}]");
+                dropped_fields(v, tv, path, out);
+                path.truncate(at);
             }
         }
         _ => {}
@@ -797,5 +871,94 @@ mod tests {
         );
         let changes = idx.take_changes();
         assert!(changes.everything, "the first load reports everything");
+    }
+
+    #[test]
+    fn json_dumps_read_like_yaml() {
+        let yaml = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: shop}\n- apiVersion: v1\n  kind: Pod\n  metadata: {name: web, namespace: shop, labels: {app: web}}\n  spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}\n  status: {phase: Running, podIPs: [{ip: 10.0.0.2}]}\n- apiVersion: networking.k8s.io/v1\n  kind: NetworkPolicy\n  metadata: {name: p, namespace: shop}\n  spec: {podSelector: {}, ingress: [{ports: [{port: http}]}]}\n";
+        let value: Value = serde_yaml_ng::from_str(yaml).expect("yaml");
+        let json = serde_json::to_string_pretty(&value).expect("json");
+        let bare_array = serde_json::to_string(&value["items"]).expect("json");
+        let from =
+            |name: &str, text: String| parse_sources(&[(PathBuf::from(name), text)]).expect(name);
+        let want = from("dump.yaml", yaml.to_string());
+        for (name, text) in [
+            ("dump.json", json.clone()),
+            ("items.json", bare_array),
+            ("two.json", format!("{json}\n{json}")),
+        ] {
+            let got = from(name, text);
+            assert_eq!(got.namespaces, want.namespaces, "case {name}");
+            assert_eq!(got.pods, want.pods, "case {name}");
+            assert_eq!(got.policies, want.policies, "case {name}");
+        }
+        // The same object twice is a duplicate, in JSON as in YAML.
+        let twice = from("two.json", format!("{json}\n{json}"));
+        assert!(
+            twice
+                .problems
+                .iter()
+                .any(|p| p.kind == ProblemKind::Duplicate)
+        );
+        // A misspelt field is reported from JSON too.
+        let typo = json.replace("\"containerPort\"", "\"containerport\"");
+        let m = from("typo.json", typo);
+        assert!(
+            m.problems
+                .iter()
+                .any(|p| p.kind == ProblemKind::DroppedField
+                    && p.field.as_deref() == Some("spec.containers[0].ports[0].containerport")),
+            "{:?}",
+            m.problems
+        );
+        let err = parse_sources(&[(PathBuf::from("bad.json"), "{\"kind\": \"Pod\",".into())])
+            .expect_err("truncated JSON")
+            .to_string();
+        assert!(
+            err.starts_with("bad.json: document 1: malformed JSON"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn yaml_streams_split_into_documents() {
+        // (name, text, want (first line, document text) pairs)
+        let cases: Vec<(&str, &str, Vec<(usize, &str)>)> = vec![
+            ("one document", "a: 1\n", vec![(1, "a: 1\n")]),
+            (
+                "two",
+                "a: 1\n---\nb: 2\n",
+                vec![(1, "a: 1\n"), (2, "---\nb: 2\n")],
+            ),
+            ("leading marker", "---\na: 1\n", vec![(1, "---\na: 1\n")]),
+            (
+                "a marker with content and CRLF",
+                "a: 1\r\n--- {b: 2}\r\n",
+                vec![(1, "a: 1\r\n"), (2, "--- {b: 2}\r\n")],
+            ),
+            (
+                "dashes that are not a marker",
+                "a: |\n  ---x\nb: ----\n",
+                vec![(1, "a: |\n  ---x\nb: ----\n")],
+            ),
+            (
+                "no final newline",
+                "a: 1\n---",
+                vec![(1, "a: 1\n"), (2, "---")],
+            ),
+        ];
+        for (name, text, want) in cases {
+            let got: Vec<(usize, &str)> = yaml_documents(text).collect();
+            assert_eq!(got, want, "case {name:?}");
+        }
+        // Numbering and errors follow the whole file.
+        let err = parse("kind: Pod\n---\nkind: Namespace\n---\nkind: [unclosed\n")
+            .expect_err("syntax")
+            .to_string();
+        assert!(
+            err.starts_with("test.yaml: document 3: malformed YAML"),
+            "{err}"
+        );
+        assert!(err.contains("the document starts at line 4"), "{err}");
     }
 }

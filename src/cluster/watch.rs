@@ -26,7 +26,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::ListParams;
 use kube::runtime::WatchStreamExt as _;
-use kube::runtime::watcher::{self, Event, InitialListStrategy};
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use serde::de::DeserializeOwned;
 
@@ -160,18 +160,65 @@ pub fn for_each_kind(v: &mut impl KindVisitor) {
     v.visit::<Node>();
 }
 
-/// How every watcher watches: the whole cluster, with kube-runtime's defaults.
-pub fn watcher_config() -> watcher::Config {
-    watcher::Config::default()
+/// How a watcher gets its initial list, and every relist after a `410 Gone` or a lost
+/// connection.
+///
+/// At 5,000 nodes every agent lists every pod of the cluster at start and on every relist. A
+/// quorum LIST (resourceVersion unset) is read from etcd, page by page; a LIST with
+/// `resourceVersion=0` is served from the API server's watch cache (what client-go informers
+/// do); a streaming list (`sendInitialEvents=true`, Kubernetes 1.27+ `WatchList`) is a WATCH
+/// that first replays the cache's current state object by object, which the watcher trims on
+/// arrival, so neither the API server nor the agent ever holds a whole list response.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum InitialList {
+    /// A streaming list; if the API server refuses it (422/400: the feature is off, or the
+    /// server predates it), paginated lists from the watch cache from then on.
+    #[default]
+    Auto,
+    /// Streaming lists only (retried with backoff if refused).
+    Stream,
+    /// LISTs with `resourceVersion=0`, served from the watch cache in one response (the cache
+    /// does not paginate, and kube drops `resourceVersion=0` from a paginated request), as
+    /// client-go informers list.
+    Cache,
+    /// Paginated quorum LISTs (resourceVersion unset), read from etcd: always current, costly
+    /// at scale.
+    Consistent,
 }
 
-/// The API verbs a watcher with `config` sends. With the default list-then-watch strategy it
-/// pages through a LIST, then WATCHes from the list's resourceVersion (and LISTs again after
-/// a 410 Gone or a dropped connection); a streaming list is a WATCH alone. Never a GET.
-pub fn watch_verbs(config: &watcher::Config) -> &'static [&'static str] {
-    match config.initial_list_strategy {
-        InitialListStrategy::ListWatch => &["list", "watch"],
-        InitialListStrategy::StreamingList => &["watch"],
+impl InitialList {
+    /// The name used in flags and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InitialList::Auto => "auto",
+            InitialList::Stream => "stream",
+            InitialList::Cache => "cache",
+            InitialList::Consistent => "consistent",
+        }
+    }
+}
+
+/// How every watcher watches: the whole cluster; quorum lists page 500 objects at a time.
+pub fn watcher_config(initial: InitialList) -> watcher::Config {
+    let config = watcher::Config::default();
+    match initial {
+        InitialList::Auto | InitialList::Stream => config.streaming_lists(),
+        InitialList::Cache => watcher::Config {
+            page_size: None,
+            ..config.any_semantic()
+        },
+        InitialList::Consistent => config,
+    }
+}
+
+/// The API verbs a watcher started with `initial` may send. A list-then-watch strategy pages
+/// through a LIST, then WATCHes from the list's resourceVersion (and LISTs again after a 410
+/// Gone or a dropped connection); a streaming list is a WATCH alone; `auto` may fall back from
+/// the one to the other. Never a GET.
+pub fn watch_verbs(initial: InitialList) -> &'static [&'static str] {
+    match initial {
+        InitialList::Stream => &["watch"],
+        InitialList::Auto | InitialList::Cache | InitialList::Consistent => &["list", "watch"],
     }
 }
 
@@ -186,8 +233,9 @@ pub struct ApiAccess {
     pub verbs: Vec<&'static str>,
 }
 
-/// Every API group, resource and verb the agent uses, sorted by group and resource. The agent
-/// talks to the API server only through the watchers, so this is everything it needs.
+/// Every API group, resource and verb the agent uses with the default [`InitialList`], sorted
+/// by group and resource. The agent talks to the API server only through the watchers, so this
+/// is everything it needs.
 pub fn api_access() -> Vec<ApiAccess> {
     struct Collect(Vec<ApiAccess>, &'static [&'static str]);
     impl KindVisitor for Collect {
@@ -201,21 +249,21 @@ pub fn api_access() -> Vec<ApiAccess> {
             });
         }
     }
-    let mut c = Collect(Vec::new(), watch_verbs(&watcher_config()));
+    let mut c = Collect(Vec::new(), watch_verbs(InitialList::default()));
     for_each_kind(&mut c);
     c.0.sort();
     c.0
 }
 
 /// Start one watcher per kind (see [`for_each_kind`]), each feeding `sink`.
-pub fn spawn_all<S: IndexSink>(client: &Client, sink: &Arc<S>) {
-    struct Spawn<'a, S>(&'a Client, &'a Arc<S>);
+pub fn spawn_all<S: IndexSink>(client: &Client, sink: &Arc<S>, initial: InitialList) {
+    struct Spawn<'a, S>(&'a Client, &'a Arc<S>, InitialList);
     impl<S: IndexSink> KindVisitor for Spawn<'_, S> {
         fn visit<K: Watched>(&mut self) {
-            tokio::spawn(watch::<K, S>(self.0.clone(), self.1.clone()));
+            tokio::spawn(watch::<K, S>(self.0.clone(), self.1.clone(), self.2));
         }
     }
-    for_each_kind(&mut Spawn(client, sink));
+    for_each_kind(&mut Spawn(client, sink, initial));
 }
 
 fn trim_logged<K: Watched>(obj: &K) -> Option<K::Info> {
@@ -234,16 +282,99 @@ fn trim_logged<K: Watched>(obj: &K) -> Option<K::Info> {
 }
 
 /// Watch one kind until the process ends, feeding `sink`.
-pub async fn watch<K: Watched, S: IndexSink>(client: Client, sink: Arc<S>) {
-    let api: Api<K> = Api::all(client);
-    let mut stream = watcher::watcher(api, watcher_config())
-        .default_backoff()
-        .boxed();
+pub async fn watch<K: Watched, S: IndexSink>(client: Client, sink: Arc<S>, initial: InitialList) {
+    let mut mode = initial;
+    let mut restart_delay = RESTART_DELAY_MIN;
+    loop {
+        let fallback = mode == InitialList::Auto;
+        match follow::<K, S>(&client, &sink, watcher_config(mode), fallback).await {
+            Ended::Refused(refusal) => {
+                tracing::warn!(
+                    resource = K::RESOURCE.as_str(),
+                    error = %refusal,
+                    "the API server refuses streaming lists; listing from its watch cache (resourceVersion=0) instead"
+                );
+                mode = InitialList::Cache;
+            }
+            Ended::IncompleteList { listed_before } => {
+                if listed_before {
+                    restart_delay = RESTART_DELAY_MIN;
+                }
+                tracing::warn!(
+                    resource = K::RESOURCE.as_str(),
+                    retry_in_ms = restart_delay.as_millis(),
+                    "a streaming list lost an object it could not read; listing again (the last complete state stays in force)"
+                );
+                tokio::time::sleep(restart_delay).await;
+                restart_delay = (restart_delay * 2).min(RESTART_DELAY_MAX);
+            }
+            Ended::Stream => return,
+        }
+    }
+}
+
+/// Backoff between restarts of a watcher whose streaming list was incomplete.
+const RESTART_DELAY_MIN: std::time::Duration = std::time::Duration::from_millis(500);
+const RESTART_DELAY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Why [`follow`] returned.
+enum Ended {
+    /// The stream ended (it does not, under the backoff wrapper).
+    Stream,
+    /// The API server refused the streaming list asked for (and falling back was allowed).
+    Refused(String),
+    /// An initial (streaming) list reported an error part way, so it may be missing an object:
+    /// it was not applied, and the watcher must list again. `listed_before` says whether this
+    /// run had completed a list earlier (then the backoff starts afresh).
+    IncompleteList { listed_before: bool },
+}
+
+/// Whether an error is the API server refusing a streaming list: the first WATCH with
+/// `sendInitialEvents=true` answered 422 (the `WatchList` feature is off, or the server is
+/// older than 1.27 and forbids `resourceVersionMatch` on a watch) or 400.
+fn refuses_streaming(e: &watcher::Error) -> Option<&kube::core::Status> {
+    match e {
+        watcher::Error::WatchStartFailed(kube::Error::Api(status))
+            if matches!(status.code, 400 | 422) =>
+        {
+            Some(status)
+        }
+        _ => None,
+    }
+}
+
+/// Run one watcher with `config` until it must be restarted (see [`Ended`]).
+///
+/// A list replaces the kind only when it arrived whole. A paginated list that fails is retried
+/// by kube-runtime from its start (a new `Init`). A streaming list is one WATCH; an event in it
+/// that cannot be read is reported as an error and skipped, and the list would then complete
+/// without that object, which for a NetworkPolicy means enforcing less than the cluster says.
+/// So an error inside a list discards it, and a streaming list so discarded restarts the
+/// watcher.
+async fn follow<K: Watched, S: IndexSink>(
+    client: &Client,
+    sink: &Arc<S>,
+    config: watcher::Config,
+    fallback: bool,
+) -> Ended {
+    let api: Api<K> = Api::all(client.clone());
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
     let mut buffer: Option<Vec<K::Info>> = None;
+    let mut discarded = false;
+    let mut listed = false;
     while let Some(event) = stream.next().await {
         let event = match event {
             Ok(e) => e,
             Err(e) => {
+                if fallback && let Some(status) = refuses_streaming(&e) {
+                    return Ended::Refused(format!(
+                        "{} {}: {}",
+                        status.code, status.reason, status.message
+                    ));
+                }
+                if buffer.take().is_some() {
+                    discarded = true;
+                }
                 // The backoff wrapper retries; the last good state stays in force.
                 tracing::warn!(resource = K::RESOURCE.as_str(), error = %e, "watch failed; retrying with backoff");
                 continue;
@@ -251,17 +382,29 @@ pub async fn watch<K: Watched, S: IndexSink>(client: Client, sink: Arc<S>) {
         };
         sink.watch_event(K::RESOURCE);
         match event {
-            Event::Init => buffer = Some(Vec::new()),
+            Event::Init => {
+                buffer = Some(Vec::new());
+                discarded = false;
+            }
             Event::InitApply(obj) => {
+                // Trimmed here, one object at a time: a large list never sits in memory whole.
                 if let (Some(buf), Some(info)) = (buffer.as_mut(), trim_logged(&obj)) {
                     buf.push(info);
                 }
             }
             Event::InitDone => {
-                let all = buffer.take().unwrap_or_default();
+                let Some(all) = buffer.take() else {
+                    if discarded {
+                        return Ended::IncompleteList {
+                            listed_before: listed,
+                        };
+                    }
+                    continue;
+                };
                 let count = all.len();
                 sink.update(|idx| K::reset(idx, all));
                 sink.mark_listed(K::RESOURCE);
+                listed = true;
                 tracing::info!(
                     resource = K::RESOURCE.as_str(),
                     objects = count,
@@ -276,6 +419,7 @@ pub async fn watch<K: Watched, S: IndexSink>(client: Client, sink: Arc<S>) {
             Event::Delete(obj) => sink.update(|idx| K::delete(idx, &obj)),
         }
     }
+    Ended::Stream
 }
 
 /// A one-shot list that failed.
@@ -327,6 +471,7 @@ pub async fn list_once(client: &Client) -> Result<Index, ListError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::runtime::watcher::InitialListStrategy;
 
     #[test]
     fn access_covers_every_kind_with_list_and_watch() {
@@ -354,22 +499,90 @@ mod tests {
     fn verbs_follow_the_list_strategy() {
         let cases = [
             (
-                "list then watch",
-                InitialListStrategy::ListWatch,
+                "auto may fall back to lists",
+                InitialList::Auto,
                 &["list", "watch"][..],
             ),
             (
-                "streaming list",
-                InitialListStrategy::StreamingList,
+                "streaming lists are watches",
+                InitialList::Stream,
                 &["watch"][..],
             ),
+            (
+                "lists from the cache",
+                InitialList::Cache,
+                &["list", "watch"][..],
+            ),
+            (
+                "quorum lists",
+                InitialList::Consistent,
+                &["list", "watch"][..],
+            ),
         ];
-        for (name, strategy, want) in cases {
-            let config = watcher::Config {
-                initial_list_strategy: strategy,
-                ..watcher::Config::default()
-            };
-            assert_eq!(watch_verbs(&config), want, "case {name}");
+        for (name, initial, want) in cases {
+            assert_eq!(watch_verbs(initial), want, "case {name}");
+        }
+    }
+
+    #[test]
+    fn configs_follow_the_list_strategy() {
+        struct Case {
+            name: &'static str,
+            initial: InitialList,
+            streaming: bool,
+            at_version_0: bool,
+            page: Option<u32>,
+        }
+        let cases = [
+            Case {
+                name: "auto starts streaming",
+                initial: InitialList::Auto,
+                streaming: true,
+                at_version_0: false,
+                page: Some(500),
+            },
+            Case {
+                name: "stream",
+                initial: InitialList::Stream,
+                streaming: true,
+                at_version_0: false,
+                page: Some(500),
+            },
+            Case {
+                name: "cache lists at resourceVersion 0, unpaged",
+                initial: InitialList::Cache,
+                streaming: false,
+                at_version_0: true,
+                page: None,
+            },
+            Case {
+                name: "consistent lists are paged quorum reads",
+                initial: InitialList::Consistent,
+                streaming: false,
+                at_version_0: false,
+                page: Some(500),
+            },
+        ];
+        for Case {
+            name,
+            initial,
+            streaming,
+            at_version_0,
+            page,
+        } in cases
+        {
+            let c = watcher_config(initial);
+            assert_eq!(
+                c.initial_list_strategy == InitialListStrategy::StreamingList,
+                streaming,
+                "case {name}"
+            );
+            assert_eq!(
+                c.list_semantic == watcher::ListSemantic::Any,
+                at_version_0,
+                "case {name}"
+            );
+            assert_eq!(c.page_size, page, "case {name}");
         }
     }
 }

@@ -192,6 +192,10 @@ pub struct FakeApiServerOptions {
     /// Interval of BOOKMARK events on watches that allow them; `None` sends none (except the
     /// `initial-events-end` bookmark of a streaming list).
     pub bookmark_interval: Option<Duration>,
+    /// Whether WATCH honours `sendInitialEvents=true` (streaming lists, the `WatchList`
+    /// feature). When false it answers 422 Invalid, as an API server with the feature off (or
+    /// one older than 1.27, which forbids `resourceVersionMatch` on a watch) does.
+    pub streaming_lists: bool,
 }
 
 impl Default for FakeApiServerOptions {
@@ -199,6 +203,7 @@ impl Default for FakeApiServerOptions {
         Self {
             port: 0,
             bookmark_interval: Some(Duration::from_secs(1)),
+            streaming_lists: true,
         }
     }
 }
@@ -265,6 +270,7 @@ struct Shared {
     events: broadcast::Sender<Arc<Change>>,
     conns: Mutex<Conns>,
     port: AtomicU16,
+    streaming_lists: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1609,6 +1615,13 @@ fn start_watch(
     let sel = Selector::from_query(q)?;
     let bookmarks = q.get("allowWatchBookmarks").map(String::as_str) == Some("true");
     let send_initial = q.get("sendInitialEvents").map(String::as_str) == Some("true");
+    if send_initial && !shared.streaming_lists {
+        return Err(ApiError::new(
+            422,
+            "Invalid",
+            "ListOptions.meta.k8s.io \"\" is invalid: sendInitialEvents: Forbidden: sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled",
+        ));
+    }
     let timeout = match q.get("timeoutSeconds").map(String::as_str) {
         None | Some("") => 1800,
         Some(t) => t
@@ -1871,6 +1884,7 @@ impl FakeApiServer {
                 events,
                 conns: Mutex::new(Conns::default()),
                 port: AtomicU16::new(opts.port),
+                streaming_lists: opts.streaming_lists,
             }),
             rt,
             shutdown: Mutex::new(Some(shutdown_tx)),
@@ -2147,6 +2161,21 @@ impl FakeApiServer {
             .requests
             .iter()
             .filter(|r| r.verb == verb && r.path == path)
+            .count()
+    }
+
+    /// Number of initial lists (and relists) on this path, in whatever way the client lists: a
+    /// LIST without a `continue` token, or a streaming list (a WATCH with
+    /// `sendInitialEvents=true`).
+    pub fn initial_list_count(&self, path: &str) -> usize {
+        lock(&self.shared.state)
+            .requests
+            .iter()
+            .filter(|r| r.path == path)
+            .filter(|r| {
+                (r.verb == "list" && r.param("continue").is_none())
+                    || (r.verb == "watch" && r.param("sendInitialEvents") == Some("true"))
+            })
             .count()
     }
 
