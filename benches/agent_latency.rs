@@ -8,6 +8,11 @@
 //! each committed change), and the same for deleting it. It also reports the agent's peak RSS
 //! (VmHWM) with the whole cluster in its caches.
 //!
+//! With fail-closed unknown addresses (`--pod-cidr 10.200.7.0/24` for `node-7`), it also
+//! times a new pod *of node-7* from its address appearing in the API server to the kernel
+//! adding the address to `local-pods-v4` (from then on the pod's own rules apply, and until
+//! then its address is dropped), and its deletion back to unknown.
+//!
 //! Run: `cargo bench --bench agent_latency` (as root). `AGENT_SAMPLES` sets the number of
 //! adds (default 200). Figures are recorded in docs/benchmarks.md.
 
@@ -29,6 +34,8 @@ use nix::sched::{CloneFlags, setns};
 const BIN: &str = env!("CARGO_BIN_EXE_kube-nftpolicy");
 const NODE: &str = "node-7";
 const METRICS: &str = "127.0.0.1:19901";
+/// node-7's pod range for the fail-closed measurement; the synthetic pods are elsewhere.
+const LOCAL_RANGE: &str = "10.200.7.0/24";
 
 struct Netns(String);
 
@@ -154,6 +161,7 @@ fn main() {
     let agent = Guard(
         Command::new(BIN)
             .args(["run", "--node-name", NODE, "--metrics-addr", METRICS])
+            .args(["--pod-cidr", LOCAL_RANGE])
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .env("RUST_LOG", "info")
@@ -178,8 +186,12 @@ fn main() {
     let elements = metric(&metrics, "kube_nftpolicy_set_elements").unwrap_or(0.0);
     let expected = {
         let snap = synthetic::index(&s).snapshot();
-        let np = kube_nftpolicy::engine::resolve::resolve(&snap, NODE);
-        kube_nftpolicy::engine::compile::compile(&np, &Default::default()).element_count()
+        let opts = kube_nftpolicy::engine::compile::CompileOptions {
+            pod_cidrs: vec![LOCAL_RANGE.parse().expect("range")],
+            ..Default::default()
+        };
+        let np = kube_nftpolicy::engine::compile::node_policy(&snap, NODE, &opts);
+        kube_nftpolicy::engine::compile::compile(&np, &opts).element_count()
     };
     println!(
         "agent ready (initial lists + first full sync) after {:.2} s; {elements} set elements in the kernel (expected {expected})",
@@ -228,6 +240,38 @@ fn main() {
     }
     report("one remote pod added, event → kernel", adds);
     report("one remote pod deleted, event → kernel", deletes);
+
+    // A pod of node-7 itself: its address appears in the API → known in the kernel.
+    let (mut local_adds, mut local_deletes) = (Vec::new(), Vec::new());
+    for k in 0..samples {
+        // Pod i runs on node-(i % 91): pick the next index that lands on node-7.
+        let i = s.pods + 91 * k + (7 + 91 - s.pods % 91) % 91;
+        let mut pod = synthetic::pod(i, &s, 0);
+        assert_eq!(pod.node.as_deref(), Some(NODE));
+        let ip: std::net::IpAddr = format!("10.200.7.{}", 2 + k % 250).parse().expect("ip");
+        pod.ips = vec![ip];
+        pod.key.name = format!("bench-local-{k}");
+        let t0 = Instant::now();
+        server.apply(synthetic::pod_json(&pod));
+        local_adds.push(
+            wait_for(&lines, "add element", &format!("local-pods-v4 {{ {ip} }}"))
+                .duration_since(t0),
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        let t0 = Instant::now();
+        server.delete("Pod", Some(pod.key.namespace.as_str()), &pod.key.name);
+        local_deletes.push(
+            wait_for(
+                &lines,
+                "delete element",
+                &format!("local-pods-v4 {{ {ip} }}"),
+            )
+            .duration_since(t0),
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    report("local pod's address in API → programmed", local_adds);
+    report("local pod deleted → address unknown", local_deletes);
     println!(
         "agent memory: VmHWM {} KiB after the first sync, {} KiB at the end; VmRSS now {} KiB",
         hwm_ready,

@@ -19,7 +19,8 @@
 //! on a missed target.
 //!
 //! Run (root): `cargo bench --bench dataplane`. Knobs (environment):
-//! `DATAPLANE_SIZES` (default `0,10,100,1000,5000`), `DATAPLANE_SECS` (seconds of connection
+//! `DATAPLANE_POD_CIDRS=0` leaves the node's pod ranges out of `ours` (by default it fails
+//! closed in them, as the agent does when it knows them). `DATAPLANE_SIZES` (default `0,10,100,1000,5000`), `DATAPLANE_SECS` (seconds of connection
 //! loop per measurement, default 5), `DATAPLANE_IPERF_SECS` (iperf3 `-t`, default 5; 0 skips
 //! throughput), `DATAPLANE_REPEATS` (default 3, the median is reported), `DATAPLANE_CLIENTS`
 //! (concurrent connecting threads, default 2), `DATAPLANE_CONFIGS` (default
@@ -428,8 +429,26 @@ struct Size {
 fn prepare(c: &Cluster, n: usize, cnps: usize) -> Result<Size, String> {
     let idx = cluster_index(c, n, cnps)?;
     let t = Instant::now();
-    let np = resolve(&idx.snapshot(), NODE);
-    let ours = compile(&np, &CompileOptions::default());
+    let mut np = resolve(&idx.snapshot(), NODE);
+    // The agent fails closed in the node's pod ranges when it knows them (a Node with
+    // spec.podCIDRs, or --pod-cidr); `DATAPLANE_POD_CIDRS=0` measures the ruleset without.
+    let opts = if std::env::var("DATAPLANE_POD_CIDRS").as_deref() == Ok("0") {
+        CompileOptions::default()
+    } else {
+        let spec = c.node_spec(NODE);
+        CompileOptions {
+            pod_cidrs: [Family::V4, Family::V6]
+                .into_iter()
+                .map(|f| {
+                    let (net, len) = spec.pod_cidr(f);
+                    kube_nftpolicy::model::Cidr::new(net, len).expect("pod range")
+                })
+                .collect(),
+            ..CompileOptions::default()
+        }
+    };
+    kube_nftpolicy::engine::compile::apply_pod_cidrs(&mut np, &opts);
+    let ours = compile(&np, &opts);
     let core = t.elapsed();
     let naive = naive::expand(&np);
     check_naive(&np, &naive, c)?;

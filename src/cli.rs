@@ -32,6 +32,10 @@ pub enum Command {
         /// Also send drops to this NFLOG group (as `run --log-denied` would).
         #[arg(long)]
         log_group: Option<u16>,
+        /// The node's pod address range (repeatable), as `run --pod-cidr`: addresses in it
+        /// that are not known pods are dropped.
+        #[arg(long = "pod-cidr", value_name = "CIDR")]
+        pod_cidrs: Vec<String>,
     },
     /// Make the kernel of the current network namespace enforce the manifests (one sync).
     Apply {
@@ -47,6 +51,9 @@ pub enum Command {
         /// Also send drops to this NFLOG group.
         #[arg(long)]
         log_group: Option<u16>,
+        /// The node's pod address range (repeatable), as `run --pod-cidr`.
+        #[arg(long = "pod-cidr", value_name = "CIDR")]
+        pod_cidrs: Vec<String>,
         /// The nft binary.
         #[arg(long, default_value = "nft")]
         nft: PathBuf,
@@ -185,7 +192,30 @@ pub struct RunArgs {
     /// While the ClusterNetworkPolicy CRD is not installed, how often to ask again (ms).
     #[arg(long, default_value_t = 10_000)]
     pub crd_poll_ms: u64,
+    /// This node's pod address range, e.g. `10.244.1.0/24` (repeatable, one per family).
+    /// Default: the ranges in this node's Node object (`spec.podCIDRs`).
+    #[arg(long = "pod-cidr", value_name = "CIDR")]
+    pub pod_cidrs: Vec<String>,
+    /// Traffic from or to an address in this node's pod ranges that is not a known pod of
+    /// this node: `drop` (fail closed: a pod is isolated before its first packet, even while
+    /// the agent is stopped) or `allow` (for CNIs whose pod ranges are not this node's alone).
+    #[arg(long, value_enum, default_value_t = UnknownAddresses::Drop)]
+    pub unknown_addresses: UnknownAddresses,
+    /// After a sync that changed the rules, remove from connection tracking the flows of local
+    /// pods that the new rules no longer allow (and of pods that are gone), so a policy change
+    /// applies to established connections too. `--enforce-established=false` lets them run on.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub enforce_established: bool,
     /// The nft binary.
     #[arg(long, default_value = "nft")]
     pub nft: PathBuf,
+}
+
+/// `--unknown-addresses`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownAddresses {
+    /// Drop and count it (the default).
+    Drop,
+    /// Let it through.
+    Allow,
 }

@@ -10,7 +10,7 @@ use clap::Parser as _;
 use kube_nftpolicy::agent;
 use kube_nftpolicy::cli::{Cli, Command, ExplainArgs, Output};
 use kube_nftpolicy::cluster::{manifest, watch};
-use kube_nftpolicy::engine::{compile, index, resolve, ruleset};
+use kube_nftpolicy::engine::{compile, index, ruleset};
 use kube_nftpolicy::kernel::dataplane;
 use kube_nftpolicy::kernel::nft::exec::Nft;
 use kube_nftpolicy::model::{Family, Protocol};
@@ -51,12 +51,26 @@ fn ruleset_from(
     path: &std::path::Path,
     node: &str,
     log_group: Option<u16>,
+    pod_cidrs: &[String],
 ) -> anyhow::Result<ruleset::Ruleset> {
-    let np = resolve::resolve(&load_index(path)?.snapshot(), node);
-    Ok(compile::compile(
-        &np,
-        &compile::CompileOptions { log_group },
-    ))
+    let opts = compile::CompileOptions {
+        log_group,
+        pod_cidrs: parse_pod_cidrs(pod_cidrs)?,
+        ..Default::default()
+    };
+    let np = compile::node_policy(&load_index(path)?.snapshot(), node, &opts);
+    Ok(compile::compile(&np, &opts))
+}
+
+/// `--pod-cidr` values, each checked (the flag is named in the error).
+fn parse_pod_cidrs(values: &[String]) -> anyhow::Result<Vec<kube_nftpolicy::model::Cidr>> {
+    values
+        .iter()
+        .map(|c| {
+            c.parse::<kube_nftpolicy::model::Cidr>()
+                .with_context(|| format!("--pod-cidr {c}"))
+        })
+        .collect()
 }
 
 fn family(f: Option<u8>) -> anyhow::Result<Option<Family>> {
@@ -125,8 +139,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             manifests,
             node,
             log_group,
+            pod_cidrs,
         } => {
-            let rs = ruleset_from(&manifests, &node, log_group)?;
+            let rs = ruleset_from(&manifests, &node, log_group, &pod_cidrs)?;
             let header = format!(
                 "kube-nftpolicy ruleset for node {node:?}, from {}\nLoad with: nft -f <this file>",
                 manifests.display()
@@ -139,9 +154,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             node,
             dry_run,
             log_group,
+            pod_cidrs,
             nft,
         } => {
-            let rs = ruleset_from(&manifests, &node, log_group)?;
+            let rs = ruleset_from(&manifests, &node, log_group, &pod_cidrs)?;
             let mut dp = dataplane::Dataplane::new(Nft::new(nft));
             if dry_run {
                 print!("{}", dp.plan(&rs)?.script);
@@ -182,6 +198,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 counters_interval: Duration::from_secs(a.counters_interval_s.max(1)),
                 crd_poll: Duration::from_millis(a.crd_poll_ms.max(100)),
                 nft: Nft::new(a.nft),
+                pod_cidrs: parse_pod_cidrs(&a.pod_cidrs)?,
+                unknown_addresses: match a.unknown_addresses {
+                    kube_nftpolicy::cli::UnknownAddresses::Drop => compile::UnknownAddresses::Drop,
+                    kube_nftpolicy::cli::UnknownAddresses::Allow => {
+                        compile::UnknownAddresses::Allow
+                    }
+                },
+                enforce_established: a.enforce_established,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -343,6 +343,11 @@ async fn every_metric_has_help_and_type_and_passes_promtool() {
     metrics.drift_repaired();
     metrics.denied_connection("shop", "web-0", Direction::Egress);
     metrics.denied_log_suppressed(SuppressReason::RateLimit);
+    // Kernel totals: 5 then 7 on ingress is 7 in all; a count that went down (the chain
+    // was rewritten) starts over from it.
+    metrics.set_unknown_address_drops(&[(Direction::Ingress, 5), (Direction::Egress, 4)]);
+    metrics.set_unknown_address_drops(&[(Direction::Ingress, 7), (Direction::Egress, 2)]);
+    metrics.conntrack_flows_removed(kube_nftpolicy::agent::metrics::FlowRemoval::Denied, 3);
 
     let reply = server.get("/metrics").await;
     assert_eq!(reply.status, 200);
@@ -363,6 +368,8 @@ async fn every_metric_has_help_and_type_and_passes_promtool() {
         ("drift_repairs_total", "counter"),
         ("denied_connections_total", "counter"),
         ("denied_log_suppressed_total", "counter"),
+        ("unknown_address_drops_total", "counter"),
+        ("conntrack_flows_removed_total", "counter"),
     ];
     for (suffix, kind) in expected {
         let name = format!("kube_nftpolicy_{suffix}");
@@ -403,6 +410,10 @@ async fn every_metric_has_help_and_type_and_passes_promtool() {
         r#"kube_nftpolicy_denied_connections_total{direction="egress",namespace="shop",pod="web-0"} 1"#,
         r#"kube_nftpolicy_denied_log_suppressed_total{reason="rate_limit"} 1"#,
         r#"kube_nftpolicy_denied_log_suppressed_total{reason="dedup"} 0"#,
+        r#"kube_nftpolicy_unknown_address_drops_total{direction="ingress"} 7"#,
+        r#"kube_nftpolicy_unknown_address_drops_total{direction="egress"} 6"#,
+        r#"kube_nftpolicy_conntrack_flows_removed_total{reason="denied"} 3"#,
+        r#"kube_nftpolicy_conntrack_flows_removed_total{reason="pod_gone"} 0"#,
     ] {
         assert!(
             scrape.lines().any(|l| l == line),

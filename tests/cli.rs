@@ -46,6 +46,34 @@ fn render_cases() {
     }
     let cases = [
         Case {
+            name: "--pod-cidr adds the fail-closed rules",
+            args: vec![
+                "--manifests".into(),
+                example.into(),
+                "--node".into(),
+                "node-1".into(),
+                "--pod-cidr".into(),
+                "10.244.1.0/24".into(),
+            ],
+            ok: true,
+            stdout_has: "ip daddr @pod-cidrs-v4 ip daddr != @local-pods-v4 goto unknown-address/ingress/drop",
+            stderr_has: "",
+        },
+        Case {
+            name: "a bad --pod-cidr fails naming the flag and value",
+            args: vec![
+                "--manifests".into(),
+                example.into(),
+                "--node".into(),
+                "node-1".into(),
+                "--pod-cidr".into(),
+                "10.244.1.0/33".into(),
+            ],
+            ok: false,
+            stdout_has: "",
+            stderr_has: "--pod-cidr 10.244.1.0/33",
+        },
+        Case {
             name: "an example renders",
             args: vec![
                 "--manifests".into(),

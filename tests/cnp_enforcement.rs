@@ -535,7 +535,9 @@ fn deny_rules_count_their_drops() {
         "ravenclaw → gryffindor:80 is allowed (the second rule is for port 9)"
     );
     let count = |planes: &mut NodeDataplanes| {
-        let (_, denies) = planes.with(&cluster, "node-1", |dp| dp.counters().expect("counters"));
+        let denies = planes.with(&cluster, "node-1", |dp| {
+            dp.counters().expect("counters").cnp_denies
+        });
         denies
             .into_iter()
             .map(|d| {

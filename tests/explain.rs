@@ -519,3 +519,92 @@ fn kubeconfig_errors_are_clear() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
 }
+
+#[test]
+fn an_unknown_address_in_a_nodes_pod_ranges_is_explained_as_dropped() {
+    // Example 13 with a Node object giving node-1 its pod range.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = example("13-nginx-walkthrough");
+    for f in ["cluster.yaml", "policies.yaml"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).expect("copy");
+    }
+    std::fs::write(
+        dir.path().join("node.yaml"),
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\nspec: {podCIDRs: [10.244.1.0/24]}\n",
+    )
+    .expect("write node");
+    let m = dir.path().to_str().expect("utf-8");
+    // (name, to, exit status, text the answer must contain)
+    let cases = [
+        (
+            "unknown address in node-1's range",
+            "10.244.1.99",
+            3,
+            "DROPPED: the address is in the pod ranges of node-1 but is not a known pod there",
+        ),
+        (
+            "a known pod in the range is judged by its policies",
+            "10.244.1.13",
+            0,
+            "allowed",
+        ),
+        (
+            "an address outside every range is not policed",
+            "10.99.0.1",
+            0,
+            "not policed",
+        ),
+    ];
+    for (name, to, status, text) in cases {
+        let out = run(&[
+            "--manifests",
+            m,
+            "--from",
+            "192.0.2.1",
+            "--to",
+            to,
+            "--port",
+            "80",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(status), "{name}: {stdout}");
+        assert!(stdout.contains(text), "{name}: want {text:?} in\n{stdout}");
+    }
+    let out = run(&[
+        "--manifests",
+        m,
+        "--from",
+        "192.0.2.1",
+        "--to",
+        "10.244.1.99",
+        "--port",
+        "80",
+        "--output",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["ingress"]["status"], "unknown-address", "{v}");
+    assert_eq!(v["ingress"]["node"], "node-1", "{v}");
+    assert_eq!(v["allowed"], false);
+
+    // /debug/explain's path: ranges from the agent's --pod-cidr, without a Node object.
+    let snap = snapshot(&example("13-nginx-walkthrough"));
+    let e = kube_nftpolicy::tools::explain::Explainer::new(&snap)
+        .with_pod_cidrs("node-1", vec!["10.244.1.0/24".parse().expect("cidr")])
+        .explain(&ep("192.0.2.1"), &ep("10.244.1.99"), &port("80"), None)
+        .expect("explain");
+    assert_eq!(e.ingress.status, SideStatus::UnknownAddress);
+    assert!(!e.allowed);
+    let plain = explain(
+        &snap,
+        &ep("192.0.2.1"),
+        &ep("10.244.1.99"),
+        &port("80"),
+        None,
+    )
+    .expect("explain");
+    assert!(
+        plain.allowed,
+        "without known ranges the address is not policed"
+    );
+}

@@ -40,16 +40,47 @@ fn render_manifests(m: Manifests, name: &str, node: &str) -> String {
     render(&rs, &format!("example {name}, node {node}"))
 }
 
-fn render_example(dir: &Path, node: &str) -> String {
-    let m = manifest::load(dir).expect("example loads");
+/// How an example is rendered: as written, or with Node objects that give each node its pod
+/// ranges (`spec.podCIDRs`), so unknown addresses in them fail closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    AsWritten,
+    PodCidrs,
+}
+
+const VARIANTS: [Variant; 2] = [Variant::AsWritten, Variant::PodCidrs];
+
+/// node-N gets 10.244.N.0/24 and fd00:10:244:N::/64, the ranges the examples' pods use.
+fn node_object(node: &str) -> kube_nftpolicy::model::NodeInfo {
+    let n = node.trim_start_matches("node-");
+    kube_nftpolicy::model::NodeInfo {
+        name: node.to_string(),
+        labels: Default::default(),
+        addresses: Vec::new(),
+        pod_cidrs: vec![
+            format!("10.244.{n}.0/24").parse().expect("cidr"),
+            format!("fd00:10:244:{n}::/64").parse().expect("cidr"),
+        ],
+    }
+}
+
+fn render_example(dir: &Path, node: &str, variant: Variant) -> String {
+    let mut m = manifest::load(dir).expect("example loads");
+    if variant == Variant::PodCidrs {
+        m.nodes.extend(NODES.iter().map(|n| node_object(n)));
+    }
     render_manifests(m, &dir.file_name().expect("name").to_string_lossy(), node)
 }
 
-fn golden_path(dir: &Path, node: &str) -> PathBuf {
+fn golden_path(dir: &Path, node: &str, variant: Variant) -> PathBuf {
     let name = dir.file_name().expect("name").to_string_lossy().to_string();
+    let suffix = match variant {
+        Variant::AsWritten => "",
+        Variant::PodCidrs => ".pod-cidrs",
+    };
     root()
         .join("tests/golden")
-        .join(format!("{name}.{node}.nft"))
+        .join(format!("{name}.{node}{suffix}.nft"))
 }
 
 #[test]
@@ -58,9 +89,9 @@ fn rendered_rulesets_match_golden_files() {
     let mut problems = Vec::new();
     let mut compared = 0;
     for dir in examples() {
-        for node in NODES {
-            let got = render_example(&dir, node);
-            let path = golden_path(&dir, node);
+        for (node, variant) in NODES.iter().flat_map(|n| VARIANTS.map(|v| (*n, v))) {
+            let got = render_example(&dir, node, variant);
+            let path = golden_path(&dir, node, variant);
             if bless {
                 std::fs::write(&path, &got).expect("write golden");
                 continue;
@@ -157,8 +188,8 @@ fn golden_rulesets_load_in_the_kernel() {
     let mut failures = Vec::new();
     let mut previous: Option<PathBuf> = None;
     for dir in examples() {
-        for node in NODES {
-            let path = golden_path(&dir, node);
+        for (node, variant) in NODES.iter().flat_map(|n| VARIANTS.map(|v| (*n, v))) {
+            let path = golden_path(&dir, node, variant);
             assert!(
                 path.exists(),
                 "{} missing: run BLESS=1 cargo test --test golden",
@@ -267,7 +298,7 @@ fn shuffled_input_renders_identically() {
             }
             assert_eq!(
                 renders[0],
-                render_example(&dir, node),
+                render_example(&dir, node, Variant::AsWritten),
                 "{name}: flattened documents render differently"
             );
         }

@@ -5,10 +5,9 @@
 
 use std::net::IpAddr;
 
-use kube_nftpolicy::engine::compile::{CompileOptions, compile};
+use kube_nftpolicy::engine::compile::{CompileOptions, compile, node_policy};
 use kube_nftpolicy::engine::incremental::{NodeCompiler, UpdateKind};
 use kube_nftpolicy::engine::index::Index;
-use kube_nftpolicy::engine::resolve::resolve;
 use kube_nftpolicy::engine::ruleset::render;
 use kube_nftpolicy::model::policy::{NamespaceScope, Peer, PortMatch, PortSpec, Protocol, Rule};
 use kube_nftpolicy::model::{
@@ -109,11 +108,11 @@ fn base_index() -> Index {
 }
 
 /// Update `c` from the index and check it against a from-scratch compile.
-fn step(c: &mut NodeCompiler, idx: &mut Index, what: &str) -> UpdateKind {
+fn step(c: &mut NodeCompiler, idx: &mut Index, opts: &CompileOptions, what: &str) -> UpdateKind {
     let (snap, changes) = idx.snapshot_with_changes();
     let kind = c.update(snap.clone(), &changes);
-    let np = resolve(&snap, NODE);
-    let full = compile(&np, &CompileOptions::default());
+    let np = node_policy(&snap, NODE, opts);
+    let full = compile(&np, opts);
     assert_eq!(
         c.node_policy(),
         &np,
@@ -301,16 +300,17 @@ fn named_cases() {
     ];
     for case in cases {
         let mut idx = base_index();
-        let mut c = NodeCompiler::new(NODE, CompileOptions::default());
+        let opts = CompileOptions::default();
+        let mut c = NodeCompiler::new(NODE, opts.clone());
         assert_eq!(
-            step(&mut c, &mut idx, case.name),
+            step(&mut c, &mut idx, &opts, case.name),
             UpdateKind::Full,
             "{}: first build",
             case.name
         );
         (case.change)(&mut idx);
         assert_eq!(
-            step(&mut c, &mut idx, case.name),
+            step(&mut c, &mut idx, &opts, case.name),
             case.kind,
             "{}: update kind",
             case.name
@@ -455,8 +455,21 @@ fn random_walk_matches_full_compile() {
         );
         idx.reset_pods((0..40).map(|_| random_pod(&mut r)).collect());
         idx.reset_policies((0..8).map(|_| random_policy(&mut r)).collect());
-        let mut c = NodeCompiler::new(NODE, CompileOptions::default());
-        step(&mut c, &mut idx, &format!("seed {seed}: initial"));
+        // Half the walks fail closed in the pods' ranges, so the known-address sets are
+        // kept current too (pod addresses collide and move between nodes here).
+        let opts = CompileOptions {
+            pod_cidrs: if seed % 2 == 0 {
+                vec![
+                    "10.0.0.0/28".parse().expect("cidr"),
+                    "fd00::/64".parse().expect("cidr"),
+                ]
+            } else {
+                Vec::new()
+            },
+            ..CompileOptions::default()
+        };
+        let mut c = NodeCompiler::new(NODE, opts.clone());
+        step(&mut c, &mut idx, &opts, &format!("seed {seed}: initial"));
         let mut incremental = 0;
         for i in 0..600 {
             let what = match r.below(20) {
@@ -486,8 +499,12 @@ fn random_walk_matches_full_compile() {
                     "pod applied"
                 }
             };
-            if step(&mut c, &mut idx, &format!("seed {seed} step {i}: {what}"))
-                == UpdateKind::Incremental
+            if step(
+                &mut c,
+                &mut idx,
+                &opts,
+                &format!("seed {seed} step {i}: {what}"),
+            ) == UpdateKind::Incremental
             {
                 incremental += 1;
             }
@@ -574,8 +591,20 @@ fn random_walk_with_cluster_network_policies_matches_full_compile() {
         idx.reset_pods((0..40).map(|_| random_pod(&mut r)).collect());
         idx.reset_policies((0..6).map(|_| random_policy(&mut r)).collect());
         idx.reset_cnps((0..5).map(|_| random_cnp(&mut r)).collect());
-        let mut c = NodeCompiler::new(NODE, CompileOptions::default());
-        step(&mut c, &mut idx, &format!("seed {seed}: initial"));
+        // One walk also fails closed in the pods' ranges.
+        let opts = CompileOptions {
+            pod_cidrs: if seed == 11 {
+                vec![
+                    "10.0.0.0/28".parse().expect("cidr"),
+                    "fd00::/64".parse().expect("cidr"),
+                ]
+            } else {
+                Vec::new()
+            },
+            ..CompileOptions::default()
+        };
+        let mut c = NodeCompiler::new(NODE, opts.clone());
+        step(&mut c, &mut idx, &opts, &format!("seed {seed}: initial"));
         let mut incremental = 0;
         for i in 0..500 {
             let what = match r.below(20) {
@@ -602,8 +631,12 @@ fn random_walk_with_cluster_network_policies_matches_full_compile() {
                     "pod applied"
                 }
             };
-            if step(&mut c, &mut idx, &format!("seed {seed} step {i}: {what}"))
-                == UpdateKind::Incremental
+            if step(
+                &mut c,
+                &mut idx,
+                &opts,
+                &format!("seed {seed} step {i}: {what}"),
+            ) == UpdateKind::Incremental
             {
                 incremental += 1;
             }

@@ -173,6 +173,9 @@ pub struct LiveSnapshot {
     current: std::sync::RwLock<Option<Arc<Snapshot>>>,
     /// `--debug-explain=false`: the endpoint answers 404 and nothing is kept.
     disabled: bool,
+    /// This node and the pod ranges its agent was given (`--pod-cidr`), so an unknown
+    /// address in them is explained as dropped.
+    pod_cidrs: std::sync::RwLock<Option<(String, Vec<crate::model::Cidr>)>>,
 }
 
 impl LiveSnapshot {
@@ -182,6 +185,27 @@ impl LiveSnapshot {
         Self {
             current: Default::default(),
             disabled: true,
+            pod_cidrs: Default::default(),
+        }
+    }
+
+    /// The pod ranges `node` fails closed in (from `--pod-cidr`), for explanations.
+    pub fn set_pod_cidrs(&self, node: &str, ranges: Vec<crate::model::Cidr>) {
+        *self
+            .pod_cidrs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some((node.to_string(), ranges));
+    }
+
+    fn explainer<'a>(&self, snapshot: &'a Snapshot) -> Explainer<'a> {
+        let explainer = Explainer::new(snapshot);
+        match &*self
+            .pod_cidrs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            Some((node, ranges)) => explainer.with_pod_cidrs(node, ranges.clone()),
+            None => explainer,
         }
     }
 
@@ -346,8 +370,9 @@ async fn debug_explain(
     };
     // Resolving a node's policy is CPU work proportional to the cluster: keep it off the
     // runtime's workers.
+    let live = state.live.clone();
     let answer = tokio::task::spawn_blocking(move || {
-        Explainer::new(&snapshot).explain(&from, &to, &port, family)
+        live.explainer(&snapshot).explain(&from, &to, &port, family)
     })
     .await;
     match answer {

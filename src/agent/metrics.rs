@@ -149,6 +149,30 @@ pub struct Metrics {
     drift_repairs: IntCounter,
     denied_connections: IntCounterVec,
     denied_log_suppressed: IntCounterVec,
+    unknown_address_drops: IntCounterVec,
+    /// Last kernel value of each direction's unknown-address counter, to export increments.
+    unknown_address_seen: Mutex<[u64; 2]>,
+    conntrack_removed: IntCounterVec,
+}
+
+/// Why the conntrack pass removed a flow (`reason` of `conntrack_flows_removed_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowRemoval {
+    /// The new rules no longer allow it.
+    Denied,
+    /// One end was a local pod that is gone (its address is unknown now).
+    PodGone,
+}
+
+impl FlowRemoval {
+    pub const ALL: [FlowRemoval; 2] = [FlowRemoval::Denied, FlowRemoval::PodGone];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlowRemoval::Denied => "denied",
+            FlowRemoval::PodGone => "pod_gone",
+        }
+    }
 }
 
 impl Metrics {
@@ -261,7 +285,32 @@ impl Metrics {
         )
         .map_err(define("denied_log_suppressed_total"))?;
 
-        let collectors: [(&'static str, Box<dyn Collector>); 12] = [
+        let unknown_address_drops = IntCounterVec::new(
+            Opts::new(
+                name("unknown_address_drops_total"),
+                "Packets dropped because an address in this node's pod ranges is not a known pod, by direction.",
+            ),
+            &["direction"],
+        )
+        .map_err(define("unknown_address_drops_total"))?;
+        let conntrack_removed = IntCounterVec::new(
+            Opts::new(
+                name("conntrack_flows_removed_total"),
+                "Established flows removed from connection tracking after a policy change (--enforce-established), by reason.",
+            ),
+            &["reason"],
+        )
+        .map_err(define("conntrack_flows_removed_total"))?;
+
+        let collectors: [(&'static str, Box<dyn Collector>); 14] = [
+            (
+                "unknown_address_drops_total",
+                Box::new(unknown_address_drops.clone()),
+            ),
+            (
+                "conntrack_flows_removed_total",
+                Box::new(conntrack_removed.clone()),
+            ),
             ("sync_duration_seconds", Box::new(sync_duration.clone())),
             ("sync_failures_total", Box::new(sync_failures.clone())),
             ("last_sync_timestamp_seconds", Box::new(last_sync.clone())),
@@ -306,6 +355,12 @@ impl Metrics {
         for reason in SuppressReason::ALL {
             denied_log_suppressed.with_label_values(&[reason.as_str()]);
         }
+        for direction in Direction::ALL {
+            unknown_address_drops.with_label_values(&[direction.as_str()]);
+        }
+        for reason in FlowRemoval::ALL {
+            conntrack_removed.with_label_values(&[reason.as_str()]);
+        }
 
         Ok(Metrics {
             registry,
@@ -323,7 +378,37 @@ impl Metrics {
             drift_repairs,
             denied_connections,
             denied_log_suppressed,
+            unknown_address_drops,
+            unknown_address_seen: Mutex::new([0, 0]),
+            conntrack_removed,
         })
+    }
+
+    /// Publish the kernel's unknown-address drop counters (packets, by direction). The
+    /// kernel keeps the totals; this exports the increase since the last read, and starts
+    /// over if the kernel's count went down (the rule was removed and added again).
+    pub fn set_unknown_address_drops(&self, counters: &[(Direction, u64)]) {
+        let mut seen = self
+            .unknown_address_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (direction, packets) in counters {
+            let i = usize::from(*direction == Direction::Egress);
+            let delta = packets.checked_sub(seen[i]).unwrap_or(*packets);
+            seen[i] = *packets;
+            if delta > 0 {
+                self.unknown_address_drops
+                    .with_label_values(&[direction.as_str()])
+                    .inc_by(delta);
+            }
+        }
+    }
+
+    /// Count flows the conntrack pass removed.
+    pub fn conntrack_flows_removed(&self, reason: FlowRemoval, flows: u64) {
+        self.conntrack_removed
+            .with_label_values(&[reason.as_str()])
+            .inc_by(flows);
     }
 
     /// The registry behind these metrics, for callers that need to add their own collectors.

@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod denylog;
+pub mod established;
 pub mod metrics;
 
 use std::collections::HashMap;
@@ -30,17 +31,19 @@ use tokio::sync::Notify;
 
 use crate::cluster::IndexSink;
 use crate::cluster::watch::InitialList;
-use crate::engine::compile::CompileOptions;
+use crate::engine::compile::{CompileOptions, UnknownAddresses};
+use crate::engine::evaluate::may_deny_more;
 use crate::engine::incremental::{NodeCompiler, UpdateKind};
 use crate::engine::index::Index;
 use crate::engine::resolve::NodePolicy;
-use crate::kernel::dataplane::Dataplane;
+use crate::kernel::dataplane::{Dataplane, TerminalCounters};
 use crate::kernel::nft::exec::Nft;
 use crate::kernel::nft::transaction::Kind;
 use admin::{Health, LiveSnapshot};
 use denylog::{DenyLogConfig, DenyLogger, Verdict};
 use metrics::{
-    CnpDenyCounter, DropCounter, Metrics, RulesetStats, SuppressReason, SyncKind, WatchResource,
+    CnpDenyCounter, DropCounter, FlowRemoval, Metrics, RulesetStats, SuppressReason, SyncKind,
+    WatchResource,
 };
 
 /// Everything the agent needs to run.
@@ -70,6 +73,12 @@ pub struct Config {
     pub crd_poll: Duration,
     /// The nft binary.
     pub nft: Nft,
+    /// This node's pod ranges (`--pod-cidr`); empty = those of its Node object.
+    pub pod_cidrs: Vec<crate::model::Cidr>,
+    /// What happens to unknown addresses in the pod ranges.
+    pub unknown_addresses: UnknownAddresses,
+    /// Remove denied established flows from conntrack after syncs.
+    pub enforce_established: bool,
 }
 
 /// Where cluster state comes from.
@@ -170,6 +179,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut shared = Shared::new(metrics.clone(), health.clone());
     if !config.debug_explain {
         shared.live = Arc::new(LiveSnapshot::disabled());
+    }
+    if config.unknown_addresses == UnknownAddresses::Drop && !config.pod_cidrs.is_empty() {
+        shared
+            .live
+            .set_pod_cidrs(&config.node, config.pod_cidrs.clone());
     }
     let shared = Arc::new(shared);
 
@@ -376,6 +390,8 @@ impl SyncSummary {
 async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc<Shared>) {
     let opts = CompileOptions {
         log_group: config.log_group,
+        pod_cidrs: config.pod_cidrs.clone(),
+        unknown_addresses: config.unknown_addresses,
     };
     // The compiled state lives across syncs so most changes redo only what they touch.
     let compiler = Arc::new(Mutex::new(NodeCompiler::new(
@@ -449,11 +465,15 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
         let nc = compiler.clone();
         let shared2 = shared.clone();
         let log_denied = config.log_group.is_some();
+        let enforce_established = config.enforce_established;
         let force_full = now >= next_full;
         let result = tokio::task::spawn_blocking(move || {
             let mut nc = lock(&nc);
             let started = Instant::now();
             let generation = snapshot.generation;
+            // The policy before this change: what it allowed that the new one may not, and
+            // the local addresses that go (pods that went).
+            let before = enforce_established.then(|| nc.node_policy().clone());
             let update = nc.update(snapshot, &changes);
             let compile_time = started.elapsed();
             let mut dp = lock(&dp);
@@ -471,15 +491,34 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
                 dp.request_full_sync();
             }
             let out = dp.sync(nc.ruleset());
+            drop(dp);
             if out.is_ok() && log_denied {
                 // Only the denied-connection log reads the attribution tables.
                 publish_attribution(&shared2, nc.node_policy(), nc.snapshot());
             }
+            // After the kernel holds the new rules (never before: a flow deleted earlier
+            // could be accepted again by the old ones), drop the flows they deny.
+            // Only a sync that can deny something the last one allowed can leave a flow to
+            // remove; remote pods starting (the common change) only grow peer sets.
+            let established = match (&out, before) {
+                (Ok(report), Some(before))
+                    if report.kind.is_some() && may_deny_more(&before, nc.node_policy()) =>
+                {
+                    let np = nc.node_policy();
+                    let gone = before
+                        .local_addrs
+                        .difference(&np.local_addrs)
+                        .copied()
+                        .collect();
+                    Some(established::pass(np, &gone))
+                }
+                _ => None,
+            };
             let summary = SyncSummary::of(&nc, update, compile_time, generation);
-            (summary, drift, out)
+            (summary, drift, out, established)
         })
         .await;
-        let Ok((summary, drift, out)) = result else {
+        let Ok((summary, drift, out, established)) = result else {
             tracing::error!("sync task panicked; will retry with a full sync");
             lock(&dataplane).request_full_sync();
             // The compiler may have stopped half-way through an update: rebuild it.
@@ -499,6 +538,30 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
             shared.metrics.drift_repaired();
         }
         last_sync = Some(Instant::now());
+        match established {
+            Some(Ok(pass)) => {
+                shared
+                    .metrics
+                    .conntrack_flows_removed(FlowRemoval::Denied, pass.denied as u64);
+                shared
+                    .metrics
+                    .conntrack_flows_removed(FlowRemoval::PodGone, pass.pod_gone as u64);
+                if pass.denied + pass.pod_gone > 0 {
+                    tracing::info!(
+                        denied = pass.denied,
+                        pod_gone = pass.pod_gone,
+                        already_ended = pass.already_gone,
+                        examined = pass.examined,
+                        duration_ms = format!("{:.1}", pass.duration.as_secs_f64() * 1e3),
+                        "removed established flows the new rules do not allow"
+                    );
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "conntrack pass failed; established flows keep their old verdict until the next sync")
+            }
+            None => {}
+        }
         match out {
             Ok(report) => {
                 backoff = Duration::from_millis(500);
@@ -569,7 +632,11 @@ async fn read_counters(every: Duration, dataplane: Arc<Mutex<Dataplane>>, shared
         let dp = dataplane.clone();
         let read = tokio::task::spawn_blocking(move || lock(&dp).counters()).await;
         match read {
-            Ok(Ok((counters, denies))) => {
+            Ok(Ok(TerminalCounters {
+                pods: counters,
+                cnp_denies: denies,
+                unknown,
+            })) => {
                 shared.metrics.set_drop_counters(
                     counters
                         .into_iter()
@@ -595,6 +662,8 @@ async fn read_counters(every: Duration, dataplane: Arc<Mutex<Dataplane>>, shared
                         })
                         .collect(),
                 );
+                let unknown: Vec<_> = unknown.into_iter().map(|(d, c)| (d, c.packets)).collect();
+                shared.metrics.set_unknown_address_drops(&unknown);
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "reading drop counters failed"),
             Err(e) => tracing::warn!(error = %e, "counter reader panicked"),

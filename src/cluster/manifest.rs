@@ -970,7 +970,8 @@ mod tests {
     #[test]
     fn yaml_streams_split_into_documents() {
         // (name, text, want (first line, document text) pairs)
-        let cases: Vec<(&str, &str, Vec<(usize, &str)>)> = vec![
+        type Case<'a> = (&'a str, &'a str, Vec<(usize, &'a str)>);
+        let cases: Vec<Case<'_>> = vec![
             ("one document", "a: 1\n", vec![(1, "a: 1\n")]),
             (
                 "two",

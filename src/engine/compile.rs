@@ -28,6 +28,105 @@ use crate::model::{Action, Cidr, Family, NamespaceScope, ObjectKey, Protocol, Se
 pub struct CompileOptions {
     /// When set, drops are also sent to this NFLOG group (`--log-denied`).
     pub log_group: Option<u16>,
+    /// This node's pod address ranges (`--pod-cidr`). When empty, the ranges the resolver
+    /// found for the node (its Node object's `spec.podCIDRs`) are used.
+    pub pod_cidrs: Vec<Cidr>,
+    /// What happens to an address in those ranges that is not a known pod of this node.
+    pub unknown_addresses: UnknownAddresses,
+}
+
+/// Traffic from or to an address in this node's pod ranges that no known local pod holds
+/// (`--unknown-addresses`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnknownAddresses {
+    /// Fail closed: drop it (and count it), so a pod is never reachable, and never reaches
+    /// out, before the agent knows it and has programmed its policies, even while the agent is
+    /// stopped. A pod reusing a departed pod's address never inherits that pod's rules.
+    #[default]
+    Drop,
+    /// Let it through, as before pod ranges were known: for CNIs whose pod ranges are not
+    /// this node's alone.
+    Allow,
+}
+
+/// Resolve `node` and apply the options that decide which of its pod ranges fail closed.
+/// Everything that compiles for a running node goes through here, so the evaluator
+/// (`explain`, the conntrack pass) sees the same ranges as the ruleset.
+pub fn node_policy(
+    snapshot: &crate::engine::index::Snapshot,
+    node: &str,
+    opts: &CompileOptions,
+) -> NodePolicy {
+    let mut np = crate::engine::resolve::resolve(snapshot, node);
+    apply_pod_cidrs(&mut np, opts);
+    np
+}
+
+/// Set `np.pod_cidrs` to the fail-closed ranges `opts` asks for (sorted, deduplicated).
+pub fn apply_pod_cidrs(np: &mut NodePolicy, opts: &CompileOptions) {
+    let mut ranges = match opts.unknown_addresses {
+        UnknownAddresses::Allow => Vec::new(),
+        UnknownAddresses::Drop if !opts.pod_cidrs.is_empty() => opts.pod_cidrs.clone(),
+        UnknownAddresses::Drop => std::mem::take(&mut np.pod_cidrs),
+    };
+    ranges.sort();
+    ranges.dedup();
+    np.pod_cidrs = ranges;
+}
+
+/// Terminal chain counting drops of unknown addresses in this node's pod ranges.
+pub fn unknown_drop_chain_name(direction: Direction) -> String {
+    format!("unknown-address/{direction}/drop")
+}
+
+/// Name of the set of this node's pod ranges of one family, e.g. `pod-cidrs-v4`.
+pub fn pod_cidrs_set_name(family: Family) -> String {
+    format!("pod-cidrs-{}", family.suffix())
+}
+
+/// Name of the set of known local pod addresses of one family, e.g. `local-pods-v4`.
+pub fn local_pods_set_name(family: Family) -> String {
+    format!("local-pods-{}", family.suffix())
+}
+
+/// The elements of a `local-pods-*` set.
+pub fn local_pods_elements(np: &NodePolicy, family: Family) -> Vec<String> {
+    np.local_addrs
+        .iter()
+        .filter(|ip| Family::of(ip) == family)
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// Families in which the fail-closed rule applies (those with a pod range).
+fn fail_closed_families(np: &NodePolicy) -> Vec<Family> {
+    Family::ALL
+        .into_iter()
+        .filter(|f| np.pod_cidrs.iter().any(|c| c.family() == *f))
+        .collect()
+}
+
+/// The fail-closed rule of one base chain and family: an address in the pod ranges that is
+/// not a known local pod goes to the direction's counted drop. Traffic this node originates
+/// (a source address local to the node, such as the bridge address in the pod range) is
+/// exempt; ingress chains have accepted it already.
+fn unknown_address_rule(d: Direction, f: Family, exempt_node: bool) -> String {
+    let field = match d {
+        Direction::Ingress => "daddr",
+        Direction::Egress => "saddr",
+    };
+    let m = addr_match(f);
+    let node = if exempt_node {
+        " fib saddr type != local"
+    } else {
+        ""
+    };
+    format!(
+        "{m} {field} @{} {m} {field} != @{}{node} goto {} comment \"in this node's pod ranges but not a known pod\"",
+        pod_cidrs_set_name(f),
+        local_pods_set_name(f),
+        unknown_drop_chain_name(d),
+    )
 }
 
 /// Base chain names and hooks. Priorities follow the kube-proxy nftables contract: at
@@ -627,6 +726,7 @@ fn base_chain(
     comment: &str,
     dispatch: Direction,
     from_node: bool,
+    fail_closed: &[Family],
 ) -> Chain {
     let field = match dispatch {
         Direction::Ingress => "daddr",
@@ -639,6 +739,9 @@ fn base_chain(
     if from_node {
         rules
             .push("fib saddr type local accept comment \"from this node (kubelet probes)\"".into());
+    }
+    for f in fail_closed {
+        rules.push(unknown_address_rule(dispatch, *f, !from_node));
     }
     for f in Family::ALL {
         rules.push(format!(
@@ -655,6 +758,49 @@ fn base_chain(
     }
 }
 
+/// The counted drop of unknown addresses in one direction. Like a pod's terminal chain, it is
+/// created once and never rewritten, so its counter survives every sync.
+fn unknown_drop_chain(d: Direction) -> Chain {
+    Chain {
+        name: unknown_drop_chain_name(d),
+        role: ChainRole::UnknownDrop {
+            direction: d.as_str(),
+        },
+        comment: match d {
+            Direction::Ingress => {
+                "to an address in this node's pod ranges that is not a known pod".into()
+            }
+            Direction::Egress => {
+                "from an address in this node's pod ranges that is not a known pod".into()
+            }
+        },
+        rules: vec!["counter packets 0 bytes 0 drop".into()],
+    }
+}
+
+/// The `pod-cidrs-*` and `local-pods-*` sets of one family.
+fn fail_closed_sets(np: &NodePolicy, f: Family) -> [Set; 2] {
+    let ranges: Vec<&Cidr> = np.pod_cidrs.iter().filter(|c| c.family() == f).collect();
+    [
+        Set {
+            name: local_pods_set_name(f),
+            key_type: addr_type(f).into(),
+            verdict_map: false,
+            interval: false,
+            comment: format!("addresses of the known pods of node {}", np.node),
+            elements: local_pods_elements(np, f),
+        },
+        Set {
+            name: pod_cidrs_set_name(f),
+            key_type: addr_type(f).into(),
+            verdict_map: false,
+            interval: true,
+            comment: format!("pod address ranges of node {}", np.node),
+            elements: ranges.iter().map(ToString::to_string).collect(),
+        },
+    ]
+}
+
 /// Compile a node's policy into its ruleset.
 pub fn compile(np: &NodePolicy, opts: &CompileOptions) -> Ruleset {
     compile_with_identities(np, opts).0
@@ -668,6 +814,7 @@ pub(crate) fn compile_with_identities(
     opts: &CompileOptions,
 ) -> (Ruleset, SetOrigins, BTreeMap<String, String>) {
     let mut sets = Sets::default();
+    let fail_closed = fail_closed_families(np);
     let mut chains = vec![
         base_chain(
             EGRESS_CHAIN,
@@ -676,6 +823,7 @@ pub(crate) fn compile_with_identities(
             "traffic leaving local pods (before masquerade)",
             Direction::Egress,
             false,
+            &fail_closed,
         ),
         base_chain(
             INGRESS_CHAIN,
@@ -684,6 +832,7 @@ pub(crate) fn compile_with_identities(
             "traffic to local pods (after Service DNAT)",
             Direction::Ingress,
             true,
+            &fail_closed,
         ),
         // nft 1.0.6 accepts only a number at the input hook; 101 = srcnat + 1, after IPVS.
         base_chain(
@@ -693,6 +842,7 @@ pub(crate) fn compile_with_identities(
             "traffic from local pods to this node",
             Direction::Egress,
             false,
+            &fail_closed,
         ),
     ];
     let mut maps: BTreeMap<(Direction, Family), Vec<(IpAddr, String)>> = BTreeMap::new();
@@ -729,6 +879,11 @@ pub(crate) fn compile_with_identities(
             other_chains.push(chain);
         }
     }
+    if !fail_closed.is_empty() {
+        for d in Direction::ALL {
+            other_chains.push(unknown_drop_chain(d));
+        }
+    }
     other_chains.sort_by(|a, b| a.name.cmp(&b.name));
     chains.extend(other_chains);
 
@@ -751,10 +906,16 @@ pub(crate) fn compile_with_identities(
         }
     }
     let mut identities = BTreeMap::new();
+    let first_content = all_sets.len();
     for (name, (identity, set)) in sets.by_name {
         identities.insert(name, identity);
         all_sets.push(set);
     }
+    for f in &fail_closed {
+        all_sets.extend(fail_closed_sets(np, *f));
+    }
+    // Content sets are in name order (the incremental compiler inserts by name).
+    all_sets[first_content..].sort_by(|a, b| a.name.cmp(&b.name));
 
     let ruleset = Ruleset {
         comment: format!(

@@ -23,12 +23,15 @@ pub enum Verdict {
     Allowed(Vec<RuleRef>),
     /// Isolated by these policies and no rule allows it.
     Denied(Vec<ObjectKey>),
+    /// The local address is in this node's pod ranges but is not a known pod: dropped
+    /// whatever the policies say (fail closed).
+    UnknownAddress,
 }
 
 impl Verdict {
     /// Does the packet pass?
     pub fn passes(&self) -> bool {
-        !matches!(self, Verdict::Denied(_))
+        !matches!(self, Verdict::Denied(_) | Verdict::UnknownAddress)
     }
 }
 
@@ -104,6 +107,8 @@ pub enum Assessment {
     NotIsolated,
     /// Isolated by these policies (sorted), each with its rules' outcomes.
     Isolated(Vec<PolicyOutcome>),
+    /// The local address is in this node's pod ranges but no known pod holds it: dropped.
+    UnknownAddress,
 }
 
 fn rule_outcome(
@@ -174,8 +179,13 @@ fn policy_outcome(pr: &PolicyRules, c: &Connection) -> PolicyOutcome {
 }
 
 /// Judge one direction for a local pod address, rule by rule. Addresses that are not local
-/// isolated pods are not policed on this node.
+/// isolated pods are not policed on this node, except addresses in the node's pod ranges
+/// that no known pod holds, which are dropped (traffic the node itself originates is exempt
+/// in the ruleset; the evaluator is about pods).
 pub fn assess(np: &NodePolicy, direction: Direction, c: Connection) -> Assessment {
+    if np.is_unknown_local(&c.local) {
+        return Assessment::UnknownAddress;
+    }
     let Some(pod) = np.pods.iter().find(|p| p.ips.contains(&c.local)) else {
         return Assessment::NotIsolated;
     };
@@ -195,6 +205,7 @@ pub fn assess(np: &NodePolicy, direction: Direction, c: Connection) -> Assessmen
 pub fn evaluate(np: &NodePolicy, direction: Direction, c: Connection) -> Verdict {
     match assess(np, direction, c) {
         Assessment::NotIsolated => Verdict::NotIsolated,
+        Assessment::UnknownAddress => Verdict::UnknownAddress,
         Assessment::Isolated(policies) => {
             let allowed: Vec<RuleRef> = policies
                 .iter()
@@ -273,7 +284,9 @@ pub struct Decision {
 impl Decision {
     /// Which tier decided: `Admin`, `NetworkPolicy`, `Baseline`, or `default` (allow).
     pub fn decided_by(&self) -> &'static str {
-        if matches!(self.admin.action(), Some(Action::Accept | Action::Deny)) {
+        if self.network_policy == Some(Verdict::UnknownAddress) {
+            "unknown-address"
+        } else if matches!(self.admin.action(), Some(Action::Accept | Action::Deny)) {
             "Admin"
         } else if matches!(
             self.network_policy,
@@ -373,6 +386,15 @@ fn tier_outcome(
 /// ClusterNetworkPolicies, then allow. A pod reaching its own address is always allowed
 /// (the packet never leaves the pod).
 pub fn decide(np: &NodePolicy, direction: Direction, c: Connection) -> Decision {
+    // The fail-closed rule sits in the base chains, before any tier.
+    if c.local != c.peer && np.is_unknown_local(&c.local) {
+        return Decision {
+            admin: TierOutcome::NoPolicies,
+            network_policy: Some(Verdict::UnknownAddress),
+            baseline: None,
+            allowed: false,
+        };
+    }
     let pod = np.pods.iter().find(|p| p.ips.contains(&c.local));
     let Some(pod) = pod.filter(|_| c.local != c.peer) else {
         return Decision {
@@ -431,5 +453,271 @@ pub fn decide(np: &NodePolicy, direction: Direction, c: Connection) -> Decision 
         network_policy: Some(verdict),
         baseline: Some(baseline),
         allowed,
+    }
+}
+
+/// An established flow as the policy sees it: who opened it, and where it went after
+/// Service DNAT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EstablishedFlow {
+    /// The original source.
+    pub src: IpAddr,
+    /// The destination after DNAT.
+    pub dst: IpAddr,
+    /// TCP, UDP or SCTP; `None` for protocols policies cannot name a port of (ICMP, …).
+    pub protocol: Option<Protocol>,
+    /// Destination port after DNAT (0 without ports).
+    pub port: u16,
+    /// The source is one of the node's own addresses: the node's traffic always passes.
+    pub from_node: bool,
+}
+
+/// What the current rules say about an established flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowJudgement {
+    /// Still allowed, or not this node's to judge: leave it alone.
+    Keep,
+    /// The policies of this direction's local pod no longer allow it.
+    Denied(Direction),
+    /// This direction's end is a local address no known pod holds any more (its pod is
+    /// gone, or it is unknown in the node's pod ranges).
+    PodGone(Direction),
+}
+
+/// Judge an established flow against `np`, as the ruleset would judge its first packet now:
+/// through every tier (Admin ClusterNetworkPolicies, NetworkPolicy, Baseline).
+/// `gone` are addresses that local pods held at the previous sync and none holds now.
+pub fn judge_flow(
+    np: &NodePolicy,
+    flow: &EstablishedFlow,
+    gone: &std::collections::BTreeSet<IpAddr>,
+) -> FlowJudgement {
+    if flow.from_node {
+        return FlowJudgement::Keep;
+    }
+    let unknown = |ip: &IpAddr| gone.contains(ip) || np.is_unknown_local(ip);
+    if unknown(&flow.src) {
+        return FlowJudgement::PodGone(Direction::Egress);
+    }
+    if unknown(&flow.dst) {
+        return FlowJudgement::PodGone(Direction::Ingress);
+    }
+    let Some(protocol) = flow.protocol else {
+        return FlowJudgement::Keep;
+    };
+    let egress = Connection {
+        local: flow.src,
+        peer: flow.dst,
+        protocol,
+        port: flow.port,
+    };
+    if !decide(np, Direction::Egress, egress).allowed {
+        return FlowJudgement::Denied(Direction::Egress);
+    }
+    let ingress = Connection {
+        local: flow.dst,
+        peer: flow.src,
+        protocol,
+        port: flow.port,
+    };
+    if !decide(np, Direction::Ingress, ingress).allowed {
+        return FlowJudgement::Denied(Direction::Ingress);
+    }
+    FlowJudgement::Keep
+}
+
+/// Can `new` deny a connection that `old` allowed? Conservative: `false` only when every
+/// difference can only allow more (a peer set or named-port set that only grew, a pod that
+/// only gained a known address), so the conntrack pass after a sync can be skipped when it
+/// cannot find anything to remove. Most changes in a large cluster are remote pods starting,
+/// which only grow peer sets.
+pub fn may_deny_more(old: &NodePolicy, new: &NodePolicy) -> bool {
+    if old.pod_cidrs != new.pod_cidrs
+        || !old.local_addrs.is_subset(&new.local_addrs)
+        || old.pods != new.pods
+        // Any change to a ClusterNetworkPolicy may deny (a Deny rule's peers growing does).
+        || old.cnps != new.cnps
+        || old.policies.len() != new.policies.len()
+    {
+        return true;
+    }
+    old.policies
+        .iter()
+        .zip(&new.policies)
+        .any(|(a, b)| !policy_only_grew(a, b))
+}
+
+fn policy_only_grew(a: &PolicyRules, b: &PolicyRules) -> bool {
+    a.policy == b.policy
+        && a.direction == b.direction
+        && a.selected == b.selected
+        && a.invalid == b.invalid
+        && a.rules.len() == b.rules.len()
+        && a.rules
+            .iter()
+            .zip(&b.rules)
+            .all(|(x, y)| rule_only_grew(x, y))
+}
+
+fn rule_only_grew(a: &ResolvedRule, b: &ResolvedRule) -> bool {
+    let peers = match (&a.peers, &b.peers) {
+        (None, None) => true,
+        (Some(x), Some(y)) => {
+            x.len() == y.len()
+                && x.iter().zip(y).all(|(p, q)| match (p, q) {
+                    (ResolvedPeer::Pods(p), ResolvedPeer::Pods(q)) => {
+                        p.scope == q.scope && p.pods == q.pods && p.addrs.is_subset(&q.addrs)
+                    }
+                    (p @ ResolvedPeer::IpBlock { .. }, q @ ResolvedPeer::IpBlock { .. }) => p == q,
+                    _ => false,
+                })
+        }
+        _ => false,
+    };
+    let ports = match (&a.ports, &b.ports) {
+        (None, None) => true,
+        (Some(x), Some(y)) => {
+            x.numeric == y.numeric
+                && match (&x.named, &y.named) {
+                    (None, None) => true,
+                    (Some(m), Some(n)) => m.names == n.names && m.targets.is_subset(&n.targets),
+                    _ => false,
+                }
+        }
+        _ => false,
+    };
+    a.index == b.index && peers && ports
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    /// A node with range 10.244.1.0/24, one known (not isolated) pod 10.244.1.5.
+    fn node() -> NodePolicy {
+        NodePolicy {
+            node: "n".into(),
+            pod_cidrs: vec!["10.244.1.0/24".parse().expect("cidr")],
+            local_addrs: BTreeSet::from([ip("10.244.1.5")]),
+            ..NodePolicy::default()
+        }
+    }
+
+    #[test]
+    fn unknown_addresses_in_the_pod_ranges_are_dropped() {
+        let np = node();
+        let c = |local: &str| Connection {
+            local: ip(local),
+            peer: ip("10.0.0.1"),
+            protocol: Protocol::Tcp,
+            port: 80,
+        };
+        let cases = [
+            ("known pod", "10.244.1.5", Verdict::NotIsolated),
+            ("unknown in range", "10.244.1.6", Verdict::UnknownAddress),
+            ("outside the range", "10.244.2.6", Verdict::NotIsolated),
+        ];
+        for (name, local, want) in cases {
+            for d in Direction::ALL {
+                assert_eq!(evaluate(&np, d, c(local)), want, "{name} {d}");
+            }
+        }
+        assert!(!Verdict::UnknownAddress.passes());
+    }
+
+    #[test]
+    fn may_deny_more_cases() {
+        let base = node();
+        let with = |f: &dyn Fn(&mut NodePolicy)| {
+            let mut np = node();
+            f(&mut np);
+            np
+        };
+        let cases: Vec<(&str, NodePolicy, bool)> = vec![
+            ("no change", node(), false),
+            (
+                "a local pod appeared",
+                with(&|np| {
+                    np.local_addrs.insert(ip("10.244.1.6"));
+                }),
+                false,
+            ),
+            (
+                "a local pod went",
+                with(&|np| {
+                    np.local_addrs.clear();
+                }),
+                true,
+            ),
+            (
+                "the pod ranges changed",
+                with(&|np| np.pod_cidrs.clear()),
+                true,
+            ),
+            (
+                "a pod became isolated",
+                with(&|np| {
+                    np.pods.push(crate::engine::resolve::LocalPod {
+                        key: ObjectKey::new("a", "p"),
+                        ips: vec![ip("10.244.1.5")],
+                        ingress: Some(vec![ObjectKey::new("a", "deny")]),
+                        egress: None,
+                        cnps: Default::default(),
+                    })
+                }),
+                true,
+            ),
+        ];
+        for (name, new, want) in cases {
+            assert_eq!(may_deny_more(&base, &new), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn judge_flow_cases() {
+        let np = node();
+        let gone = BTreeSet::from([ip("10.9.9.9")]);
+        let flow = |src: &str, dst: &str, from_node: bool| EstablishedFlow {
+            src: ip(src),
+            dst: ip(dst),
+            protocol: Some(Protocol::Tcp),
+            port: 80,
+            from_node,
+        };
+        let cases = [
+            (
+                "known to outside",
+                flow("10.244.1.5", "8.8.8.8", false),
+                FlowJudgement::Keep,
+            ),
+            (
+                "from an unknown address",
+                flow("10.244.1.7", "8.8.8.8", false),
+                FlowJudgement::PodGone(Direction::Egress),
+            ),
+            (
+                "to an unknown address",
+                flow("8.8.8.8", "10.244.1.7", false),
+                FlowJudgement::PodGone(Direction::Ingress),
+            ),
+            (
+                "to a gone pod outside the ranges",
+                flow("10.244.1.5", "10.9.9.9", false),
+                FlowJudgement::PodGone(Direction::Ingress),
+            ),
+            (
+                "the node's own traffic",
+                flow("10.244.1.1", "10.244.1.7", true),
+                FlowJudgement::Keep,
+            ),
+        ];
+        for (name, f, want) in cases {
+            assert_eq!(judge_flow(&np, &f, &gone), want, "{name}");
+        }
     }
 }

@@ -22,13 +22,13 @@ use std::sync::Arc;
 
 use crate::engine::compile::{
     CompileOptions, PolicyFacts, SetOrigins, Sets, compile_with_identities, dispatch_map_name,
-    drop_chain_name, named_set_elements, pod_chain_name, pod_chains, policy_chain,
-    policy_chain_name,
+    drop_chain_name, local_pods_elements, local_pods_set_name, named_set_elements, node_policy,
+    pod_chain_name, pod_chains, policy_chain, policy_chain_name,
 };
 use crate::engine::index::{Changes, Snapshot};
 use crate::engine::resolve::{
     LocalPod, NamedTargets, NodePolicy, PeerPods, ResolvedCnpMatch, ResolvedCnpPeer, ResolvedPeer,
-    Resolver, namespace_labels, resolve, resolve_policy,
+    Resolver, namespace_labels, resolve_policy,
 };
 use crate::engine::ruleset::{Chain, ChainRole, Ruleset, Set};
 use crate::model::policy::Direction;
@@ -135,7 +135,7 @@ impl NodeCompiler {
     }
 
     fn rebuild(&mut self, snapshot: Snapshot) {
-        self.np = resolve(&snapshot, &self.node);
+        self.np = node_policy(&snapshot, &self.node, &self.opts);
         let (rs, origins, identities) = compile_with_identities(&self.np, &self.opts);
         self.rs = rs;
         self.origins = origins;
@@ -272,6 +272,7 @@ impl NodeCompiler {
         let Some(key) = old.as_ref().or(new.as_ref()).map(|p| p.key.clone()) else {
             return true; // not a pod of this node that policy applies to
         };
+        self.edit_local_addrs(snapshot, old.as_ref(), new.as_ref());
         let ns = key.namespace.clone();
         let in_namespace: Vec<Arc<crate::model::Policy>> = snapshot
             .policies
@@ -425,6 +426,43 @@ impl NodeCompiler {
             }
         }
         true
+    }
+
+    /// Keep the known local addresses (and their `local-pods-*` sets) current: an address
+    /// stays known while some local pod that takes part in policy holds it.
+    fn edit_local_addrs(
+        &mut self,
+        snapshot: &Snapshot,
+        old: Option<&PodInfo>,
+        new: Option<&PodInfo>,
+    ) {
+        let node = self.node.as_str();
+        let mut families = BTreeSet::new();
+        for ip in old.iter().chain(new.iter()).flat_map(|p| &p.ips) {
+            // `owners` already reflects this change (edit_memberships ran first).
+            let held = self.owners.get(ip).is_some_and(|keys| {
+                keys.iter().any(|k| {
+                    snapshot
+                        .pods
+                        .get(k)
+                        .is_some_and(|p| p.is_policy_target() && p.node.as_deref() == Some(node))
+                })
+            });
+            let changed = if held {
+                self.np.local_addrs.insert(*ip)
+            } else {
+                self.np.local_addrs.remove(ip)
+            };
+            if changed {
+                families.insert(Family::of(ip));
+            }
+        }
+        for f in families {
+            let elements = local_pods_elements(&self.np, f);
+            if let Some(set) = self.set_mut(&local_pods_set_name(f)) {
+                set.elements = elements;
+            }
+        }
     }
 
     fn set_mut(&mut self, name: &str) -> Option<&mut Set> {

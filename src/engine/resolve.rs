@@ -29,6 +29,21 @@ pub struct NodePolicy {
     /// Rules of each (ClusterNetworkPolicy, direction) with rules whose subject includes at
     /// least one local pod, in evaluation order (tier, priority, name, direction).
     pub cnps: Vec<CnpRules>,
+    /// This node's pod address ranges in which an address that is not a known local pod is
+    /// dropped (fail closed). Empty when the ranges are unknown or the rule is off; set by
+    /// [`crate::engine::compile::node_policy`] from the options (`--pod-cidr`,
+    /// `--unknown-addresses`).
+    pub pod_cidrs: Vec<Cidr>,
+    /// Every address of every local pod that takes part in policy (isolated or not): the
+    /// addresses the fail-closed rule lets through.
+    pub local_addrs: BTreeSet<IpAddr>,
+}
+
+impl NodePolicy {
+    /// Is `ip` in this node's pod ranges without being a known local pod (so dropped)?
+    pub fn is_unknown_local(&self, ip: &IpAddr) -> bool {
+        !self.local_addrs.contains(ip) && self.pod_cidrs.iter().any(|c| c.contains(ip))
+    }
 }
 
 /// A pod on this node that some NetworkPolicy isolates or some ClusterNetworkPolicy applies to.
@@ -484,6 +499,13 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
         pods,
         policies,
         cnps,
+        // The Node object's `spec.podCIDRs`; `compile::node_policy` applies the options.
+        pod_cidrs: snapshot
+            .nodes
+            .get(&node.to_string())
+            .map(|n| n.pod_cidrs.clone())
+            .unwrap_or_default(),
+        local_addrs: local.iter().flat_map(|p| p.ips.iter().copied()).collect(),
     }
 }
 

@@ -74,12 +74,21 @@ pub enum ChainRole {
         /// The rule: its name, or `spec.<direction>[i]` when it has none.
         rule: String,
     },
+    /// Terminal chain that counts and drops traffic of addresses in this node's pod ranges
+    /// that are not known pods; created once, never rewritten, like [`ChainRole::Drop`].
+    UnknownDrop {
+        /// `ingress` or `egress`.
+        direction: &'static str,
+    },
 }
 
 impl ChainRole {
     /// Is this a terminal chain holding a drop counter that syncs must keep?
     pub fn is_terminal(&self) -> bool {
-        matches!(self, ChainRole::Drop { .. } | ChainRole::Deny { .. })
+        matches!(
+            self,
+            ChainRole::Drop { .. } | ChainRole::Deny { .. } | ChainRole::UnknownDrop { .. }
+        )
     }
 }
 

@@ -230,21 +230,56 @@ impl Dataplane {
 
     /// Read every local pod's drop counters.
     pub fn drop_counters(&self) -> Result<Vec<PodDrops>, ReadbackError> {
-        Ok(self.counters()?.0)
+        Ok(self.counters()?.pods)
     }
 
-    /// Read every terminal counter in one dump: the local pods' drops and the
-    /// ClusterNetworkPolicy Deny rules'.
-    pub fn counters(&self) -> Result<(Vec<PodDrops>, Vec<CnpDenies>), ReadbackError> {
+    /// Read every terminal counter in one netlink dump: the local pods' drops, the
+    /// ClusterNetworkPolicy Deny rules' and the unknown-address drops (by direction).
+    pub fn counters(&self) -> Result<TerminalCounters, ReadbackError> {
         let Some(applied) = &self.applied else {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(TerminalCounters::default());
         };
         let kernel = readback::read(&|name: &str| is_drop_chain_name(name))?;
-        Ok((
-            drop_counters(applied, &kernel),
-            cnp_deny_counters(applied, &kernel),
-        ))
+        Ok(TerminalCounters {
+            pods: drop_counters(applied, &kernel),
+            cnp_denies: cnp_deny_counters(applied, &kernel),
+            unknown: unknown_address_drops(applied, &kernel),
+        })
     }
+}
+
+/// Every terminal counter of the applied ruleset, as the kernel holds them.
+#[derive(Clone, Debug, Default)]
+pub struct TerminalCounters {
+    /// Each local pod's drops, per direction.
+    pub pods: Vec<PodDrops>,
+    /// Each ClusterNetworkPolicy Deny rule's drops.
+    pub cnp_denies: Vec<CnpDenies>,
+    /// Drops of unknown addresses in this node's pod ranges, per direction.
+    pub unknown: Vec<(Direction, Counter)>,
+}
+
+/// The counters of the unknown-address terminal chains of `applied`, by direction.
+pub fn unknown_address_drops(applied: &Ruleset, kernel: &KernelState) -> Vec<(Direction, Counter)> {
+    applied
+        .chains
+        .iter()
+        .filter_map(|c| match &c.role {
+            ChainRole::UnknownDrop { direction } => Some((
+                if *direction == "ingress" {
+                    Direction::Ingress
+                } else {
+                    Direction::Egress
+                },
+                kernel
+                    .chains
+                    .get(&c.name)
+                    .and_then(|k| k.counter)
+                    .unwrap_or_default(),
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Pair the terminal chains of `applied` with their kernel counters.

@@ -13,14 +13,15 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
+use crate::engine::compile::{CompileOptions, node_policy};
 use crate::engine::evaluate::{
     Assessment, Connection, Decision, PeerMatch, PolicyOutcome, RuleOutcome, TierOutcome, assess,
     decide,
 };
 use crate::engine::index::Snapshot;
-use crate::engine::resolve::{NodePolicy, resolve};
+use crate::engine::resolve::NodePolicy;
 use crate::model::policy::Direction;
-use crate::model::{Action, Family, ObjectKey, PodInfo, Protocol, Rule, RuleMatch, Tier};
+use crate::model::{Action, Cidr, Family, ObjectKey, PodInfo, Protocol, Rule, RuleMatch, Tier};
 
 /// One end of the connection as the user names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -220,6 +221,9 @@ pub enum SideStatus {
     /// NetworkPolicy does not isolate the pod, and a Baseline ClusterNetworkPolicy rule
     /// accepted or denied it (see `baseline`).
     Baseline,
+    /// The address is in the node's pod ranges but is not a known pod of that node, so the
+    /// node drops it whatever the policies say (fail closed, `--unknown-addresses`).
+    UnknownAddress,
 }
 
 /// What one ClusterNetworkPolicy tier said about one direction.
@@ -387,6 +391,8 @@ fn side<'a>(snap: &'a Snapshot, e: &Endpoint) -> Result<Side<'a>, ExplainError> 
 pub struct Explainer<'a> {
     snap: &'a Snapshot,
     nodes: BTreeMap<String, NodePolicy>,
+    /// Pod ranges known for nodes apart from the snapshot (an agent's `--pod-cidr`).
+    pod_cidrs: BTreeMap<String, Vec<Cidr>>,
 }
 
 impl<'a> Explainer<'a> {
@@ -395,14 +401,45 @@ impl<'a> Explainer<'a> {
         Self {
             snap,
             nodes: BTreeMap::new(),
+            pod_cidrs: BTreeMap::new(),
         }
+    }
+
+    /// Also know `node`'s pod ranges (as its agent's `--pod-cidr` says), so an address in
+    /// them that no known pod holds is explained as dropped.
+    pub fn with_pod_cidrs(mut self, node: &str, ranges: Vec<Cidr>) -> Self {
+        self.nodes.remove(node);
+        self.pod_cidrs.insert(node.to_string(), ranges);
+        self
     }
 
     fn node(&mut self, node: &str) -> &NodePolicy {
         let snap = self.snap;
-        self.nodes
-            .entry(node.to_string())
-            .or_insert_with(|| resolve(snap, node))
+        let pod_cidrs = &self.pod_cidrs;
+        self.nodes.entry(node.to_string()).or_insert_with(|| {
+            let opts = CompileOptions {
+                pod_cidrs: pod_cidrs.get(node).cloned().unwrap_or_default(),
+                ..CompileOptions::default()
+            };
+            node_policy(snap, node, &opts)
+        })
+    }
+
+    /// The node whose pod ranges hold `ip`, if any.
+    fn node_of_address(&mut self, ip: &IpAddr) -> Option<String> {
+        let mut names: Vec<String> = self.pod_cidrs.keys().cloned().collect();
+        names.extend(
+            self.snap
+                .nodes
+                .iter()
+                .filter(|(_, n)| !n.pod_cidrs.is_empty())
+                .map(|(name, _)| name.clone()),
+        );
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .find(|n| self.node(n).pod_cidrs.iter().any(|c| c.contains(ip)))
     }
 
     /// Explain one connection attempt. `family` forces IPv4 or IPv6; by default IPv4 when
@@ -500,7 +537,11 @@ impl<'a> Explainer<'a> {
         c: Connection,
     ) -> SideReport {
         let snap = self.snap;
-        let node = pod.and_then(|p| p.node.clone());
+        let node = match pod {
+            Some(p) => p.node.clone(),
+            // An address that is no pod may still be in a node's pod ranges (unknown there).
+            None => self.node_of_address(&c.local),
+        };
         let mut report = SideReport {
             direction: direction.as_str(),
             status: SideStatus::NotPoliced,
@@ -537,6 +578,11 @@ impl<'a> Explainer<'a> {
                 } else {
                     SideStatus::NotIsolated
                 };
+                return report;
+            }
+            Assessment::UnknownAddress => {
+                report.status = SideStatus::UnknownAddress;
+                report.allowed = false;
                 return report;
             }
             Assessment::Isolated(policies) => policies,
@@ -807,6 +853,11 @@ fn side_text(out: &mut String, s: &SideReport) {
             "  {what}: {} by the {} tier",
             if s.allowed { "allowed" } else { "DENIED" },
             s.decided_by
+        ),
+        SideStatus::UnknownAddress => writeln!(
+            out,
+            "  {what}: DROPPED: the address is in the pod ranges of {} but is not a known pod there (unknown addresses fail closed)",
+            s.node.as_deref().unwrap_or("the node")
         ),
     };
     if let Some(t) = &s.admin {

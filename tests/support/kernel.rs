@@ -9,9 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use kube_nftpolicy::cluster::manifest::parse_sources;
-use kube_nftpolicy::engine::compile::{CompileOptions, compile};
+use kube_nftpolicy::engine::compile::{CompileOptions, compile, node_policy};
 use kube_nftpolicy::engine::index::Index;
-use kube_nftpolicy::engine::resolve::resolve;
 use kube_nftpolicy::engine::ruleset::Ruleset;
 use kube_nftpolicy::kernel::dataplane::{Dataplane, SyncReport};
 use kube_nftpolicy::kernel::nft::exec::Nft;
@@ -83,6 +82,8 @@ pub fn pod_yaml(p: &PodSpec, labels: &BTreeMap<String, String>) -> String {
 pub struct NodeDataplanes {
     planes: HashMap<String, Dataplane>,
     pub options: CompileOptions,
+    /// Per-node pod ranges (`--pod-cidr` of that node's agent), on top of `options`.
+    pub pod_cidrs: HashMap<String, Vec<kube_nftpolicy::model::Cidr>>,
 }
 
 impl NodeDataplanes {
@@ -95,7 +96,34 @@ impl NodeDataplanes {
         NodeDataplanes {
             planes,
             options: CompileOptions::default(),
+            pod_cidrs: HashMap::new(),
         }
+    }
+
+    /// Give every node's ruleset the node's pod ranges (both families), so unknown
+    /// addresses in them fail closed.
+    pub fn fail_closed(mut self, cluster: &Cluster) -> Self {
+        for node in cluster.node_names() {
+            let spec = cluster.node_spec(&node);
+            let ranges = [crate::netns::Family::V4, crate::netns::Family::V6]
+                .into_iter()
+                .map(|f| {
+                    let (net, len) = spec.pod_cidr(f);
+                    kube_nftpolicy::model::Cidr::new(net, len).expect("pod cidr")
+                })
+                .collect();
+            self.pod_cidrs.insert(node, ranges);
+        }
+        self
+    }
+
+    /// The options node `node` compiles with.
+    pub fn options_for(&self, node: &str) -> CompileOptions {
+        let mut opts = self.options.clone();
+        if let Some(ranges) = self.pod_cidrs.get(node) {
+            opts.pod_cidrs = ranges.clone();
+        }
+        opts
     }
 
     /// Compile every node's ruleset from the manifests text and sync it in the node namespace.
@@ -112,7 +140,8 @@ impl NodeDataplanes {
         let snap = idx.snapshot();
         let mut reports = Vec::new();
         for node in cluster.node_names() {
-            let rs = compile(&resolve(&snap, &node), &self.options);
+            let opts = self.options_for(&node);
+            let rs = compile(&node_policy(&snap, &node, &opts), &opts);
             let report = self
                 .sync_ruleset(cluster, &node, &rs)
                 .unwrap_or_else(|e| panic!("sync {node}: {e}"));
