@@ -4,7 +4,8 @@
 //!
 //! `cargo bench --bench cli_load` writes both dumps to a temporary directory, runs each
 //! command three times on each, and prints the median wall time and the peak RSS of the
-//! process. Arguments: `--scale 1|10` (default 10).
+//! process. Arguments: `--scale 1|10` (default 10), `--commands render,explain,matrix,lint`
+//! (default all four).
 
 #[path = "support/synthetic.rs"]
 mod synthetic;
@@ -133,7 +134,16 @@ fn main() {
             ),
             ("lint", vec!["lint", "--manifests", m]),
         ];
-        for (name, argv) in commands {
+        let wanted: Vec<String> = args
+            .iter()
+            .position(|a| a == "--commands")
+            .and_then(|i| args.get(i + 1))
+            .map(|c| c.split(',').map(str::to_owned).collect())
+            .unwrap_or_else(|| commands.iter().map(|(n, _)| n.to_string()).collect());
+        for (name, argv) in commands
+            .into_iter()
+            .filter(|(n, _)| wanted.iter().any(|w| w == n))
+        {
             let mut runs: Vec<(Duration, u64, i32)> = (0..3).map(|_| run(&argv)).collect();
             runs.sort_by_key(|r| r.0);
             let (median, _, code) = runs[1];

@@ -384,49 +384,16 @@ impl Collector {
             "Namespace" => {
                 let what = describe(&kind, &value);
                 if let Ok(ns) = self.typed::<Namespace>(origin, &what, &value) {
-                    match NamespaceInfo::from_k8s(&ns) {
-                        Ok(info) => {
-                            let at = format!("{origin}");
-                            if let Some((prev, _)) =
-                                self.namespaces.insert(info.name.clone(), (at, info))
-                            {
-                                self.duplicate(origin, &what, &prev);
-                            }
-                        }
-                        Err(e) => self.problem(
-                            origin,
-                            Some(&what),
-                            None,
-                            ProblemKind::Object,
-                            format!("{e}; skipped"),
-                        ),
-                    }
+                    let trimmed = NamespaceInfo::from_k8s(&ns).map(|i| (i.name.clone(), i));
+                    self.keep(origin, &what, Vec::new(), trimmed, |c| &mut c.namespaces);
                 }
             }
             "Node" => {
                 let what = describe(&kind, &value);
                 if let Ok(node) = self.typed::<Node>(origin, &what, &value) {
                     let mut w = Vec::new();
-                    match NodeInfo::from_k8s(&node, &mut w) {
-                        Ok(info) => {
-                            for m in w {
-                                self.problem(origin, Some(&what), None, ProblemKind::Object, m);
-                            }
-                            let at = format!("{origin}");
-                            if let Some((prev, _)) =
-                                self.nodes.insert(info.name.clone(), (at, info))
-                            {
-                                self.duplicate(origin, &what, &prev);
-                            }
-                        }
-                        Err(e) => self.problem(
-                            origin,
-                            Some(&what),
-                            None,
-                            ProblemKind::Object,
-                            format!("{e}; skipped"),
-                        ),
-                    }
+                    let trimmed = NodeInfo::from_k8s(&node, &mut w).map(|i| (i.name.clone(), i));
+                    self.keep(origin, &what, w, trimmed, |c| &mut c.nodes);
                 }
             }
             "Pod" => {
@@ -434,25 +401,8 @@ impl Collector {
                 let what = describe(&kind, &value);
                 if let Ok(pod) = self.typed::<Pod>(origin, &what, &value) {
                     let mut w = Vec::new();
-                    match PodInfo::from_k8s(&pod, &mut w) {
-                        Ok(info) => {
-                            for m in w {
-                                self.problem(origin, Some(&what), None, ProblemKind::Object, m);
-                            }
-                            let at = format!("{origin}");
-                            if let Some((prev, _)) = self.pods.insert(info.key.clone(), (at, info))
-                            {
-                                self.duplicate(origin, &what, &prev);
-                            }
-                        }
-                        Err(e) => self.problem(
-                            origin,
-                            Some(&what),
-                            None,
-                            ProblemKind::Object,
-                            format!("{e}; skipped"),
-                        ),
-                    }
+                    let trimmed = PodInfo::from_k8s(&pod, &mut w).map(|i| (i.key.clone(), i));
+                    self.keep(origin, &what, w, trimmed, |c| &mut c.pods);
                 }
             }
             "NetworkPolicy" => {
@@ -562,6 +512,35 @@ impl Collector {
                     format!("kind {other} ({what}) is not used by kube-nftpolicy; skipped"),
                 );
             }
+        }
+    }
+
+    /// Keep one trimmed object in its `store` (its warnings reported first, a duplicate of an
+    /// earlier one named), or report why it was skipped.
+    fn keep<K: Ord, V>(
+        &mut self,
+        origin: &Origin<'_>,
+        what: &str,
+        warnings: Vec<String>,
+        trimmed: Result<(K, V), crate::model::ModelError>,
+        store: fn(&mut Collector) -> &mut BTreeMap<K, (String, V)>,
+    ) {
+        for m in warnings {
+            self.problem(origin, Some(what), None, ProblemKind::Object, m);
+        }
+        match trimmed {
+            Ok((key, info)) => {
+                if let Some((prev, _)) = store(self).insert(key, (origin.to_string(), info)) {
+                    self.duplicate(origin, what, &prev);
+                }
+            }
+            Err(e) => self.problem(
+                origin,
+                Some(what),
+                None,
+                ProblemKind::Object,
+                format!("{e}; skipped"),
+            ),
         }
     }
 
