@@ -448,6 +448,23 @@ fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> Vec<String> {
                 }
             }
             Some(peers) => {
+                // The rules for one peer matcher: every port, the numeric ports, and on
+                // ingress the named ports, which resolve on the selected (destination) pod.
+                // On egress a named port resolves on the peer pods (below), and never on an
+                // ipBlock address, which is not a pod.
+                let mut emit_peer = |sets: &mut Sets, m: &str, f: Family, comment: &str| {
+                    if any_port {
+                        emit(m, None, comment);
+                    }
+                    if let Some(n) = &numeric {
+                        emit(m, Some(n), comment);
+                    }
+                    if d == Direction::Ingress {
+                        if let Some(n) = named_match(sets, f) {
+                            emit(m, Some(&n), comment);
+                        }
+                    }
+                };
                 for (pi, peer) in peers.iter().enumerate() {
                     let comment = format!("{path}.{peers_key}[{pi}]");
                     match peer {
@@ -455,18 +472,7 @@ fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> Vec<String> {
                             for f in Family::ALL {
                                 let set = peer_set(sets, pods, f);
                                 let m = format!("{} {} @{set}", addr_match(f), peer_field(d));
-                                if any_port {
-                                    emit(&m, None, &comment);
-                                }
-                                if let Some(n) = &numeric {
-                                    emit(&m, Some(n), &comment);
-                                }
-                                // Ingress: named ports resolve on the selected (destination) pod.
-                                if d == Direction::Ingress {
-                                    if let Some(n) = named_match(sets, f) {
-                                        emit(&m, Some(&n), &comment);
-                                    }
-                                }
+                                emit_peer(sets, &m, f, &comment);
                             }
                         }
                         ResolvedPeer::IpBlock { block, ranges } => {
@@ -482,20 +488,7 @@ fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> Vec<String> {
                             }
                             let set = cidr_set(sets, &text, ranges, f);
                             let m = format!("{} {} @{set}", addr_match(f), peer_field(d));
-                            if any_port {
-                                emit(&m, None, &comment);
-                            }
-                            if let Some(n) = &numeric {
-                                emit(&m, Some(n), &comment);
-                            }
-                            // Ingress: the destination is the selected pod, which resolves
-                            // the named port. Egress: the destination is the block's address,
-                            // not a pod, so a named port cannot match it.
-                            if d == Direction::Ingress {
-                                if let Some(n) = named_match(sets, f) {
-                                    emit(&m, Some(&n), &comment);
-                                }
-                            }
+                            emit_peer(sets, &m, f, &comment);
                         }
                     }
                 }
