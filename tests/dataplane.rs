@@ -238,7 +238,9 @@ fn a_rejected_transaction_changes_nothing() {
         .iter_mut()
         .find(|ch| ch.name == "ingress/default/web")
         .expect("web chain");
-    chain.rules.insert(1, "jump no-such-chain".into());
+    std::sync::Arc::make_mut(chain)
+        .rules
+        .insert(1, "jump no-such-chain".into());
     let err = planes
         .sync_ruleset(&c, "node-1", &bad)
         .expect_err("kernel rejects");

@@ -276,11 +276,51 @@ fn named_cases() {
             ],
         },
         Case {
-            name: "namespace relabel takes the full path",
+            name: "policy deleted: its pod is no longer isolated, its sets go",
+            change: |idx| {
+                idx.delete_policy(&ObjectKey::new("a", "web"));
+            },
+            kind: UpdateKind::Incremental,
+            expect: &[
+                ("ingress-v4", "isolated for ingress", &[]),
+                ("egress-v6", "isolated for egress", &[]),
+            ],
+        },
+        Case {
+            name: "policy added with a new pod: the pod it selects is isolated",
+            change: |idx| {
+                idx.apply_pod(pod("a", "db-1", NODE, "db", &["10.0.0.3"]));
+                let mut p = policies().remove(0);
+                p.key = ObjectKey::new("a", "db");
+                p.pod_selector = sel(&[("app", "db")]);
+                p.egress = None;
+                idx.apply_policy(p);
+            },
+            kind: UpdateKind::Incremental,
+            expect: &[(
+                "ingress-v4",
+                "isolated for ingress",
+                &[
+                    "10.0.0.1 : goto ingress/a/web",
+                    "10.0.0.3 : goto ingress/a/db-1",
+                ],
+            )],
+        },
+        Case {
+            name: "namespace relabelled into a peer's namespace selector",
+            change: |idx| {
+                idx.apply_namespace(namespace("c", "x"));
+                idx.apply_pod(pod("c", "client-9", "node-b", "client", &["10.0.2.9"]));
+            },
+            kind: UpdateKind::Full,
+            expect: &[("peers-v4", CLIENTS, &["10.0.1.1", "10.0.2.9"])],
+        },
+        Case {
+            name: "namespace relabelled out of a peer's namespace selector",
             change: |idx| {
                 idx.apply_namespace(namespace("b", "y"));
             },
-            kind: UpdateKind::Full,
+            kind: UpdateKind::Incremental,
             expect: &[("peers-v4", CLIENTS, &[])],
         },
         Case {
@@ -471,16 +511,42 @@ fn random_walk_matches_full_compile() {
         let mut c = NodeCompiler::new(NODE, opts.clone());
         step(&mut c, &mut idx, &opts, &format!("seed {seed}: initial"));
         let mut incremental = 0;
-        for i in 0..600 {
-            let what = match r.below(20) {
-                0 => {
+        let mut incremental_policies = 0;
+        let mut incremental_namespaces = 0;
+        for i in 0..900 {
+            let what = match r.below(26) {
+                0 | 20 => {
                     idx.apply_policy(random_policy(&mut r));
                     "policy applied"
                 }
-                1 => {
+                21 => {
+                    let p = random_policy(&mut r);
+                    idx.delete_policy(&p.key);
+                    "policy deleted"
+                }
+                22 => {
+                    // GitOps: many policies at once, some replaced, some gone.
+                    for _ in 0..4 {
+                        idx.apply_policy(random_policy(&mut r));
+                    }
+                    let p = random_policy(&mut r);
+                    idx.delete_policy(&p.key);
+                    "burst of policies"
+                }
+                23 => {
+                    idx.apply_policy(random_policy(&mut r));
+                    idx.apply_pod(random_pod(&mut r));
+                    "policy and pod together"
+                }
+                1 | 24 => {
                     let ns = r.pick(NAMESPACES);
                     idx.apply_namespace(namespace(ns, r.pick(&["x", "y"])));
                     "namespace relabelled"
+                }
+                25 => {
+                    // An unknown namespace is seen with its name label only.
+                    idx.delete_namespace(r.pick(NAMESPACES));
+                    "namespace deleted"
                 }
                 2..=5 => {
                     let p = random_pod(&mut r);
@@ -507,12 +573,26 @@ fn random_walk_matches_full_compile() {
             ) == UpdateKind::Incremental
             {
                 incremental += 1;
+                if what.contains("polic") {
+                    incremental_policies += 1;
+                }
+                if what.contains("namespace") {
+                    incremental_namespaces += 1;
+                }
             }
         }
-        // The walk must exercise the fast path, or it proves nothing about it.
+        // The walk must exercise the fast paths, or it proves nothing about them.
         assert!(
-            incremental > 150,
+            incremental > 200,
             "seed {seed}: only {incremental} incremental updates"
+        );
+        assert!(
+            incremental_policies > 60,
+            "seed {seed}: only {incremental_policies} incremental policy changes"
+        );
+        assert!(
+            incremental_namespaces > 30,
+            "seed {seed}: only {incremental_namespaces} incremental namespace changes"
         );
     }
 }

@@ -12,8 +12,9 @@
 //! Every name is deterministic (sorted input, FNV-1a hashes), so the same cluster state
 //! always renders byte-identical text.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::engine::resolve::{
     CnpRules, LocalPod, NamedTargets, NodePolicy, PeerPods, PolicyRules, ResolvedCnpMatch,
@@ -250,6 +251,9 @@ pub(crate) struct Sets {
     pub(crate) origins: SetOrigins,
     /// Names registered since the current policy chain began.
     touched: Vec<String>,
+    /// Each address as text, formatted once: a pod's address is an element of every peer
+    /// set it belongs to, and formatting (IPv6 above all) is most of building a set.
+    addr_text: HashMap<IpAddr, String>,
 }
 
 /// Which resolved object each content-derived set was built from, so an incremental update
@@ -304,6 +308,7 @@ pub fn peer_set_elements(peer: &PeerPods, family: Family) -> Vec<String> {
 
 fn peer_set(sets: &mut Sets, peer: &PeerPods, family: Family) -> String {
     let identity = format!("{family:?}|{:?}|{}", peer.scope, peer.pods);
+    let mut addr_text = std::mem::take(&mut sets.addr_text);
     let name = sets.add(&format!("peers-{}", family.suffix()), &identity, |name| {
         Set {
             name,
@@ -311,9 +316,20 @@ fn peer_set(sets: &mut Sets, peer: &PeerPods, family: Family) -> String {
             verdict_map: false,
             interval: false,
             comment: peer.describe(),
-            elements: peer_set_elements(peer, family),
+            elements: peer
+                .addrs
+                .iter()
+                .filter(|ip| Family::of(ip) == family)
+                .map(|ip| {
+                    addr_text
+                        .entry(*ip)
+                        .or_insert_with(|| ip.to_string())
+                        .clone()
+                })
+                .collect(),
         }
     });
+    sets.addr_text = addr_text;
     sets.origins
         .peers
         .entry((peer.scope.clone(), peer.pods.clone(), family))
@@ -915,8 +931,8 @@ pub(crate) fn compile_with_identities(
             "NetworkPolicy for node {}; managed by kube-nftpolicy, do not edit",
             np.node
         ),
-        sets: all_sets,
-        chains,
+        sets: all_sets.into_iter().map(Arc::new).collect(),
+        chains: chains.into_iter().map(Arc::new).collect(),
     };
     (ruleset, sets.origins, identities)
 }

@@ -27,15 +27,31 @@ use crate::engine::compile::{
 };
 use crate::engine::index::{Changes, Snapshot};
 use crate::engine::resolve::{
-    LocalPod, NamedTargets, NodePolicy, PeerPods, ResolvedCnpMatch, ResolvedCnpPeer, ResolvedPeer,
-    Resolver, namespace_labels, resolve_policy,
+    LocalPod, NamedTarget, NamedTargets, NodePolicy, PeerPods, ResolvedCnpMatch, ResolvedCnpPeer,
+    ResolvedPeer, Resolver, namespace_labels, pod_targets, resolve_policy,
 };
 use crate::engine::ruleset::{Chain, ChainRole, Ruleset, Set};
 use crate::model::policy::Direction;
-use crate::model::{Family, Labels, NamespaceScope, ObjectKey, PodInfo, Protocol, Selector};
+use crate::model::{
+    Family, Labels, NamespaceScope, ObjectKey, PodInfo, Policy, Protocol, Selector,
+};
 
-/// More pod changes than this in one update are cheaper to redo from scratch.
-const MAX_INCREMENTAL_PODS: usize = 256;
+/// More pod and policy changes than this in one update are cheaper to redo from scratch.
+const MAX_INCREMENTAL_OBJECTS: usize = 256;
+
+/// What a batch of changes leaves to redo on this node: policies to re-resolve (both
+/// directions) and local pods whose isolation, chains and dispatch entries to rewrite.
+#[derive(Debug, Default)]
+struct Redo {
+    policies: BTreeSet<ObjectKey>,
+    pods: BTreeSet<ObjectKey>,
+}
+
+impl Redo {
+    fn is_empty(&self) -> bool {
+        self.policies.is_empty() && self.pods.is_empty()
+    }
+}
 
 /// How an update was done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,19 +135,65 @@ impl NodeCompiler {
             self.snapshot = snapshot;
             return UpdateKind::Unchanged;
         }
-        let Some(pods) = self.pod_changes(&snapshot, changes) else {
+        if !self.can_edit(&snapshot, changes) {
             self.rebuild(snapshot);
             return UpdateKind::Full;
-        };
-        for (old, new) in pods {
+        }
+        for ns in &changes.namespaces {
+            self.edit_namespace(&snapshot, ns);
+        }
+        let mut redo = Redo::default();
+        for key in &changes.pods {
+            let old = self.snapshot.pods.get(key).cloned();
+            let new = snapshot.pods.get(key).cloned();
             self.edit_memberships(&snapshot, old.as_deref(), new.as_deref());
-            if !self.edit_local_pod(&snapshot, old.as_deref(), new.as_deref()) {
-                self.rebuild(snapshot);
-                return UpdateKind::Full;
-            }
+            self.note_local_pod(&snapshot, old.as_deref(), new.as_deref(), &mut redo);
+        }
+        for key in &changes.policies {
+            self.note_policy(&snapshot, key, &mut redo);
+        }
+        if !redo.is_empty() && !self.redo_local(&snapshot, &redo) {
+            self.rebuild(snapshot);
+            return UpdateKind::Full;
         }
         self.snapshot = snapshot;
         UpdateKind::Incremental
+    }
+
+    /// Can these changes be edited in, or is the full path needed?
+    fn can_edit(&self, snapshot: &Snapshot, changes: &Changes) -> bool {
+        if changes.everything
+            || !changes.cnps.is_empty()
+            || !changes.nodes.is_empty()
+            || changes.pods.len() + changes.policies.len() > MAX_INCREMENTAL_OBJECTS
+        {
+            return false;
+        }
+        // A pod edit reads its namespace's labels as they are now, for before and after.
+        if !changes.namespaces.is_empty() && !changes.pods.is_empty() {
+            return false;
+        }
+        // With ClusterNetworkPolicies, only pods of other nodes are edited in place (they move
+        // addresses in and out of peer sets). A local pod, a policy or a namespace may change
+        // which ClusterNetworkPolicies apply to a pod of this node, and egress named ports of
+        // ClusterNetworkPolicies are not tracked per pod.
+        if !snapshot.cnps.is_empty() || !self.snapshot.cnps.is_empty() {
+            let local = |p: Option<&Arc<PodInfo>>| {
+                p.is_some_and(|p| p.node.as_deref() == Some(self.node.as_str()))
+            };
+            let any_local = changes
+                .pods
+                .iter()
+                .any(|k| local(self.snapshot.pods.get(k)) || local(snapshot.pods.get(k)));
+            if any_local
+                || !changes.policies.is_empty()
+                || !changes.namespaces.is_empty()
+                || cnp_egress_named(&self.np)
+            {
+                return false;
+            }
+        }
+        true
     }
 
     fn rebuild(&mut self, snapshot: Snapshot) {
@@ -160,52 +222,6 @@ impl NodeCompiler {
             .enumerate()
             .map(|(i, s)| (s.name.clone(), i))
             .collect();
-    }
-
-    /// The (old, new) versions of every changed pod, when only pods changed (and not too
-    /// many); `None` when the full path is needed.
-    #[allow(clippy::type_complexity)]
-    fn pod_changes(
-        &self,
-        snapshot: &Snapshot,
-        changes: &Changes,
-    ) -> Option<Vec<(Option<Arc<PodInfo>>, Option<Arc<PodInfo>>)>> {
-        if changes.everything
-            || !changes.namespaces.is_empty()
-            || !changes.policies.is_empty()
-            || !changes.cnps.is_empty()
-            || !changes.nodes.is_empty()
-            || changes.pods.len() > MAX_INCREMENTAL_PODS
-        {
-            return None;
-        }
-        // With ClusterNetworkPolicies, only pods of other nodes are edited in place (they move
-        // addresses in and out of peer sets); a local pod may change which policies apply to
-        // it, and egress named ports of ClusterNetworkPolicies are not tracked per pod.
-        if !snapshot.cnps.is_empty() || !self.snapshot.cnps.is_empty() {
-            let local = |p: Option<&Arc<PodInfo>>| {
-                p.is_some_and(|p| p.node.as_deref() == Some(self.node.as_str()))
-            };
-            let any_local = changes
-                .pods
-                .iter()
-                .any(|k| local(self.snapshot.pods.get(k)) || local(snapshot.pods.get(k)));
-            if any_local || cnp_egress_named(&self.np) {
-                return None;
-            }
-        }
-        Some(
-            changes
-                .pods
-                .iter()
-                .map(|key| {
-                    (
-                        self.snapshot.pods.get(key).cloned(),
-                        snapshot.pods.get(key).cloned(),
-                    )
-                })
-                .collect(),
-        )
     }
 
     /// Move a changed pod's addresses in and out of the peer and egress named-port sets
@@ -254,99 +270,182 @@ impl NodeCompiler {
         self.edit_egress_named(snapshot, &key, old, new, &membership);
     }
 
-    /// A pod of this node changed: re-resolve the policies of its namespace that select it
-    /// (before or after), redo its isolation, and rewrite its chains, its dispatch-map
-    /// entries and those policies' chains and sets. False when a set name collides, which
-    /// only the full path handles.
-    fn edit_local_pod(
+    /// A pod of this node changed: note the policies of its namespace that select it (before
+    /// or after) and the pod itself for [`NodeCompiler::redo_local`].
+    fn note_local_pod(
         &mut self,
         snapshot: &Snapshot,
         old: Option<&PodInfo>,
         new: Option<&PodInfo>,
-    ) -> bool {
-        let local = |p: Option<&PodInfo>| {
-            p.filter(|p| p.is_policy_target() && p.node.as_deref() == Some(self.node.as_str()))
-                .cloned()
+        redo: &mut Redo,
+    ) {
+        let node = self.node.as_str();
+        let local = |p: &&PodInfo| p.is_policy_target() && p.node.as_deref() == Some(node);
+        let (old, new) = (old.filter(local), new.filter(local));
+        let Some(key) = old.or(new).map(|p| p.key.clone()) else {
+            return; // not a pod of this node that policy applies to
         };
-        let (old, new) = (local(old), local(new));
-        let Some(key) = old.as_ref().or(new.as_ref()).map(|p| p.key.clone()) else {
-            return true; // not a pod of this node that policy applies to
+        self.edit_local_addrs(snapshot, old, new);
+        let selects = |policy: &Policy, p: Option<&PodInfo>| {
+            p.is_some_and(|p| policy.pod_selector.matches(&p.labels))
         };
-        self.edit_local_addrs(snapshot, old.as_ref(), new.as_ref());
-        let ns = key.namespace.clone();
-        let in_namespace: Vec<Arc<crate::model::Policy>> = snapshot
-            .policies
-            .range(ObjectKey::new(ns.as_str(), "")..)
+        for (k, policy) in policies_in(snapshot, &key.namespace) {
+            if selects(policy, old) || selects(policy, new) {
+                redo.policies.insert(k.clone());
+            }
+        }
+        // A policy that selected the old pod but is gone now was noted by its own change.
+        redo.pods.insert(key);
+    }
+
+    /// A NetworkPolicy was added, changed or deleted: it is re-resolved, and the local pods
+    /// of its namespace it selects (before or after) redo their isolation.
+    fn note_policy(&self, snapshot: &Snapshot, key: &ObjectKey, redo: &mut Redo) {
+        redo.policies.insert(key.clone());
+        let versions = [self.snapshot.policies.get(key), snapshot.policies.get(key)];
+        for pod in local_pods_in(snapshot, &self.node, &key.namespace) {
+            if versions
+                .iter()
+                .flatten()
+                .any(|p| p.pod_selector.matches(&pod.labels))
+            {
+                redo.pods.insert(pod.key.clone());
+            }
+        }
+    }
+
+    /// A namespace's labels changed: only the peers whose namespace selector's verdict on it
+    /// changed move its pods in or out (pods, policies and other namespaces are unchanged,
+    /// so nothing else a NetworkPolicy resolves can differ).
+    fn edit_namespace(&mut self, snapshot: &Snapshot, ns: &str) {
+        let before = namespace_labels(&self.snapshot, ns);
+        let after = namespace_labels(snapshot, ns);
+        if before == after {
+            return;
+        }
+        let flipped: Vec<(PeerKey, bool)> = self
+            .peer_keys()
+            .into_iter()
+            .filter_map(|peer| match &peer.0 {
+                NamespaceScope::Selector(sel) => {
+                    let (was, now) = (sel.matches(&before), sel.matches(&after));
+                    (was != now).then_some((peer, now))
+                }
+                NamespaceScope::Own(_) => None,
+            })
+            .collect();
+        if flipped.is_empty() {
+            return;
+        }
+        let all_peers = self.peer_keys();
+        let egress_named = self.np.policies.iter().any(|p| {
+            p.direction == Direction::Egress
+                && p.rules
+                    .iter()
+                    .any(|r| r.ports.as_ref().is_some_and(|ports| ports.named.is_some()))
+        });
+        let pods: Vec<Arc<PodInfo>> = snapshot
+            .pods
+            .range(ObjectKey::new(ns, "")..)
             .take_while(|(k, _)| k.namespace == ns)
             .map(|(_, p)| p.clone())
+            .filter(|p| p.is_policy_target())
             .collect();
-        let selects = |policy: &crate::model::Policy, p: &Option<PodInfo>| {
-            p.as_ref()
-                .is_some_and(|p| policy.pod_selector.matches(&p.labels))
-        };
-        let affected: Vec<&Arc<crate::model::Policy>> = in_namespace
-            .iter()
-            .filter(|pol| selects(pol, &old) || selects(pol, &new))
-            .collect();
+        for pod in &pods {
+            let mut moved = false;
+            for (peer, now) in &flipped {
+                if peer.1.matches(&pod.labels) {
+                    let (old, new) = if *now {
+                        (None, Some(&**pod))
+                    } else {
+                        (Some(&**pod), None)
+                    };
+                    self.edit_peer(peer, &pod.key, old, new);
+                    moved = true;
+                }
+            }
+            if moved && egress_named {
+                let member = |labels: &Labels, (scope, sel): &PeerKey| {
+                    in_scope(scope, ns, labels) && sel.matches(&pod.labels)
+                };
+                let membership: BTreeMap<PeerKey, (bool, bool)> = all_peers
+                    .iter()
+                    .map(|peer| (peer.clone(), (member(&before, peer), member(&after, peer))))
+                    .filter(|(_, (was, now))| *was || *now)
+                    .collect();
+                self.edit_egress_named(snapshot, &pod.key, Some(pod), Some(pod), &membership);
+            }
+        }
+    }
 
-        // Resolve: the affected policies, from the peers already resolved.
+    /// Re-resolve the noted policies (peers come from what is already resolved; a new
+    /// selector is resolved against the snapshot), redo the noted local pods' isolation, and
+    /// rewrite those policies' chains and sets, and those pods' chains and dispatch-map
+    /// entries. False when a set name collides, which only the full path handles.
+    fn redo_local(&mut self, snapshot: &Snapshot, redo: &Redo) -> bool {
         let peers = pod_peers(&self.np)
             .map(|pp| ((pp.scope.clone(), pp.pods.clone()), pp.clone()))
             .collect();
         let mut resolver = Resolver::new(snapshot, peers);
-        let node = self.node.as_str();
-        let local_in_ns: Vec<&Arc<PodInfo>> = snapshot
-            .pods
-            .range(ObjectKey::new(ns.as_str(), "")..)
-            .take_while(|(k, _)| k.namespace == ns)
-            .map(|(_, p)| p)
-            .filter(|p| p.is_policy_target() && p.node.as_deref() == Some(node))
-            .collect();
+        let node = self.node.clone();
+
+        // Resolve: each noted policy, for the local pods it selects now.
         let mut redone: Vec<(ObjectKey, Direction)> = Vec::new();
-        for policy in &affected {
+        for key in &redo.policies {
+            let policy = snapshot.policies.get(key);
+            let local_in_ns = local_pods_in(snapshot, &node, &key.namespace);
             for d in Direction::ALL {
-                let Some(rules) = policy.rules(d) else {
-                    continue;
+                let selected: Vec<&Arc<PodInfo>> = match policy.filter(|p| p.rules(d).is_some()) {
+                    Some(policy) => local_in_ns
+                        .iter()
+                        .copied()
+                        .filter(|p| policy.pod_selector.matches(&p.labels))
+                        .collect(),
+                    None => Vec::new(),
                 };
-                let selected: Vec<&Arc<PodInfo>> = local_in_ns
-                    .iter()
-                    .copied()
-                    .filter(|p| policy.pod_selector.matches(&p.labels))
-                    .collect();
                 let at = self
                     .np
                     .policies
-                    .binary_search_by(|p| (&p.policy, p.direction).cmp(&(&policy.key, d)));
-                match (selected.is_empty(), at) {
-                    (true, Ok(i)) => {
+                    .binary_search_by(|p| (&p.policy, p.direction).cmp(&(key, d)));
+                match (policy, selected.is_empty(), at) {
+                    (_, true, Ok(i)) => {
                         self.np.policies.remove(i);
                     }
-                    (true, Err(_)) => {}
-                    (false, at) => {
+                    (Some(policy), false, at) => {
+                        let rules = policy.rules(d).unwrap_or_default();
                         let pr = resolve_policy(&mut resolver, policy, d, rules, &selected);
                         match at {
                             Ok(i) => self.np.policies[i] = pr,
                             Err(i) => self.np.policies.insert(i, pr),
                         }
                     }
+                    _ => {}
                 }
-                redone.push((policy.key.clone(), d));
+                redone.push((key.clone(), d));
             }
         }
 
-        // Resolve: the pod's own isolation.
-        let old_entry = self
-            .np
-            .pods
-            .binary_search_by(|p| p.key.cmp(&key))
-            .ok()
-            .map(|i| self.np.pods.remove(i));
-        if let Some(pod) = &new {
+        // Resolve: each noted pod's isolation, from every policy of its namespace.
+        let mut old_entries: BTreeMap<ObjectKey, LocalPod> = BTreeMap::new();
+        for key in &redo.pods {
+            if let Ok(i) = self.np.pods.binary_search_by(|p| p.key.cmp(key)) {
+                old_entries.insert(key.clone(), self.np.pods.remove(i));
+            }
+            let Some(pod) = snapshot
+                .pods
+                .get(key)
+                .filter(|p| p.is_policy_target() && p.node.as_deref() == Some(node.as_str()))
+            else {
+                continue;
+            };
+            let in_ns = policies_in(snapshot, &key.namespace);
             let isolated_by = |d: Direction| {
-                let by: Vec<ObjectKey> = in_namespace
+                let by: Vec<ObjectKey> = in_ns
                     .iter()
-                    .filter(|pol| pol.rules(d).is_some() && selects(pol, &new))
-                    .map(|pol| pol.key.clone())
+                    .filter(|(_, pol)| {
+                        pol.rules(d).is_some() && pol.pod_selector.matches(&pod.labels)
+                    })
+                    .map(|(k, _)| (*k).clone())
                     .collect();
                 (!by.is_empty()).then_some(by)
             };
@@ -358,14 +457,14 @@ impl NodeCompiler {
                 cnps: Default::default(),
             };
             if entry.ingress.is_some() || entry.egress.is_some() {
-                if let Err(i) = self.np.pods.binary_search_by(|p| p.key.cmp(&key)) {
+                if let Err(i) = self.np.pods.binary_search_by(|p| p.key.cmp(key)) {
                     self.np.pods.insert(i, entry);
                 }
             }
         }
 
         // Compile: the policies' chains and sets first (a pod chain jumps only to policy
-        // chains that have rules), then the pod's chains and dispatch entries.
+        // chains that have rules), then the pods' chains and dispatch entries.
         let mut sets = Sets::default();
         for (policy, d) in &redone {
             remove_chain(&mut self.rs, &policy_chain_name(*d, policy));
@@ -385,26 +484,41 @@ impl NodeCompiler {
             return false;
         }
         let facts = PolicyFacts::of(&self.np);
-        let new_entry = self
-            .np
-            .pods
-            .binary_search_by(|p| p.key.cmp(&key))
-            .ok()
-            .map(|i| self.np.pods[i].clone());
+        for key in &redo.pods {
+            let old_entry = old_entries.get(key);
+            let new_entry = self
+                .np
+                .pods
+                .binary_search_by(|p| p.key.cmp(key))
+                .ok()
+                .map(|i| self.np.pods[i].clone());
+            self.rewrite_pod(key, old_entry, new_entry.as_ref(), &facts);
+        }
+        true
+    }
+
+    /// Replace one local pod's chains and dispatch-map entries.
+    fn rewrite_pod(
+        &mut self,
+        key: &ObjectKey,
+        old_entry: Option<&LocalPod>,
+        new_entry: Option<&LocalPod>,
+        facts: &PolicyFacts,
+    ) {
         for d in Direction::ALL {
-            remove_chain(&mut self.rs, &pod_chain_name(d, &key));
-            remove_chain(&mut self.rs, &drop_chain_name(d, &key));
+            remove_chain(&mut self.rs, &pod_chain_name(d, key));
+            remove_chain(&mut self.rs, &drop_chain_name(d, key));
             for entry in old_entry.iter().filter(|e| e.isolated_by(d).is_some()) {
                 for ip in &entry.ips {
                     let map = dispatch_map_name(d, Family::of(ip));
-                    let gone = Some((*ip, pod_chain_name(d, &key)));
+                    let gone = Some((*ip, pod_chain_name(d, key)));
                     if let Some(set) = self.set_mut(&map) {
                         set.elements.retain(|e| dispatch_key(e) != gone);
                     }
                 }
             }
-            if let Some(entry) = &new_entry {
-                if let Some(pc) = pod_chains(entry, d, &facts, &self.opts) {
+            if let Some(entry) = new_entry {
+                if let Some(pc) = pod_chains(entry, d, facts, &self.opts) {
                     for ip in &entry.ips {
                         let map = dispatch_map_name(d, Family::of(ip));
                         let element = format!("{ip} : goto {}", pc.chain.name);
@@ -425,7 +539,6 @@ impl NodeCompiler {
                 }
             }
         }
-        true
     }
 
     /// Keep the known local addresses (and their `local-pods-*` sets) current: an address
@@ -467,7 +580,7 @@ impl NodeCompiler {
 
     fn set_mut(&mut self, name: &str) -> Option<&mut Set> {
         let i = *self.set_index.get(name)?;
-        self.rs.sets.get_mut(i)
+        self.rs.sets.get_mut(i).map(Arc::make_mut)
     }
 
     /// Adopt the sets the re-resolved policies registered: refresh the elements of those we
@@ -489,7 +602,7 @@ impl NodeCompiler {
                     let first_content = self.rs.sets.partition_point(|s| s.verdict_map);
                     let at = first_content
                         + self.rs.sets[first_content..].partition_point(|s| s.name < set.name);
-                    self.rs.sets.insert(at, set);
+                    self.rs.sets.insert(at, Arc::new(set));
                     self.identities.insert(name, identity);
                     self.reindex_sets();
                 }
@@ -576,6 +689,7 @@ impl NodeCompiler {
                 .get(&(peer.0.clone(), peer.1.clone(), f))
                 .and_then(|name| self.set_index.get(name))
                 .and_then(|i| self.rs.sets.get_mut(*i))
+                .map(Arc::make_mut)
             else {
                 continue;
             };
@@ -707,7 +821,8 @@ impl NodeCompiler {
                     .named
                     .get(&(policy.clone(), Direction::Egress, index, f))
                     .and_then(|name| self.set_index.get(name))
-                    .and_then(|i| self.rs.sets.get_mut(*i));
+                    .and_then(|i| self.rs.sets.get_mut(*i))
+                    .map(Arc::make_mut);
                 let Some(set) = set else { continue };
                 let in_family = |t: &&Target| Family::of(&t.0) == f;
                 for t in gone.iter().filter(in_family) {
@@ -725,19 +840,12 @@ impl NodeCompiler {
     }
 }
 
-/// A named-port target: destination address, protocol, port.
-type Target = (IpAddr, Protocol, u16);
+type Target = NamedTarget;
 
 /// The targets one pod contributes for a list of port names.
 fn targets_of(pod: Option<&PodInfo>, names: &[(Protocol, String)]) -> BTreeSet<Target> {
-    let mut out = BTreeSet::new();
-    let Some(pod) = pod else { return out };
-    for (proto, name) in names {
-        if let Some(port) = pod.resolve_named_port(name, *proto) {
-            out.extend(pod.ips.iter().map(|ip| (*ip, *proto, port)));
-        }
-    }
-    out
+    pod.map(|p| pod_targets(p, names).collect())
+        .unwrap_or_default()
 }
 
 /// A named-port set element as the compiler writes it.
@@ -778,9 +886,9 @@ fn insert_chain(rs: &mut Ruleset, chain: Chain) {
         .partition_point(|c| matches!(c.role, ChainRole::Base { .. }));
     let at = first + rs.chains[first..].partition_point(|c| c.name < chain.name);
     if rs.chains.get(at).is_some_and(|c| c.name == chain.name) {
-        rs.chains[at] = chain;
+        rs.chains[at] = Arc::new(chain);
     } else {
-        rs.chains.insert(at, chain);
+        rs.chains.insert(at, Arc::new(chain));
     }
 }
 
@@ -869,4 +977,24 @@ fn cnp_egress_named(np: &NodePolicy) -> bool {
                 matches!(&r.matches, ResolvedCnpMatch::Peers { ports: Some(p), .. } if p.named.is_some())
             })
     })
+}
+
+/// The NetworkPolicies of one namespace, in key order.
+fn policies_in<'s>(snapshot: &'s Snapshot, ns: &str) -> Vec<(&'s ObjectKey, &'s Arc<Policy>)> {
+    snapshot
+        .policies
+        .range(ObjectKey::new(ns, "")..)
+        .take_while(|(k, _)| k.namespace == ns)
+        .collect()
+}
+
+/// The pods of one namespace on `node` that policy applies to, in key order.
+fn local_pods_in<'s>(snapshot: &'s Snapshot, node: &str, ns: &str) -> Vec<&'s Arc<PodInfo>> {
+    snapshot
+        .pods
+        .range(ObjectKey::new(ns, "")..)
+        .take_while(|(k, _)| k.namespace == ns)
+        .map(|(_, p)| p)
+        .filter(|p| p.is_policy_target() && p.node.as_deref() == Some(node))
+        .collect()
 }

@@ -5,7 +5,7 @@
 //! addresses, every named port turned into concrete (address, protocol, port) tuples on the
 //! pod that owns it. The compiler after this step only decides how to say it in nftables.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -286,14 +286,89 @@ pub(crate) fn namespace_labels(snapshot: &Snapshot, ns: &str) -> Labels {
     }
 }
 
+/// The namespaces pods live in, each once, in order: one seek per namespace rather than a
+/// visit of every pod.
+fn pod_namespaces(snapshot: &Snapshot) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut from = ObjectKey::new("", "");
+    while let Some((k, _)) = snapshot.pods.range(from.clone()..).next() {
+        out.push(k.namespace.clone());
+        // Names cannot hold NUL, so this is the first key of any later namespace.
+        from = ObjectKey::new(format!("{}\0", k.namespace), "");
+    }
+    out
+}
+
+/// The policy-target pods of one namespace, with a label index built on first use, so a
+/// selector with `matchLabels` visits only the pods carrying one of its labels instead of
+/// every pod of the namespace.
+struct NamespacePods<'a> {
+    /// In key order.
+    pods: Vec<&'a Arc<PodInfo>>,
+    /// (label key, value) → positions in `pods`, ascending.
+    by_label: Option<HashMap<(&'a str, &'a str), Vec<u32>>>,
+}
+
+impl<'a> NamespacePods<'a> {
+    /// The pods `sel` matches, in key order.
+    fn matching(&mut self, sel: &Selector, mut f: impl FnMut(&'a Arc<PodInfo>)) {
+        let Some((k, v)) = sel.match_labels.iter().next() else {
+            for pod in self.pods.iter().filter(|p| sel.matches(&p.labels)) {
+                f(pod);
+            }
+            return;
+        };
+        // Small namespaces are cheaper to scan than to index.
+        if self.pods.len() < 16 {
+            for pod in self.pods.iter().filter(|p| sel.matches(&p.labels)) {
+                f(pod);
+            }
+            return;
+        }
+        let pods = &self.pods;
+        let index = self.by_label.get_or_insert_with(|| {
+            let mut index: HashMap<(&'a str, &'a str), Vec<u32>> = HashMap::new();
+            for (i, pod) in pods.iter().enumerate() {
+                for (lk, lv) in &pod.labels {
+                    index
+                        .entry((lk.as_str(), lv.as_str()))
+                        .or_default()
+                        .push(i as u32);
+                }
+            }
+            index
+        });
+        // Every matching pod carries the first `matchLabels` pair; check the rest on those.
+        for i in index.get(&(k.as_str(), v.as_str())).into_iter().flatten() {
+            let pod = pods[*i as usize];
+            if sel.matches(&pod.labels) {
+                f(pod);
+            }
+        }
+    }
+}
+
 /// Resolves peers against one snapshot, remembering each selector pair it has resolved.
+///
+/// What it learns of the snapshot (namespace names and labels, each namespace's pods and
+/// their label index) is gathered on first use and kept for the resolver's life, so resolving
+/// a selector costs in proportion to the namespaces and pods it can match, and an
+/// incremental update that resolves one new selector touches only its namespaces.
 pub(crate) struct Resolver<'a> {
     snapshot: &'a Snapshot,
-    /// Every namespace name: declared ones and those only pods mention (computed when a
-    /// namespace selector first needs it).
-    namespaces: Option<BTreeSet<String>>,
+    /// Every namespace name (declared ones and those only pods mention), with the labels a
+    /// namespace selector sees; computed when a namespace selector first needs it.
+    namespaces: Option<Vec<(String, Labels)>>,
+    /// Each namespace's policy-target pods, gathered when first needed.
+    pods: HashMap<String, NamespacePods<'a>>,
     peers: BTreeMap<(NamespaceScope, Selector), Arc<PeerPods>>,
+    /// Egress named-port targets per selector pair and port names.
+    named: NamedByPeer,
 }
+
+/// Egress named-port targets of one selector pair for a list of port names.
+type NamedByPeer =
+    BTreeMap<(NamespaceScope, Selector, Vec<(Protocol, String)>), Arc<BTreeSet<NamedTarget>>>;
 
 impl<'a> Resolver<'a> {
     /// A resolver that already knows some selector pairs (they must match `snapshot`).
@@ -304,40 +379,54 @@ impl<'a> Resolver<'a> {
         Self {
             snapshot,
             namespaces: None,
+            pods: HashMap::new(),
             peers,
+            named: BTreeMap::new(),
         }
     }
 
-    fn namespaces(&mut self) -> &BTreeSet<String> {
+    fn namespaces(&mut self) -> &[(String, Labels)] {
         let snapshot = self.snapshot;
         self.namespaces.get_or_insert_with(|| {
             let mut names: BTreeSet<String> =
                 snapshot.namespaces.iter().map(|(k, _)| k.clone()).collect();
-            names.extend(snapshot.pods.iter().map(|(k, _)| k.namespace.clone()));
+            names.extend(pod_namespaces(snapshot));
             names
+                .into_iter()
+                .map(|ns| {
+                    let labels = namespace_labels(snapshot, &ns);
+                    (ns, labels)
+                })
+                .collect()
         })
     }
 
-    fn pods_in(&self, ns: &str) -> impl Iterator<Item = &'a Arc<PodInfo>> + 'a {
-        let start = ObjectKey::new(ns, "");
-        let ns = ns.to_string();
-        self.snapshot
-            .pods
-            .range(start..)
-            .take_while(move |(k, _)| k.namespace == ns)
-            .map(|(_, p)| p)
-            .filter(|p| p.is_policy_target())
+    /// The policy-target pods of `ns`.
+    fn namespace_pods(&mut self, ns: &str) -> &mut NamespacePods<'a> {
+        let snapshot = self.snapshot;
+        self.pods.entry(ns.to_string()).or_insert_with(|| {
+            let start = ObjectKey::new(ns, "");
+            NamespacePods {
+                pods: snapshot
+                    .pods
+                    .range(start..)
+                    .take_while(|(k, _)| k.namespace == ns)
+                    .map(|(_, p)| p)
+                    .filter(|p| p.is_policy_target())
+                    .collect(),
+                by_label: None,
+            }
+        })
     }
 
     fn matching_namespaces(&mut self, scope: &NamespaceScope) -> Vec<String> {
-        let snapshot = self.snapshot;
         match scope {
             NamespaceScope::Own(ns) => vec![ns.clone()],
             NamespaceScope::Selector(sel) => self
                 .namespaces()
                 .iter()
-                .filter(|ns| sel.matches(&namespace_labels(snapshot, ns)))
-                .cloned()
+                .filter(|(_, labels)| sel.matches(labels))
+                .map(|(ns, _)| ns.clone())
                 .collect(),
         }
     }
@@ -350,12 +439,10 @@ impl<'a> Resolver<'a> {
         let mut members = Vec::new();
         let mut addrs = BTreeSet::new();
         for ns in self.matching_namespaces(scope) {
-            for pod in self.pods_in(&ns) {
-                if pods.matches(&pod.labels) {
-                    members.push(pod.key.clone());
-                    addrs.extend(pod.ips.iter().copied());
-                }
-            }
+            self.namespace_pods(&ns).matching(pods, |pod| {
+                members.push(pod.key.clone());
+                addrs.extend(pod.ips.iter().copied());
+            });
         }
         let resolved = Arc::new(PeerPods {
             scope: scope.clone(),
@@ -380,30 +467,69 @@ impl<'a> Resolver<'a> {
         (members, addrs)
     }
 
-    /// Pods a named port may resolve on, for egress: every pod the rule's pod peers match,
-    /// or every pod in the cluster when the rule has no peers.
-    fn egress_named_candidates(&mut self, peers: Option<&[Peer]>) -> Vec<Arc<PodInfo>> {
-        match peers {
-            None => self
+    /// Egress named ports resolve on the peer (destination) pods: the (address, protocol,
+    /// port) targets of every pod the given pod peers match (`None`: every pod in the
+    /// cluster, for a rule with no peers). Each peer's targets are computed once per
+    /// resolver and names, from the namespace pods it matches (no lookups by key).
+    fn egress_named_targets(
+        &mut self,
+        peers: Option<Vec<(NamespaceScope, Selector)>>,
+        names: &[(Protocol, String)],
+    ) -> NamedTargets {
+        let Some(peers) = peers else {
+            let all = self
                 .snapshot
                 .pods
                 .iter()
-                .map(|(_, p)| p.clone())
-                .filter(|p| p.is_policy_target())
-                .collect(),
-            Some(list) => {
-                let mut keys = BTreeSet::new();
-                for p in list {
-                    if let Peer::Pods { namespaces, pods } = p {
-                        keys.extend(self.peer_pods(namespaces, pods).members.iter().cloned());
+                .map(|(_, p)| p)
+                .filter(|p| p.is_policy_target());
+            return named_targets(names, all);
+        };
+        let mut targets = BTreeSet::new();
+        for (scope, sel) in peers {
+            let key = (scope, sel, names.to_vec());
+            let of_peer = match self.named.get(&key) {
+                Some(hit) => hit.clone(),
+                None => {
+                    let mut found = BTreeSet::new();
+                    for ns in self.matching_namespaces(&key.0) {
+                        self.namespace_pods(&ns).matching(&key.1, |pod| {
+                            found.extend(pod_targets(pod, names));
+                        });
                     }
+                    let found = Arc::new(found);
+                    self.named.insert(key, found.clone());
+                    found
                 }
-                keys.iter()
-                    .filter_map(|k| self.snapshot.pods.get(k).cloned())
-                    .collect()
+            };
+            if targets.is_empty() {
+                targets = (*of_peer).clone();
+            } else {
+                targets.extend(of_peer.iter().copied());
             }
         }
+        NamedTargets {
+            names: names.to_vec(),
+            targets,
+        }
     }
+}
+
+/// A named-port target: destination address, protocol, port.
+pub(crate) type NamedTarget = (IpAddr, Protocol, u16);
+
+/// The targets one pod contributes for a list of port names.
+pub(crate) fn pod_targets(
+    pod: &PodInfo,
+    names: &[(Protocol, String)],
+) -> impl Iterator<Item = NamedTarget> {
+    names.iter().flat_map(move |(proto, name)| {
+        let port = pod.resolve_named_port(name, *proto);
+        pod.ips
+            .iter()
+            .filter(move |_| port.is_some())
+            .map(move |ip| (*ip, *proto, port.unwrap_or_default()))
+    })
 }
 
 fn merge_ranges(mut v: Vec<(Protocol, u16, u16)>) -> Vec<(Protocol, u16, u16)> {
@@ -426,12 +552,7 @@ fn named_targets(
 ) -> NamedTargets {
     let mut targets = BTreeSet::new();
     for pod in pods {
-        let pod = pod.as_ref();
-        for (proto, name) in names {
-            if let Some(port) = pod.resolve_named_port(name, *proto) {
-                targets.extend(pod.ips.iter().map(|ip| (*ip, *proto, port)));
-            }
-        }
+        targets.extend(pod_targets(pod.as_ref(), names));
     }
     NamedTargets {
         names: names.to_vec(),
@@ -630,17 +751,16 @@ fn resolve_cnp_rule(
                     // Egress: the destination is a peer pod (computed only here: a peer
                     // may hold thousands of pods).
                     Direction::Egress => {
-                        let mut members: BTreeSet<&ObjectKey> = BTreeSet::new();
-                        for p in &resolved {
-                            if let ResolvedCnpPeer::Pods(pp) = p {
-                                members.extend(pp.members.iter());
-                            }
-                        }
-                        let pods: Vec<Arc<PodInfo>> = members
-                            .into_iter()
-                            .filter_map(|k| r.snapshot.pods.get(k).cloned())
+                        let pod_peers = resolved
+                            .iter()
+                            .filter_map(|p| match p {
+                                ResolvedCnpPeer::Pods(pp) => {
+                                    Some((pp.scope.clone(), pp.pods.clone()))
+                                }
+                                _ => None,
+                            })
                             .collect();
-                        named_targets(&names, pods)
+                        r.egress_named_targets(Some(pod_peers), &names)
                     }
                 });
                 ResolvedPorts {
@@ -721,8 +841,17 @@ fn resolve_rule(
             Direction::Ingress => named_targets(&names, selected.iter().map(|p| (*p).clone())),
             // Egress: the destination is the peer pod.
             Direction::Egress => {
-                let candidates = r.egress_named_candidates(rule.peers.as_deref());
-                named_targets(&names, candidates)
+                let pod_peers = rule.peers.as_ref().map(|list| {
+                    list.iter()
+                        .filter_map(|p| match p {
+                            Peer::Pods { namespaces, pods } => {
+                                Some((namespaces.clone(), pods.clone()))
+                            }
+                            Peer::IpBlock(_) => None,
+                        })
+                        .collect()
+                });
+                r.egress_named_targets(pod_peers, &names)
             }
         });
         ResolvedPorts {

@@ -6,6 +6,7 @@
 //! equality the kernel cares about when deciding what to rewrite.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 /// Name of the one table we own.
 pub const TABLE: &str = "kube-nftpolicy";
@@ -15,10 +16,11 @@ pub const TABLE: &str = "kube-nftpolicy";
 pub struct Ruleset {
     /// Table comment.
     pub comment: String,
-    /// Sets and maps, in render order.
-    pub sets: Vec<Set>,
-    /// Chains, in render order (base chains first).
-    pub chains: Vec<Chain>,
+    /// Sets and maps, in render order. Shared, so keeping the applied ruleset beside the
+    /// next one costs a pointer per object, and a diff skips what both still share.
+    pub sets: Vec<Arc<Set>>,
+    /// Chains, in render order (base chains first); shared like the sets.
+    pub chains: Vec<Arc<Chain>>,
 }
 
 /// A named set or verdict map.
@@ -108,12 +110,12 @@ pub struct Chain {
 impl Ruleset {
     /// Look up a chain.
     pub fn chain(&self, name: &str) -> Option<&Chain> {
-        self.chains.iter().find(|c| c.name == name)
+        self.chains.iter().find(|c| c.name == name).map(|c| &**c)
     }
 
     /// Look up a set or map.
     pub fn set(&self, name: &str) -> Option<&Set> {
-        self.sets.iter().find(|s| s.name == name)
+        self.sets.iter().find(|s| s.name == name).map(|s| &**s)
     }
 
     /// Total number of set and map elements.

@@ -12,8 +12,9 @@
 //! Object comments never change for a given name (the kernel ignores a changed comment on an
 //! existing object), which is why all changing detail lives in rule comments.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use super::{Counter, KernelState};
 use crate::engine::ruleset::{Chain, Ruleset, Set, TABLE, quote_comment};
@@ -230,11 +231,11 @@ pub fn full(desired: &Ruleset, kernel: &KernelState) -> Transaction {
 /// `pending` are chains flushed by the previous transaction, deleted now unless wanted again.
 pub fn partial(applied: &Ruleset, desired: &Ruleset, pending: &BTreeSet<String>) -> Transaction {
     let mut out = String::new();
-    let old_sets: BTreeMap<&str, &Set> =
+    let old_sets: HashMap<&str, &Arc<Set>> =
         applied.sets.iter().map(|s| (s.name.as_str(), s)).collect();
-    let new_sets: BTreeMap<&str, &Set> =
+    let new_sets: HashMap<&str, &Arc<Set>> =
         desired.sets.iter().map(|s| (s.name.as_str(), s)).collect();
-    let old_chains: BTreeMap<&str, &Chain> = applied
+    let old_chains: HashMap<&str, &Arc<Chain>> = applied
         .chains
         .iter()
         .map(|c| (c.name.as_str(), c))
@@ -264,6 +265,8 @@ pub fn partial(applied: &Ruleset, desired: &Ruleset, pending: &BTreeSet<String>)
     for set in &desired.sets {
         match old_sets.get(set.name.as_str()) {
             None => element_changes += add_elements(&mut out, set, &set.elements),
+            // Shared with the applied ruleset: unchanged, without comparing elements.
+            Some(old) if Arc::ptr_eq(old, set) => {}
             Some(old) if old.elements != set.elements => {
                 // Hash lookups, in element order: a changed peer set may hold thousands of
                 // addresses, and a sync usually moves one or two.
@@ -289,6 +292,7 @@ pub fn partial(applied: &Ruleset, desired: &Ruleset, pending: &BTreeSet<String>)
                 add_rules(&mut out, chain);
                 chains_written += 1;
             }
+            Some(old) if Arc::ptr_eq(old, chain) => {}
             Some(old) if old.rules != chain.rules && !is_drop(chain) => {
                 let _ = writeln!(out, "flush chain inet {TABLE} {}", chain.name);
                 add_rules(&mut out, chain);
@@ -332,24 +336,24 @@ mod tests {
     use super::*;
     use crate::engine::ruleset::{Chain, ChainRole, Set};
 
-    fn map(elements: &[&str]) -> Set {
-        Set {
+    fn map(elements: &[&str]) -> Arc<Set> {
+        Arc::new(Set {
             name: "ingress-v4".into(),
             key_type: "ipv4_addr".into(),
             verdict_map: true,
             interval: false,
             comment: "m".into(),
             elements: elements.iter().map(|s| s.to_string()).collect(),
-        }
+        })
     }
 
-    fn chain(name: &str, rules: &[&str]) -> Chain {
-        Chain {
+    fn chain(name: &str, rules: &[&str]) -> Arc<Chain> {
+        Arc::new(Chain {
             name: name.into(),
             role: ChainRole::Pod,
             comment: "c".into(),
             rules: rules.iter().map(|s| s.to_string()).collect(),
-        }
+        })
     }
 
     fn line_of(script: &str, needle: &str) -> usize {
@@ -443,7 +447,7 @@ mod tests {
         let rs = Ruleset {
             comment: "t".into(),
             sets: vec![],
-            chains: vec![drop],
+            chains: vec![Arc::new(drop)],
         };
         let mut kernel = KernelState {
             table: true,
