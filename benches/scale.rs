@@ -21,7 +21,8 @@ use kube_nftpolicy::engine::resolve::resolve;
 use kube_nftpolicy::engine::resolve::{NodePolicy, ResolvedPeer};
 use kube_nftpolicy::engine::ruleset::render;
 use kube_nftpolicy::kernel::nft::transaction;
-use kube_nftpolicy::model::{NamespaceScope, PodInfo};
+use kube_nftpolicy::model::policy::{PortMatch, PortSpec, Protocol, Rule};
+use kube_nftpolicy::model::{Labels, NamespaceScope, PodInfo, Policy};
 
 const NODE: &str = "node-7";
 
@@ -61,6 +62,64 @@ fn toggle_pod(
         black_box(tx);
     }
     total
+}
+
+/// Time `iters` incremental updates that alternate between `forward` and `back`, each with
+/// the partial transaction, like [`toggle_pod`]; the state is restored at the end.
+fn toggle(
+    idx: &mut Index,
+    nc: &mut NodeCompiler,
+    forward: &dyn Fn(&mut Index),
+    back: &dyn Fn(&mut Index),
+    iters: u64,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut on = false;
+    for _ in 0..iters {
+        let before = nc.ruleset().clone();
+        if on {
+            back(idx)
+        } else {
+            forward(idx)
+        }
+        on = !on;
+        let t = Instant::now();
+        let (snap, changes) = idx.snapshot_with_changes();
+        let kind = nc.update(snap, &changes);
+        let tx = transaction::partial(&before, nc.ruleset(), &BTreeSet::new());
+        total += t.elapsed();
+        assert_eq!(kind, UpdateKind::Incremental, "update path");
+        assert!(
+            tx.element_changes + tx.chains_written > 0,
+            "the change must reach this node"
+        );
+        black_box(tx);
+    }
+    if on {
+        back(idx);
+        let (snap, changes) = idx.snapshot_with_changes();
+        nc.update(snap, &changes);
+    }
+    total
+}
+
+/// `policy` with one more allowed port in its first rule (or a first rule allowing it): the
+/// kind of edit GitOps applies.
+fn with_extra_port(policy: &Policy) -> Policy {
+    let mut p = policy.clone();
+    let extra = PortSpec {
+        protocol: Protocol::Tcp,
+        port: PortMatch::Range(9_999, 9_999),
+    };
+    let rules = p.ingress.get_or_insert_with(Vec::new);
+    match rules.first_mut() {
+        Some(rule) => rule.ports.get_or_insert_with(Vec::new).push(extra),
+        None => rules.push(Rule {
+            peers: None,
+            ports: Some(vec![extra]),
+        }),
+    }
+    p
 }
 
 /// The peer selector pairs of `np` that take in `pod`.
@@ -201,6 +260,109 @@ fn bench_scale(c: &mut Criterion, label: &str, s: &synthetic::Scale) {
     assert_eq!(local.node.as_deref(), Some(NODE));
     g.bench_function("incremental: one local pod added", |b| {
         b.iter_custom(|n| toggle_pod(&mut idx, &mut nc, None, &local, UpdateKind::Incremental, n))
+    });
+
+    // A policy that selects pods of this node gets one more port.
+    let snap_now = idx.snapshot();
+    let target = nc
+        .node_policy()
+        .policies
+        .first()
+        .map(|p| p.policy.clone())
+        .expect("a policy selects a pod of this node");
+    let original = (**snap_now.policies.get(&target).expect("policy")).clone();
+    let edited = with_extra_port(&original);
+    g.bench_function("incremental: one policy changed", |b| {
+        b.iter_custom(|n| {
+            toggle(
+                &mut idx,
+                &mut nc,
+                &|i: &mut Index| {
+                    i.apply_policy(edited.clone());
+                },
+                &|i: &mut Index| {
+                    i.apply_policy(original.clone());
+                },
+                n,
+            )
+        })
+    });
+
+    // A burst of 100 policies changed at once (every tenth of the cluster's, so some select
+    // this node's pods and most do not).
+    let originals: Vec<Policy> = snap_now
+        .policies
+        .iter()
+        .map(|(_, p)| (**p).clone())
+        .step_by((s.policies / 100).max(1))
+        .take(100)
+        .collect();
+    let edits: Vec<Policy> = originals.iter().map(with_extra_port).collect();
+    g.bench_function("incremental: a burst of 100 policies changed", |b| {
+        b.iter_custom(|n| {
+            toggle(
+                &mut idx,
+                &mut nc,
+                &|i: &mut Index| {
+                    for p in &edits {
+                        i.apply_policy(p.clone());
+                    }
+                },
+                &|i: &mut Index| {
+                    for p in &originals {
+                        i.apply_policy(p.clone());
+                    }
+                },
+                n,
+            )
+        })
+    });
+
+    // A namespace moves between environments, in or out of the selectors spanning every
+    // `prod` namespace (the first one whose move reaches this node).
+    let flips = |before: &Labels, after: &Labels| {
+        nc.node_policy()
+            .policies
+            .iter()
+            .flat_map(|p| &p.rules)
+            .filter_map(|r| r.peers.as_ref())
+            .flatten()
+            .any(|peer| match peer {
+                ResolvedPeer::Pods(pp) => match &pp.scope {
+                    NamespaceScope::Selector(sel) => sel.matches(before) != sel.matches(after),
+                    NamespaceScope::Own(_) => false,
+                },
+                ResolvedPeer::IpBlock { .. } => false,
+            })
+    };
+    let relabel = (0..s.namespaces)
+        .map(synthetic::namespace)
+        .map(|ns| {
+            let mut moved = ns.clone();
+            let env = if ns.labels.get("env").map(String::as_str) == Some("prod") {
+                "staging"
+            } else {
+                "prod"
+            };
+            moved.labels.insert("env".into(), env.into());
+            (ns, moved)
+        })
+        .find(|(ns, moved)| flips(&ns.labels, &moved.labels))
+        .expect("some namespace relabel reaches this node");
+    g.bench_function("incremental: one namespace relabelled", |b| {
+        b.iter_custom(|n| {
+            toggle(
+                &mut idx,
+                &mut nc,
+                &|i: &mut Index| {
+                    i.apply_namespace(relabel.1.clone());
+                },
+                &|i: &mut Index| {
+                    i.apply_namespace(relabel.0.clone());
+                },
+                n,
+            )
+        })
     });
     g.finish();
 }

@@ -3,6 +3,7 @@
 //! which changes take the full path); a seeded random walk of a few thousand changes over a
 //! small, deliberately awkward cluster compares the two after every step.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use kube_nftpolicy::engine::compile::{CompileOptions, compile, node_policy};
@@ -686,8 +687,33 @@ fn random_walk_with_cluster_network_policies_matches_full_compile() {
         let mut c = NodeCompiler::new(NODE, opts.clone());
         step(&mut c, &mut idx, &opts, &format!("seed {seed}: initial"));
         let mut incremental = 0;
-        for i in 0..500 {
-            let what = match r.below(20) {
+        let mut by_kind: BTreeMap<&str, usize> = BTreeMap::new();
+        for i in 0..700 {
+            let what = match r.below(24) {
+                20 => {
+                    let ns = r.pick(NAMESPACES);
+                    idx.apply_namespace(namespace(ns, r.pick(&["x", "y"])));
+                    "namespace relabelled"
+                }
+                21 => {
+                    let p = random_policy(&mut r);
+                    idx.delete_policy(&p.key);
+                    "policy deleted"
+                }
+                22 => {
+                    for _ in 0..3 {
+                        idx.apply_cnp(random_cnp(&mut r));
+                    }
+                    idx.apply_policy(random_policy(&mut r));
+                    "burst of cluster network policies and a policy"
+                }
+                23 => {
+                    // A pod of this node: its tiers are redone in place.
+                    let mut p = random_pod(&mut r);
+                    p.node = Some(NODE.to_string());
+                    idx.apply_pod(p);
+                    "local pod applied"
+                }
                 0 => {
                     idx.apply_cnp(random_cnp(&mut r));
                     "cluster network policy applied"
@@ -719,11 +745,26 @@ fn random_walk_with_cluster_network_policies_matches_full_compile() {
             ) == UpdateKind::Incremental
             {
                 incremental += 1;
+                *by_kind.entry(what).or_default() += 1;
             }
         }
         assert!(
-            incremental > 60,
-            "seed {seed}: only {incremental} incremental updates"
+            incremental > 250,
+            "seed {seed}: only {incremental} incremental updates ({by_kind:?})"
         );
+        // Every kind of change must take the fast path often, or the walk proves nothing
+        // about it.
+        for kind in [
+            "cluster network policy applied",
+            "cluster network policy deleted",
+            "policy applied",
+            "namespace relabelled",
+            "local pod applied",
+        ] {
+            assert!(
+                by_kind.get(kind).copied().unwrap_or_default() > 5,
+                "seed {seed}: {kind} was rarely incremental ({by_kind:?})"
+            );
+        }
     }
 }

@@ -266,7 +266,24 @@ pub struct SetOrigins {
     pub named: BTreeMap<(ObjectKey, Direction, usize, Family), String>,
     /// (policy, direction) → every set its chain registered (a set lives while one does).
     pub by_policy: BTreeMap<(ObjectKey, Direction), Vec<String>>,
+    /// (ClusterNetworkPolicy, direction) → every set its chain registered.
+    pub by_cnp: BTreeMap<(String, Direction), Vec<String>>,
 }
+
+impl SetOrigins {
+    /// Every set some policy chain registers: the sets that must exist.
+    pub(crate) fn live(&self) -> std::collections::BTreeSet<&String> {
+        self.by_policy
+            .values()
+            .chain(self.by_cnp.values())
+            .flatten()
+            .collect()
+    }
+}
+
+/// (ClusterNetworkPolicy, direction) → its priority and the `Pass` matchers a tier chain
+/// repeats after jumping to it (see [`cnp_chain`]).
+pub(crate) type CnpPass = BTreeMap<(String, Direction), (u16, Vec<String>)>;
 
 impl Sets {
     /// Register a set identified by `identity`; returns its name.
@@ -540,7 +557,7 @@ pub(crate) struct PolicyFacts {
     /// (ClusterNetworkPolicy, direction) → its priority and the rules a tier chain repeats
     /// after jumping to it: one `… return` per matcher of each `Pass` rule (see
     /// [`cnp_chain`] for why).
-    cnp_pass: BTreeMap<(String, Direction), (u16, Vec<String>)>,
+    pub(crate) cnp_pass: CnpPass,
 }
 
 impl PolicyFacts {
@@ -821,7 +838,7 @@ pub fn compile(np: &NodePolicy, opts: &CompileOptions) -> Ruleset {
 pub(crate) fn compile_with_identities(
     np: &NodePolicy,
     opts: &CompileOptions,
-) -> (Ruleset, SetOrigins, BTreeMap<String, String>) {
+) -> (Ruleset, SetOrigins, BTreeMap<String, String>, CnpPass) {
     let mut sets = Sets::default();
     let fail_closed = fail_closed_families(np);
     let mut chains = vec![
@@ -934,7 +951,7 @@ pub(crate) fn compile_with_identities(
         sets: all_sets.into_iter().map(Arc::new).collect(),
         chains: chains.into_iter().map(Arc::new).collect(),
     };
-    (ruleset, sets.origins, identities)
+    (ruleset, sets.origins, identities, facts.cnp_pass)
 }
 
 /// One ClusterNetworkPolicy direction compiled.
@@ -1085,6 +1102,7 @@ fn cnp_matchers(sets: &mut Sets, cr: &CnpRules, rule: &ResolvedCnpRule) -> Vec<(
 /// `Pass`. No packet mark is needed (the agent uses none).
 pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -> CnpChains {
     let d = cr.direction;
+    sets.touched.clear();
     let mut rules = Vec::new();
     let mut denies = Vec::new();
     let mut pass = Vec::new();
@@ -1138,6 +1156,10 @@ pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -
             rules.push(stmt);
         }
     }
+    let mut used = std::mem::take(&mut sets.touched);
+    used.sort();
+    used.dedup();
+    sets.origins.by_cnp.insert((cr.name.clone(), d), used);
     CnpChains {
         chain: Chain {
             name: cnp_chain_name(d, &cr.name),

@@ -21,19 +21,21 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::engine::compile::{
-    CompileOptions, PolicyFacts, SetOrigins, Sets, compile_with_identities, dispatch_map_name,
-    drop_chain_name, local_pods_elements, local_pods_set_name, named_set_elements, node_policy,
-    pod_chain_name, pod_chains, policy_chain, policy_chain_name,
+    CnpPass, CompileOptions, PolicyFacts, SetOrigins, Sets, cnp_chain, cnp_chain_name,
+    cnp_deny_chain_name, compile_with_identities, dispatch_map_name, drop_chain_name,
+    local_pods_elements, local_pods_set_name, named_set_elements, node_policy, pod_chain_name,
+    pod_chains, policy_chain, policy_chain_name, tier_chain_name,
 };
 use crate::engine::index::{Changes, Snapshot};
 use crate::engine::resolve::{
-    LocalPod, NamedTarget, NamedTargets, NodePolicy, PeerPods, ResolvedCnpMatch, ResolvedCnpPeer,
-    ResolvedPeer, Resolver, namespace_labels, pod_targets, resolve_policy,
+    CnpRules, LocalPod, NamedTarget, NamedTargets, NodePolicy, PeerPods, ResolvedCnpMatch,
+    ResolvedCnpPeer, ResolvedPeer, Resolver, TierMembership, namespace_labels, pod_targets,
+    resolve_cnp_rule, resolve_policy, subject_matches,
 };
 use crate::engine::ruleset::{Chain, ChainRole, Ruleset, Set};
 use crate::model::policy::Direction;
 use crate::model::{
-    Family, Labels, NamespaceScope, ObjectKey, PodInfo, Policy, Protocol, Selector,
+    Action, Family, Labels, NamespaceScope, ObjectKey, PodInfo, Policy, Protocol, Selector, Tier,
 };
 
 /// More pod and policy changes than this in one update are cheaper to redo from scratch.
@@ -44,12 +46,14 @@ const MAX_INCREMENTAL_OBJECTS: usize = 256;
 #[derive(Debug, Default)]
 struct Redo {
     policies: BTreeSet<ObjectKey>,
+    /// ClusterNetworkPolicies to re-resolve (both directions).
+    cnps: BTreeSet<String>,
     pods: BTreeSet<ObjectKey>,
 }
 
 impl Redo {
     fn is_empty(&self) -> bool {
-        self.policies.is_empty() && self.pods.is_empty()
+        self.policies.is_empty() && self.cnps.is_empty() && self.pods.is_empty()
     }
 }
 
@@ -91,6 +95,8 @@ pub struct NodeCompiler {
     owners: HashMap<IpAddr, Vec<ObjectKey>>,
     /// Content-derived set name → the identity its name hashes.
     identities: BTreeMap<String, String>,
+    /// What each ClusterNetworkPolicy chain gives the tier chains that jump to it.
+    cnp_pass: CnpPass,
 }
 
 /// A selector pair as peer sets are keyed.
@@ -109,6 +115,7 @@ impl NodeCompiler {
             set_index: HashMap::new(),
             owners: HashMap::new(),
             identities: BTreeMap::new(),
+            cnp_pass: CnpPass::new(),
         };
         c.rebuild(Snapshot::default());
         c
@@ -139,10 +146,14 @@ impl NodeCompiler {
             self.rebuild(snapshot);
             return UpdateKind::Full;
         }
+        let mut redo = Redo::default();
         for ns in &changes.namespaces {
             self.edit_namespace(&snapshot, ns);
+            self.note_namespace_subjects(&snapshot, ns, &mut redo);
         }
-        let mut redo = Redo::default();
+        for name in &changes.cnps {
+            self.note_cnp(&snapshot, name, &mut redo);
+        }
         for key in &changes.pods {
             let old = self.snapshot.pods.get(key).cloned();
             let new = snapshot.pods.get(key).cloned();
@@ -163,9 +174,9 @@ impl NodeCompiler {
     /// Can these changes be edited in, or is the full path needed?
     fn can_edit(&self, snapshot: &Snapshot, changes: &Changes) -> bool {
         if changes.everything
-            || !changes.cnps.is_empty()
             || !changes.nodes.is_empty()
-            || changes.pods.len() + changes.policies.len() > MAX_INCREMENTAL_OBJECTS
+            || changes.pods.len() + changes.policies.len() + changes.cnps.len()
+                > MAX_INCREMENTAL_OBJECTS
         {
             return false;
         }
@@ -173,32 +184,38 @@ impl NodeCompiler {
         if !changes.namespaces.is_empty() && !changes.pods.is_empty() {
             return false;
         }
-        // With ClusterNetworkPolicies, only pods of other nodes are edited in place (they move
-        // addresses in and out of peer sets). A local pod, a policy or a namespace may change
-        // which ClusterNetworkPolicies apply to a pod of this node, and egress named ports of
-        // ClusterNetworkPolicies are not tracked per pod.
-        if !snapshot.cnps.is_empty() || !self.snapshot.cnps.is_empty() {
-            let local = |p: Option<&Arc<PodInfo>>| {
-                p.is_some_and(|p| p.node.as_deref() == Some(self.node.as_str()))
-            };
-            let any_local = changes
-                .pods
-                .iter()
-                .any(|k| local(self.snapshot.pods.get(k)) || local(snapshot.pods.get(k)));
-            if any_local
-                || !changes.policies.is_empty()
-                || !changes.namespaces.is_empty()
-                || cnp_egress_named(&self.np)
-            {
-                return false;
-            }
+        // Egress named ports of ClusterNetworkPolicies resolve on peer pods and are not
+        // tracked per pod: with such a policy on this node, a pod or namespace change (which
+        // may move a peer pod) takes the full path, as does adding or changing one.
+        if cnp_egress_named(&self.np)
+            && (!changes.pods.is_empty() || !changes.namespaces.is_empty())
+        {
+            return false;
+        }
+        let named = |s: &Snapshot, name: &String| {
+            s.cnps.get(name).is_some_and(|c| {
+                c.egress.iter().any(|r| match &r.matches {
+                    crate::model::RuleMatch::Peers { ports: Some(p), .. } => p
+                        .iter()
+                        .any(|p| matches!(p, crate::model::CnpPort::Named(_))),
+                    _ => false,
+                })
+            })
+        };
+        if changes
+            .cnps
+            .iter()
+            .any(|n| named(snapshot, n) || named(&self.snapshot, n))
+        {
+            return false;
         }
         true
     }
 
     fn rebuild(&mut self, snapshot: Snapshot) {
         self.np = node_policy(&snapshot, &self.node, &self.opts);
-        let (rs, origins, identities) = compile_with_identities(&self.np, &self.opts);
+        let (rs, origins, identities, cnp_pass) = compile_with_identities(&self.np, &self.opts);
+        self.cnp_pass = cnp_pass;
         self.rs = rs;
         self.origins = origins;
         self.identities = identities;
@@ -295,7 +312,55 @@ impl NodeCompiler {
             }
         }
         // A policy that selected the old pod but is gone now was noted by its own change.
+        let ns_labels = namespace_labels(snapshot, &key.namespace);
+        for (name, cnp) in snapshot.cnps.iter() {
+            let subject = |p: Option<&PodInfo>| {
+                p.is_some_and(|p| subject_matches(&cnp.subject, &ns_labels, &p.labels))
+            };
+            if subject(old) || subject(new) {
+                redo.cnps.insert(name.clone());
+            }
+        }
         redo.pods.insert(key);
+    }
+
+    /// A ClusterNetworkPolicy was added, changed or deleted: it is re-resolved, and the local
+    /// pods it applies to (before or after) redo their tier chains.
+    fn note_cnp(&self, snapshot: &Snapshot, name: &str, redo: &mut Redo) {
+        redo.cnps.insert(name.to_string());
+        let name = name.to_string();
+        let versions = [self.snapshot.cnps.get(&name), snapshot.cnps.get(&name)];
+        for pod in local_pods(snapshot, &self.node) {
+            let ns_labels = namespace_labels(snapshot, &pod.key.namespace);
+            if versions
+                .iter()
+                .flatten()
+                .any(|c| subject_matches(&c.subject, &ns_labels, &pod.labels))
+            {
+                redo.pods.insert(pod.key.clone());
+            }
+        }
+    }
+
+    /// A namespace's labels changed: the ClusterNetworkPolicies whose subject takes in one of
+    /// its local pods, before or after, are re-resolved with those pods.
+    fn note_namespace_subjects(&self, snapshot: &Snapshot, ns: &str, redo: &mut Redo) {
+        if snapshot.cnps.is_empty() && self.snapshot.cnps.is_empty() {
+            return;
+        }
+        let before = namespace_labels(&self.snapshot, ns);
+        let after = namespace_labels(snapshot, ns);
+        let pods = local_pods_in(snapshot, &self.node, ns);
+        for (name, cnp) in snapshot.cnps.iter() {
+            let takes = |labels: &Labels| {
+                pods.iter()
+                    .any(|p| subject_matches(&cnp.subject, labels, &p.labels))
+            };
+            if takes(&before) || takes(&after) {
+                redo.cnps.insert(name.clone());
+                redo.pods.extend(pods.iter().map(|p| p.key.clone()));
+            }
+        }
     }
 
     /// A NetworkPolicy was added, changed or deleted: it is re-resolved, and the local pods
@@ -425,6 +490,63 @@ impl NodeCompiler {
             }
         }
 
+        // Resolve: each noted ClusterNetworkPolicy, for the local pods it applies to now.
+        let mut redone_cnps: Vec<(String, Direction)> = Vec::new();
+        let mut stale_denies: Vec<String> = Vec::new();
+        if !redo.cnps.is_empty() {
+            let local = local_pods(snapshot, &node);
+            for name in &redo.cnps {
+                for c in self.np.cnps.iter().filter(|c| c.name == *name) {
+                    stale_denies.extend(
+                        c.rules
+                            .iter()
+                            .filter(|r| r.action == Action::Deny)
+                            .map(|r| cnp_deny_chain_name(c.direction, name, r.index)),
+                    );
+                }
+                self.np.cnps.retain(|c| c.name != *name);
+                for d in Direction::ALL {
+                    redone_cnps.push((name.clone(), d));
+                }
+                let Some(cnp) = snapshot.cnps.get(name) else {
+                    continue;
+                };
+                let selected: Vec<&Arc<PodInfo>> = local
+                    .iter()
+                    .copied()
+                    .filter(|p| {
+                        let ns = namespace_labels(snapshot, &p.key.namespace);
+                        subject_matches(&cnp.subject, &ns, &p.labels)
+                    })
+                    .collect();
+                if selected.is_empty() {
+                    continue;
+                }
+                for d in Direction::ALL {
+                    let rules = cnp.rules(d);
+                    if rules.is_empty() {
+                        continue;
+                    }
+                    let cr = CnpRules {
+                        name: cnp.name.clone(),
+                        tier: cnp.tier,
+                        priority: cnp.priority,
+                        direction: d,
+                        selected: selected.iter().map(|p| p.key.clone()).collect(),
+                        rules: rules
+                            .iter()
+                            .map(|rule| resolve_cnp_rule(&mut resolver, d, rule, &selected))
+                            .collect(),
+                    };
+                    let at = self
+                        .np
+                        .cnps
+                        .partition_point(|c| cnp_order(c) < cnp_order(&cr));
+                    self.np.cnps.insert(at, cr);
+                }
+            }
+        }
+
         // Resolve: each noted pod's isolation, from every policy of its namespace.
         let mut old_entries: BTreeMap<ObjectKey, LocalPod> = BTreeMap::new();
         for key in &redo.pods {
@@ -449,14 +571,20 @@ impl NodeCompiler {
                     .collect();
                 (!by.is_empty()).then_some(by)
             };
+            let mut cnps = TierMembership::default();
+            for cr in &self.np.cnps {
+                if cr.selected.binary_search(key).is_ok() {
+                    cnps.push(cr.tier, cr.direction, cr.name.clone());
+                }
+            }
             let entry = LocalPod {
                 key: key.clone(),
                 ips: pod.ips.clone(),
                 ingress: isolated_by(Direction::Ingress),
                 egress: isolated_by(Direction::Egress),
-                cnps: Default::default(),
+                cnps,
             };
-            if entry.ingress.is_some() || entry.egress.is_some() {
+            if entry.ingress.is_some() || entry.egress.is_some() || !entry.cnps.is_empty() {
                 if let Err(i) = self.np.pods.binary_search_by(|p| p.key.cmp(key)) {
                     self.np.pods.insert(i, entry);
                 }
@@ -480,10 +608,36 @@ impl NodeCompiler {
                 insert_chain(&mut self.rs, chain);
             }
         }
+        for (name, d) in &redone_cnps {
+            remove_chain(&mut self.rs, &cnp_chain_name(*d, name));
+            self.origins.by_cnp.remove(&(name.clone(), *d));
+            self.cnp_pass.remove(&(name.clone(), *d));
+        }
+        for chain in &stale_denies {
+            remove_chain(&mut self.rs, chain);
+        }
+        for (name, d) in &redone_cnps {
+            let Some(cr) = self
+                .np
+                .cnps
+                .iter()
+                .find(|c| c.name == *name && c.direction == *d)
+            else {
+                continue;
+            };
+            let compiled = cnp_chain(&mut sets, cr, &self.opts);
+            self.cnp_pass
+                .insert((name.clone(), *d), (cr.priority, compiled.pass));
+            insert_chain(&mut self.rs, compiled.chain);
+            for deny in compiled.denies {
+                insert_chain(&mut self.rs, deny);
+            }
+        }
         if !self.take_sets(sets) {
             return false;
         }
-        let facts = PolicyFacts::of(&self.np);
+        let mut facts = PolicyFacts::of(&self.np);
+        facts.cnp_pass = std::mem::take(&mut self.cnp_pass);
         for key in &redo.pods {
             let old_entry = old_entries.get(key);
             let new_entry = self
@@ -494,6 +648,7 @@ impl NodeCompiler {
                 .map(|i| self.np.pods[i].clone());
             self.rewrite_pod(key, old_entry, new_entry.as_ref(), &facts);
         }
+        self.cnp_pass = facts.cnp_pass;
         true
     }
 
@@ -508,7 +663,13 @@ impl NodeCompiler {
         for d in Direction::ALL {
             remove_chain(&mut self.rs, &pod_chain_name(d, key));
             remove_chain(&mut self.rs, &drop_chain_name(d, key));
-            for entry in old_entry.iter().filter(|e| e.isolated_by(d).is_some()) {
+            for tier in [Tier::Admin, Tier::Baseline] {
+                remove_chain(&mut self.rs, &tier_chain_name(tier, d, key));
+            }
+            for entry in old_entry
+                .iter()
+                .filter(|e| e.isolated_by(d).is_some() || e.cnps.any(d))
+            {
                 for ip in &entry.ips {
                     let map = dispatch_map_name(d, Family::of(ip));
                     let gone = Some((*ip, pod_chain_name(d, key)));
@@ -535,6 +696,9 @@ impl NodeCompiler {
                     insert_chain(&mut self.rs, pc.chain);
                     if let Some(drop) = pc.drop {
                         insert_chain(&mut self.rs, drop);
+                    }
+                    for tier in pc.tiers {
+                        insert_chain(&mut self.rs, tier);
                     }
                 }
             }
@@ -615,8 +779,9 @@ impl NodeCompiler {
             self.origins.named.insert(k, v);
         }
         self.origins.by_policy.extend(origins.by_policy);
+        self.origins.by_cnp.extend(origins.by_cnp);
         // A content set lives while some policy chain registers it.
-        let live: BTreeSet<&String> = self.origins.by_policy.values().flatten().collect();
+        let live = self.origins.live();
         let dead: Vec<String> = self
             .identities
             .keys()
@@ -997,4 +1162,24 @@ fn local_pods_in<'s>(snapshot: &'s Snapshot, node: &str, ns: &str) -> Vec<&'s Ar
         .map(|(_, p)| p)
         .filter(|p| p.is_policy_target() && p.node.as_deref() == Some(node))
         .collect()
+}
+
+/// Every pod of `node` that policy applies to, in key order.
+fn local_pods<'s>(snapshot: &'s Snapshot, node: &str) -> Vec<&'s Arc<PodInfo>> {
+    snapshot
+        .pods
+        .iter()
+        .map(|(_, p)| p)
+        .filter(|p| p.is_policy_target() && p.node.as_deref() == Some(node))
+        .collect()
+}
+
+/// Where a ClusterNetworkPolicy direction sits in [`NodePolicy::cnps`]: evaluation order,
+/// then direction, as the resolver lists them.
+fn cnp_order(c: &CnpRules) -> (Tier, u16, &str, usize) {
+    let d = Direction::ALL
+        .iter()
+        .position(|x| *x == c.direction)
+        .unwrap_or_default();
+    (c.tier, c.priority, c.name.as_str(), d)
 }

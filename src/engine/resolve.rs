@@ -632,7 +632,7 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
 
 /// Does a ClusterNetworkPolicy's subject include a pod with these namespace and pod labels?
 /// (Host-network and finished pods are never subjects; callers pass policy targets only.)
-fn subject_matches(subject: &crate::model::Subject, ns: &Labels, pod: &Labels) -> bool {
+pub(crate) fn subject_matches(subject: &crate::model::Subject, ns: &Labels, pod: &Labels) -> bool {
     match subject {
         crate::model::Subject::Namespaces(sel) => sel.matches(ns),
         crate::model::Subject::Pods { namespaces, pods } => {
@@ -696,7 +696,7 @@ fn resolve_cnps(
 
 const ALL_PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
-fn resolve_cnp_rule(
+pub(crate) fn resolve_cnp_rule(
     r: &mut Resolver<'_>,
     d: Direction,
     rule: &crate::model::CnpRule,
