@@ -1,20 +1,31 @@
 //! Keep one node's resolved policy and ruleset current as single objects change, redoing only
 //! the work a change touches.
 //!
-//! A full resolve + compile walks every pod for every peer selector the node uses: about
-//! 11 ms at 10,000 pods. Most changes in a large cluster are pods on *other* nodes starting,
-//! stopping or being relabelled, and such a change can only move that pod's addresses in and
-//! out of peer sets and egress named-port sets. [`NodeCompiler`] matches the one pod against
-//! each peer selector the node uses and edits just the affected set elements in place. A pod
-//! on this node also re-resolves the policies of its namespace that select it (peers come
-//! from what is already resolved) and rewrites its own chains, its dispatch-map entries and
-//! those policies' chains. Anything else (a namespace, a policy, a relist) takes the full
-//! path. With ClusterNetworkPolicies present, pods of other nodes are still edited in place
-//! (their peer sets are shared with NetworkPolicy's), while a pod of this node, or any pod
-//! when a ClusterNetworkPolicy resolves egress named ports, takes the full path.
+//! A full resolve + compile walks every policy and resolves every peer selector the node
+//! uses. Most changes in a large cluster are much smaller than that, and each kind is edited
+//! in place by [`NodeCompiler`]:
+//!
+//! - a pod on *another* node can only move its addresses in and out of peer sets and egress
+//!   named-port sets: it is matched against each peer selector the node uses and just the
+//!   affected set elements are edited;
+//! - a pod on *this* node also re-resolves the policies of its namespace (and the
+//!   ClusterNetworkPolicies) that select it, before or after, and rewrites its own chains,
+//!   its dispatch-map entries and those policies' chains;
+//! - a NetworkPolicy or ClusterNetworkPolicy added, changed or deleted is re-resolved (its
+//!   peers come from those already resolved; a new selector is resolved against the
+//!   snapshot) and the local pods it selects, before or after, redo their chains; sets that
+//!   no chain registers any more go;
+//! - a namespace relabel moves that namespace's pods only in the peers whose namespace
+//!   selector's verdict on it flipped, and re-resolves the ClusterNetworkPolicies whose
+//!   subject takes in its local pods.
+//!
+//! A relist, a Node change, a namespace changed together with pods, more than
+//! `MAX_INCREMENTAL_OBJECTS` objects, and changes that could move egress named ports of a
+//! ClusterNetworkPolicy (resolved on peer pods and not tracked per pod) take the full path.
 //!
 //! Pure, like the rest of the core. The result is always equal to a full
-//! `compile(resolve(snapshot))`; `tests/incremental.rs` checks that on random change sequences.
+//! `compile(resolve(snapshot))`; `tests/incremental.rs` checks that on random change sequences
+//! of every kind.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
