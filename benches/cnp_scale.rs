@@ -12,10 +12,13 @@
 
 #[path = "support/synthetic.rs"]
 mod synthetic;
+#[path = "support/toggle.rs"]
+mod toggle;
+
+use toggle::toggle;
 
 use std::collections::BTreeSet;
 use std::hint::black_box;
-use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use kube_nftpolicy::engine::compile::{CompileOptions, compile};
@@ -23,7 +26,6 @@ use kube_nftpolicy::engine::incremental::{NodeCompiler, UpdateKind};
 use kube_nftpolicy::engine::index::Index;
 use kube_nftpolicy::engine::resolve::resolve;
 use kube_nftpolicy::engine::ruleset::{Ruleset, render};
-use kube_nftpolicy::kernel::nft::transaction;
 use kube_nftpolicy::model::policy::Protocol;
 use kube_nftpolicy::model::{
     Action, ClusterPolicy, CnpPeer, CnpPort, CnpRule, Labels, RuleMatch, Selector, Subject, Tier,
@@ -225,23 +227,62 @@ fn bench(c: &mut Criterion) {
         .expect("a remote pod");
     g.bench_function("incremental: one remote pod added or removed", |b| {
         b.iter_custom(|n| {
-            let mut total = Duration::ZERO;
-            for _ in 0..n {
-                let before = nc.ruleset().clone();
-                if idx.snapshot().pods.get(&added.key).is_some() {
-                    idx.delete_pod(&added.key);
-                } else {
-                    idx.apply_pod(added.clone());
-                }
-                let t = Instant::now();
-                let (snap, changes) = idx.snapshot_with_changes();
-                let kind = nc.update(snap, &changes);
-                let tx = transaction::partial(&before, nc.ruleset(), &BTreeSet::new());
-                total += t.elapsed();
-                assert_eq!(kind, UpdateKind::Incremental);
-                black_box(tx);
-            }
-            total
+            toggle(
+                &mut idx,
+                &mut nc,
+                &|i: &mut Index| {
+                    i.apply_pod(added.clone());
+                },
+                &|i: &mut Index| {
+                    i.delete_pod(&added.key);
+                },
+                n,
+            )
+        })
+    });
+    // A new pod on this node: it joins the tiers of the ClusterNetworkPolicies whose subject
+    // takes it in, and its NetworkPolicies.
+    let local = (s.pods..2 * s.pods)
+        .map(|i| synthetic::pod(i, s, 0))
+        .find(|p| p.node.as_deref() == Some(NODE))
+        .expect("a local pod");
+    g.bench_function("incremental: one local pod added or removed", |b| {
+        b.iter_custom(|n| {
+            toggle(
+                &mut idx,
+                &mut nc,
+                &|i: &mut Index| {
+                    i.apply_pod(local.clone());
+                },
+                &|i: &mut Index| {
+                    i.delete_pod(&local.key);
+                },
+                n,
+            )
+        })
+    });
+    // A ClusterNetworkPolicy that applies here gets another port on its egress Accept rule.
+    let original = cnp(0, 0);
+    let mut edited = original.clone();
+    if let Some(RuleMatch::Peers {
+        ports: Some(ports), ..
+    }) = edited.egress.get_mut(1).map(|r| &mut r.matches)
+    {
+        ports.push(CnpPort::Ports(Protocol::Tcp, 9_999, 9_999));
+    }
+    g.bench_function("incremental: one ClusterNetworkPolicy changed", |b| {
+        b.iter_custom(|n| {
+            toggle(
+                &mut idx,
+                &mut nc,
+                &|i: &mut Index| {
+                    i.apply_cnp(edited.clone());
+                },
+                &|i: &mut Index| {
+                    i.apply_cnp(original.clone());
+                },
+                n,
+            )
         })
     });
     g.finish();

@@ -7,6 +7,10 @@
 
 #[path = "support/synthetic.rs"]
 mod synthetic;
+#[path = "support/toggle.rs"]
+mod toggle;
+
+use toggle::toggle;
 
 use std::collections::BTreeSet;
 use std::hint::black_box;
@@ -60,45 +64,6 @@ fn toggle_pod(
             "the change must reach this node"
         );
         black_box(tx);
-    }
-    total
-}
-
-/// Time `iters` incremental updates that alternate between `forward` and `back`, each with
-/// the partial transaction, like [`toggle_pod`]; the state is restored at the end.
-fn toggle(
-    idx: &mut Index,
-    nc: &mut NodeCompiler,
-    forward: &dyn Fn(&mut Index),
-    back: &dyn Fn(&mut Index),
-    iters: u64,
-) -> Duration {
-    let mut total = Duration::ZERO;
-    let mut on = false;
-    for _ in 0..iters {
-        let before = nc.ruleset().clone();
-        if on {
-            back(idx)
-        } else {
-            forward(idx)
-        }
-        on = !on;
-        let t = Instant::now();
-        let (snap, changes) = idx.snapshot_with_changes();
-        let kind = nc.update(snap, &changes);
-        let tx = transaction::partial(&before, nc.ruleset(), &BTreeSet::new());
-        total += t.elapsed();
-        assert_eq!(kind, UpdateKind::Incremental, "update path");
-        assert!(
-            tx.element_changes + tx.chains_written > 0,
-            "the change must reach this node"
-        );
-        black_box(tx);
-    }
-    if on {
-        back(idx);
-        let (snap, changes) = idx.snapshot_with_changes();
-        nc.update(snap, &changes);
     }
     total
 }

@@ -1,0 +1,49 @@
+//! Timing an incremental update the way the agent makes one: a change, the update from the
+//! snapshot and its change record, and the partial transaction from the previous ruleset.
+
+use std::collections::BTreeSet;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use kube_nftpolicy::engine::incremental::{NodeCompiler, UpdateKind};
+use kube_nftpolicy::engine::index::Index;
+use kube_nftpolicy::kernel::nft::transaction;
+
+/// Time `iters` incremental updates that alternate between `forward` and `back`, each with
+/// the partial transaction; the state is restored at the end.
+pub fn toggle(
+    idx: &mut Index,
+    nc: &mut NodeCompiler,
+    forward: &dyn Fn(&mut Index),
+    back: &dyn Fn(&mut Index),
+    iters: u64,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut on = false;
+    for _ in 0..iters {
+        let before = nc.ruleset().clone();
+        if on {
+            back(idx)
+        } else {
+            forward(idx)
+        }
+        on = !on;
+        let t = Instant::now();
+        let (snap, changes) = idx.snapshot_with_changes();
+        let kind = nc.update(snap, &changes);
+        let tx = transaction::partial(&before, nc.ruleset(), &BTreeSet::new());
+        total += t.elapsed();
+        assert_eq!(kind, UpdateKind::Incremental, "update path");
+        assert!(
+            tx.element_changes + tx.chains_written > 0,
+            "the change must reach this node"
+        );
+        black_box(tx);
+    }
+    if on {
+        back(idx);
+        let (snap, changes) = idx.snapshot_with_changes();
+        nc.update(snap, &changes);
+    }
+    total
+}
