@@ -13,8 +13,15 @@
 //! adding the address to `local-pods-v4` (from then on the pod's own rules apply, and until
 //! then its address is dropped), and its deletion back to unknown.
 //!
+//! Then it changes NetworkPolicies that select pods of `node-7` (one more port each time, so
+//! every change is visible as a rewritten rule in `nft monitor`), one at a time and in a burst
+//! of 100 applied at once, and moves namespaces between environments (in and out of the
+//! namespace selectors spanning every `prod` namespace), timing each from the API server to
+//! the kernel.
+//!
 //! Run: `cargo bench --bench agent_latency` (as root). `AGENT_SAMPLES` sets the number of
-//! adds (default 200). Figures are recorded in docs/benchmarks.md.
+//! changes of each kind (default 200); `AGENT_SCALE=10` serves the 10× cluster (100,000 pods,
+//! 10,000 policies). Figures are recorded in docs/benchmarks.md.
 
 #[path = "../tests/support/fake_apiserver.rs"]
 mod fake_apiserver;
@@ -103,13 +110,42 @@ fn report(name: &str, mut v: Vec<Duration>) {
     );
 }
 
+/// `policy` with `port` (TCP) allowed by its first ingress rule (a first rule is made if it
+/// has none): a change that rewrites its chain on every node it selects pods of.
+fn with_port(policy: &kube_nftpolicy::model::Policy, port: u16) -> kube_nftpolicy::model::Policy {
+    use kube_nftpolicy::model::policy::{PortMatch, PortSpec, Protocol, Rule};
+    let mut p = policy.clone();
+    let spec = PortSpec {
+        protocol: Protocol::Tcp,
+        port: PortMatch::Range(port, port),
+    };
+    let rules = p.ingress.get_or_insert_with(Vec::new);
+    match rules.first_mut() {
+        Some(rule) => rule.ports.get_or_insert_with(Vec::new).push(spec),
+        None => rules.push(Rule {
+            peers: None,
+            ports: Some(vec![spec]),
+        }),
+    }
+    p
+}
+
+/// Does a line of `nft monitor` name `item` whole (an address, `. <port>`, or `{ … }`)?
+fn mentions(line: &str, item: &str) -> bool {
+    [" ", ",", "\n"].iter().any(|end| {
+        line.match_indices(item).any(|(at, _)| {
+            line[at + item.len()..].starts_with(end) || at + item.len() == line.len()
+        })
+    })
+}
+
 /// Wait for a line of `nft monitor` that mentions `needle`, returning when it was read.
 fn wait_for(lines: &mpsc::Receiver<(Instant, String)>, verb: &str, needle: &str) -> Instant {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
-            Ok((at, line)) if line.starts_with(verb) && line.contains(needle) => return at,
+            Ok((at, line)) if line.starts_with(verb) && mentions(&line, needle) => return at,
             Ok(_) => {}
             Err(_) => panic!("the kernel never showed `{verb} … {needle}` within 10 s"),
         }
@@ -140,7 +176,11 @@ fn main() {
         .status()
         .expect("lo up");
 
-    let s = synthetic::TARGET;
+    let s = if std::env::var("AGENT_SCALE").is_ok_and(|v| v == "10") {
+        synthetic::TEN_TIMES
+    } else {
+        synthetic::TARGET
+    };
     let server = FakeApiServer::new();
     let t = Instant::now();
     for obj in synthetic::objects_json(&s) {
@@ -206,7 +246,7 @@ fn main() {
     // Every committed change in this namespace, time-stamped as it is read.
     let mut monitor = Guard(
         Command::new("nft")
-            .args(["monitor", "elements"])
+            .args(["monitor"])
             .stdout(Stdio::piped())
             .spawn()
             .expect("nft monitor"),
@@ -272,6 +312,134 @@ fn main() {
     }
     report("local pod's address in API → programmed", local_adds);
     report("local pod deleted → address unknown", local_deletes);
+
+    // NetworkPolicies that select pods of node-7: one more port each time.
+    let snap = synthetic::index(&s).snapshot();
+    let np = kube_nftpolicy::engine::resolve::resolve(&snap, NODE);
+    let mut on_node: Vec<kube_nftpolicy::model::ObjectKey> =
+        np.policies.iter().map(|p| p.policy.clone()).collect();
+    on_node.dedup();
+    let policy = |key: &kube_nftpolicy::model::ObjectKey| {
+        (**snap.policies.get(key).expect("a policy of the model")).clone()
+    };
+    let mut port: u16 = 30_000;
+    let mut policy_changes = Vec::new();
+    for k in 0..samples {
+        port += 1;
+        let edited = with_port(&policy(&on_node[k % on_node.len()]), port);
+        let t0 = Instant::now();
+        server.apply(synthetic::policy_json(&edited));
+        policy_changes.push(wait_for(&lines, "add rule", &format!(". {port}")).duration_since(t0));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    report("one policy changed, event → kernel", policy_changes);
+
+    // Bursts: 100 policies of node-7 changed at once, until the last of them is in the kernel.
+    let mut bursts = Vec::new();
+    for _ in 0..(samples / 20).max(3) {
+        let edits: Vec<(u16, serde_json::Value)> = on_node
+            .iter()
+            .take(100)
+            .map(|key| {
+                port += 1;
+                (port, synthetic::policy_json(&with_port(&policy(key), port)))
+            })
+            .collect();
+        let t0 = Instant::now();
+        for (_, obj) in &edits {
+            server.apply(obj.clone());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = t0;
+        while seen.len() < edits.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (at, line) = lines
+                .recv_timeout(left)
+                .expect("every policy of the burst reaches the kernel within 30 s");
+            if line.starts_with("add rule") {
+                for (p, _) in &edits {
+                    if mentions(&line, &format!(". {p}")) && seen.insert(*p) {
+                        last = at;
+                    }
+                }
+            }
+        }
+        bursts.push(last.duration_since(t0));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    report(
+        &format!(
+            "burst of {} policies changed, → kernel",
+            on_node.len().min(100)
+        ),
+        bursts,
+    );
+
+    // Namespaces moving between `prod` and `staging`: one address that the move takes out of
+    // (or puts into) one of node-7's peer sets, found with the pure core.
+    let moves: Vec<(kube_nftpolicy::model::NamespaceInfo, String)> = (0..s.namespaces)
+        .filter_map(|n| {
+            let mut moved = synthetic::namespace(n);
+            let prod = moved.labels.get("env").map(String::as_str) == Some("prod");
+            moved
+                .labels
+                .insert("env".into(), if prod { "staging" } else { "prod" }.into());
+            let mut idx = synthetic::index(&s);
+            idx.apply_namespace(moved.clone());
+            let after = kube_nftpolicy::engine::resolve::resolve(&idx.snapshot(), NODE);
+            let addrs = |np: &kube_nftpolicy::engine::resolve::NodePolicy| {
+                np.policies
+                    .iter()
+                    .flat_map(|p| &p.rules)
+                    .filter_map(|r| r.peers.as_ref())
+                    .flatten()
+                    .filter_map(|peer| match peer {
+                        kube_nftpolicy::engine::resolve::ResolvedPeer::Pods(pp) => Some(pp),
+                        _ => None,
+                    })
+                    .flat_map(|pp| pp.addrs.iter().copied())
+                    .filter(|ip| ip.is_ipv4())
+                    .collect::<std::collections::BTreeSet<_>>()
+            };
+            let (a, b) = (addrs(&np), addrs(&after));
+            let gone = a
+                .difference(&b)
+                .next()
+                .map(|ip| format!("delete element|{ip}"));
+            let came = b
+                .difference(&a)
+                .next()
+                .map(|ip| format!("add element|{ip}"));
+            gone.or(came).map(|needle| (moved, needle))
+        })
+        .take(if s.namespaces > 100 { 3 } else { 10 })
+        .collect();
+    let mut relabels = Vec::new();
+    for k in 0..samples.min(100) {
+        let (moved, needle) = &moves[k % moves.len()];
+        let (verb, ip) = needle.split_once('|').expect("needle");
+        let original = synthetic::namespace(
+            moved
+                .name
+                .trim_start_matches("ns-")
+                .parse()
+                .expect("ns index"),
+        );
+        let t0 = Instant::now();
+        server.apply(synthetic::namespace_json(moved));
+        relabels.push(wait_for(&lines, verb, ip).duration_since(t0));
+        std::thread::sleep(Duration::from_millis(250));
+        server.apply(synthetic::namespace_json(&original));
+        let back = if verb == "add element" {
+            "delete element"
+        } else {
+            "add element"
+        };
+        wait_for(&lines, back, ip);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    report("one namespace relabelled, event → kernel", relabels);
     println!(
         "agent memory: VmHWM {} KiB after the first sync, {} KiB at the end; VmRSS now {} KiB",
         hwm_ready,

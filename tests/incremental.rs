@@ -129,12 +129,12 @@ fn step(c: &mut NodeCompiler, idx: &mut Index, opts: &CompileOptions, what: &str
     kind
 }
 
-fn set_with<'a>(c: &'a NodeCompiler, comment_part: &str, name_prefix: &str) -> &'a [String] {
+fn set_with<'a>(c: &'a NodeCompiler, comment_part: &str, name_prefix: &str) -> Vec<&'a str> {
     c.ruleset()
         .sets
         .iter()
         .find(|s| s.name.starts_with(name_prefix) && s.comment.contains(comment_part))
-        .map(|s| s.elements.as_slice())
+        .map(|s| s.elements.iter().map(|e| e.as_str()).collect())
         .unwrap_or_else(|| panic!("no {name_prefix} set about {comment_part}"))
 }
 

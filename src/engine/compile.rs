@@ -20,9 +20,10 @@ use crate::engine::resolve::{
     CnpRules, LocalPod, NamedTargets, NodePolicy, PeerPods, PolicyRules, ResolvedCnpMatch,
     ResolvedCnpPeer, ResolvedCnpRule, ResolvedPeer, ResolvedPorts,
 };
-use crate::engine::ruleset::{Chain, ChainRole, Ruleset, Set};
+use crate::engine::ruleset::{Chain, ChainRole, Element, Ruleset, Set};
 use crate::model::policy::Direction;
 use crate::model::{Action, Cidr, Family, NamespaceScope, ObjectKey, Protocol, Selector, Tier};
+use compact_str::{ToCompactString, format_compact};
 
 /// Knobs that change the rendered ruleset.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -91,11 +92,11 @@ pub fn local_pods_set_name(family: Family) -> String {
 }
 
 /// The elements of a `local-pods-*` set.
-pub fn local_pods_elements(np: &NodePolicy, family: Family) -> Vec<String> {
+pub fn local_pods_elements(np: &NodePolicy, family: Family) -> Vec<Element> {
     np.local_addrs
         .iter()
         .filter(|ip| Family::of(ip) == family)
-        .map(ToString::to_string)
+        .map(ToCompactString::to_compact_string)
         .collect()
 }
 
@@ -253,7 +254,7 @@ pub(crate) struct Sets {
     touched: Vec<String>,
     /// Each address as text, formatted once: a pod's address is an element of every peer
     /// set it belongs to, and formatting (IPv6 above all) is most of building a set.
-    addr_text: HashMap<IpAddr, String>,
+    addr_text: HashMap<IpAddr, Element>,
 }
 
 /// Which resolved object each content-derived set was built from, so an incremental update
@@ -315,11 +316,11 @@ impl Sets {
 }
 
 /// The elements of a peer set: the peer pods' addresses of one family, in address order.
-pub fn peer_set_elements(peer: &PeerPods, family: Family) -> Vec<String> {
+pub fn peer_set_elements(peer: &PeerPods, family: Family) -> Vec<Element> {
     peer.addrs
         .iter()
         .filter(|ip| Family::of(ip) == family)
-        .map(ToString::to_string)
+        .map(ToCompactString::to_compact_string)
         .collect()
 }
 
@@ -340,7 +341,7 @@ fn peer_set(sets: &mut Sets, peer: &PeerPods, family: Family) -> String {
                 .map(|ip| {
                     addr_text
                         .entry(*ip)
-                        .or_insert_with(|| ip.to_string())
+                        .or_insert_with(|| ip.to_compact_string())
                         .clone()
                 })
                 .collect(),
@@ -363,18 +364,21 @@ fn cidr_set(sets: &mut Sets, block_text: &str, ranges: &[Cidr], family: Family) 
             verdict_map: false,
             interval: true,
             comment: format!("ipBlock {block_text}"),
-            elements: ranges.iter().map(ToString::to_string).collect(),
+            elements: ranges
+                .iter()
+                .map(ToCompactString::to_compact_string)
+                .collect(),
         }
     })
 }
 
 /// The elements of a named-port set: (address . protocol . port) of one family, in order.
-pub fn named_set_elements(named: &NamedTargets, family: Family) -> Vec<String> {
+pub fn named_set_elements(named: &NamedTargets, family: Family) -> Vec<Element> {
     named
         .targets
         .iter()
         .filter(|(ip, _, _)| Family::of(ip) == family)
-        .map(|(ip, proto, port)| format!("{ip} . {} . {port}", proto.nft_name()))
+        .map(|(ip, proto, port)| format_compact!("{ip} . {} . {port}", proto.nft_name()))
         .collect()
 }
 
@@ -601,8 +605,7 @@ fn tier_chain(pod: &LocalPod, tier: Tier, d: Direction, facts: &PolicyFacts) -> 
         let (priority, pass) = facts
             .cnp_pass
             .get(&(name.clone(), d))
-            .cloned()
-            .unwrap_or_default();
+            .map_or((0, &[][..]), |(p, pass)| (*p, pass.as_slice()));
         rules.push(format!(
             "jump {} comment {}",
             cnp_chain_name(d, name),
@@ -610,7 +613,7 @@ fn tier_chain(pod: &LocalPod, tier: Tier, d: Direction, facts: &PolicyFacts) -> 
                 "{tier} ClusterNetworkPolicy {name} priority {priority}"
             ))
         ));
-        rules.extend(pass);
+        rules.extend(pass.iter().cloned());
     }
     Some(Chain {
         name: tier_chain_name(tier, d, &pod.key),
@@ -822,7 +825,10 @@ fn fail_closed_sets(np: &NodePolicy, f: Family) -> [Set; 2] {
             verdict_map: false,
             interval: true,
             comment: format!("pod address ranges of node {}", np.node),
-            elements: ranges.iter().map(ToString::to_string).collect(),
+            elements: ranges
+                .iter()
+                .map(ToCompactString::to_compact_string)
+                .collect(),
         },
     ]
 }
@@ -926,7 +932,7 @@ pub(crate) fn compile_with_identities(
                 comment: format!("local pods isolated for {d}, by address"),
                 elements: elems
                     .into_iter()
-                    .map(|(ip, chain)| format!("{ip} : goto {chain}"))
+                    .map(|(ip, chain)| format_compact!("{ip} : goto {chain}"))
                     .collect(),
             });
         }
@@ -985,7 +991,7 @@ fn nodes_set(
             elements: addrs
                 .iter()
                 .filter(|ip| Family::of(ip) == family)
-                .map(ToString::to_string)
+                .map(ToCompactString::to_compact_string)
                 .collect(),
         }
     })

@@ -43,11 +43,12 @@ use crate::engine::resolve::{
     ResolvedCnpPeer, ResolvedPeer, Resolver, TierMembership, namespace_labels, pod_targets,
     resolve_cnp_rule, resolve_policy, subject_matches,
 };
-use crate::engine::ruleset::{Chain, ChainRole, Ruleset, Set};
+use crate::engine::ruleset::{Chain, ChainRole, Element, Ruleset, Set};
 use crate::model::policy::Direction;
 use crate::model::{
     Action, Family, Labels, NamespaceScope, ObjectKey, PodInfo, Policy, Protocol, Selector, Tier,
 };
+use compact_str::{ToCompactString, format_compact};
 
 /// More pod and policy changes than this in one update are cheaper to redo from scratch.
 const MAX_INCREMENTAL_OBJECTS: usize = 256;
@@ -278,22 +279,30 @@ impl NodeCompiler {
         }
         // No namespace changed, so old and new see the same namespace labels.
         let ns_labels = namespace_labels(snapshot, &key.namespace);
-        let member = |p: Option<&PodInfo>, (scope, sel): &PeerKey| {
+        let member = |p: Option<&PodInfo>, (scope, sel): (&NamespaceScope, &Selector)| {
             p.is_some_and(|p| in_scope(scope, &key.namespace, &ns_labels) && sel.matches(&p.labels))
         };
 
+        // Each distinct peer once: every rule using a selector pair shares one resolved copy.
+        let mut seen = std::collections::HashSet::new();
+        let mut hits: Vec<(PeerKey, bool, bool)> = Vec::new();
+        for pp in pod_peers(&self.np) {
+            if !seen.insert(Arc::as_ptr(pp)) {
+                continue;
+            }
+            let peer = (&pp.scope, &pp.pods);
+            let (was, now) = (member(old, peer), member(new, peer));
+            if was || now {
+                hits.push(((pp.scope.clone(), pp.pods.clone()), was, now));
+            }
+        }
         let mut membership: BTreeMap<PeerKey, (bool, bool)> = BTreeMap::new();
-        for peer in self.peer_keys() {
-            let (was, now) = (member(old, &peer), member(new, &peer));
-            if !was && !now {
-                continue;
+        let same_ips = old.map(|p| &p.ips) == new.map(|p| &p.ips);
+        for (peer, was, now) in hits {
+            if !(was && now && same_ips) {
+                self.edit_peer(&peer, &key, old.filter(|_| was), new.filter(|_| now));
             }
-            membership.insert(peer.clone(), (was, now));
-            let same_ips = old.map(|p| &p.ips) == new.map(|p| &p.ips);
-            if was && now && same_ips {
-                continue;
-            }
-            self.edit_peer(&peer, &key, old.filter(|_| was), new.filter(|_| now));
+            membership.insert(peer, (was, now));
         }
         self.edit_egress_named(snapshot, &key, old, new, &membership);
     }
@@ -693,7 +702,7 @@ impl NodeCompiler {
                 if let Some(pc) = pod_chains(entry, d, facts, &self.opts) {
                     for ip in &entry.ips {
                         let map = dispatch_map_name(d, Family::of(ip));
-                        let element = format!("{ip} : goto {}", pc.chain.name);
+                        let element = format_compact!("{ip} : goto {}", pc.chain.name);
                         let want = (*ip, pc.chain.name.clone());
                         if let Some(set) = self.set_mut(&map) {
                             if let Err(i) = set
@@ -829,7 +838,7 @@ impl NodeCompiler {
         old: Option<&PodInfo>,
         new: Option<&PodInfo>,
     ) {
-        let mut shared = self.detach_peer(peer);
+        let (mut shared, stand_in) = self.detach_peer(peer);
         let pp = Arc::make_mut(&mut shared);
         if old.is_some() {
             if let Ok(i) = pp.members.binary_search(key) {
@@ -876,36 +885,49 @@ impl NodeCompiler {
             }
             for ip in came.iter().filter(|ip| Family::of(ip) == f) {
                 if let Err(i) = set.elements.binary_search_by(|e| by_address(e, ip)) {
-                    set.elements.insert(i, ip.to_string());
+                    set.elements.insert(i, ip.to_compact_string());
                 }
             }
         }
-        self.attach_peer(peer, shared);
+        self.attach_peer(stand_in, shared);
     }
 
     /// Take the node policy's shared copy of a peer out of every rule (leaving an empty stand-in),
     /// so it can be edited without copying its member list.
-    fn detach_peer(&mut self, peer: &PeerKey) -> Arc<PeerPods> {
-        let mut taken: Option<Arc<PeerPods>> = None;
+    ///
+    /// Every rule using one selector pair holds the same copy (the resolver resolves a pair
+    /// once, and edits put one copy back everywhere), so slots are found by pointer after
+    /// the first is found by value.
+    fn detach_peer(&mut self, peer: &PeerKey) -> (Arc<PeerPods>, *const PeerPods) {
         let stand_in = Arc::new(PeerPods {
             scope: peer.0.clone(),
             pods: peer.1.clone(),
             members: Vec::new(),
             addrs: BTreeSet::new(),
         });
+        let Some(shared) = pod_peers(&self.np)
+            .find(|p| p.scope == peer.0 && p.pods == peer.1)
+            .map(Arc::as_ptr)
+        else {
+            let at = Arc::as_ptr(&stand_in);
+            return (stand_in, at);
+        };
+        let at = Arc::as_ptr(&stand_in);
+        let mut taken: Option<Arc<PeerPods>> = None;
         for slot in pod_peers_mut(&mut self.np) {
-            if slot.scope == peer.0 && slot.pods == peer.1 {
+            if Arc::as_ptr(slot) == shared {
                 let old = std::mem::replace(slot, stand_in.clone());
                 taken.get_or_insert(old);
             }
         }
-        taken.unwrap_or(stand_in)
+        (taken.unwrap_or(stand_in), at)
     }
 
-    /// Put the edited peer back into every rule that uses it.
-    fn attach_peer(&mut self, peer: &PeerKey, edited: Arc<PeerPods>) {
+    /// Put the edited peer back into every rule that uses it (every slot holding the
+    /// stand-in [`NodeCompiler::detach_peer`] left).
+    fn attach_peer(&mut self, stand_in: *const PeerPods, edited: Arc<PeerPods>) {
         for slot in pod_peers_mut(&mut self.np) {
-            if slot.scope == peer.0 && slot.pods == peer.1 {
+            if Arc::as_ptr(slot) == stand_in {
                 *slot = edited.clone();
             }
         }
@@ -1025,7 +1047,7 @@ fn targets_of(pod: Option<&PodInfo>, names: &[(Protocol, String)]) -> BTreeSet<T
 }
 
 /// A named-port set element as the compiler writes it.
-fn named_element(t: &Target) -> String {
+fn named_element(t: &Target) -> Element {
     named_set_elements(
         &NamedTargets {
             names: Vec::new(),

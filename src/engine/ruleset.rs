@@ -23,6 +23,9 @@ pub struct Ruleset {
     pub chains: Vec<Arc<Chain>>,
 }
 
+/// One set element as nft writes it.
+pub type Element = compact_str::CompactString;
+
 /// A named set or verdict map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Set {
@@ -36,8 +39,9 @@ pub struct Set {
     pub interval: bool,
     /// Which Kubernetes objects it stands for.
     pub comment: String,
-    /// Elements as nft writes them, sorted in the order they should print.
-    pub elements: Vec<String>,
+    /// Elements as nft writes them, sorted in the order they should print. Most are one
+    /// address and fit inline (no allocation each): a ruleset holds tens of thousands.
+    pub elements: Vec<Element>,
 }
 
 /// What a chain is for; the dataplane treats them differently.

@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use super::{Counter, KernelState};
-use crate::engine::ruleset::{Chain, Ruleset, Set, TABLE, quote_comment};
+use crate::engine::ruleset::{Chain, Element, Ruleset, Set, TABLE, quote_comment};
 
 /// Which kind of transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,9 +64,9 @@ fn add_set(out: &mut String, set: &Set) {
 fn add_elements<'a>(
     out: &mut String,
     set: &Set,
-    elems: impl IntoIterator<Item = &'a String>,
+    elems: impl IntoIterator<Item = &'a Element>,
 ) -> usize {
-    let elems: Vec<&String> = elems.into_iter().collect();
+    let elems: Vec<&Element> = elems.into_iter().collect();
     // Keep lines reasonable for huge sets; nft handles many statements in one transaction.
     for chunk in elems.chunks(512) {
         let joined = chunk
@@ -87,7 +87,7 @@ fn element_key(e: &str) -> &str {
 fn delete_elements<'a>(
     out: &mut String,
     set: &Set,
-    elems: impl IntoIterator<Item = &'a String>,
+    elems: impl IntoIterator<Item = &'a Element>,
 ) -> usize {
     let keys: Vec<&str> = elems.into_iter().map(|e| element_key(e)).collect();
     for chunk in keys.chunks(512) {
@@ -270,11 +270,11 @@ pub fn partial(applied: &Ruleset, desired: &Ruleset, pending: &BTreeSet<String>)
             Some(old) if old.elements != set.elements => {
                 // Hash lookups, in element order: a changed peer set may hold thousands of
                 // addresses, and a sync usually moves one or two.
-                let before: HashSet<&String> = old.elements.iter().collect();
-                let after: HashSet<&String> = set.elements.iter().collect();
-                let gone: Vec<&String> =
+                let before: HashSet<&Element> = old.elements.iter().collect();
+                let after: HashSet<&Element> = set.elements.iter().collect();
+                let gone: Vec<&Element> =
                     old.elements.iter().filter(|e| !after.contains(e)).collect();
-                let came: Vec<&String> = set
+                let came: Vec<&Element> = set
                     .elements
                     .iter()
                     .filter(|e| !before.contains(e))
@@ -343,7 +343,7 @@ mod tests {
             verdict_map: true,
             interval: false,
             comment: "m".into(),
-            elements: elements.iter().map(|s| s.to_string()).collect(),
+            elements: elements.iter().map(|s| (*s).into()).collect(),
         })
     }
 
