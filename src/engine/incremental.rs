@@ -300,7 +300,7 @@ impl NodeCompiler {
         let same_ips = old.map(|p| &p.ips) == new.map(|p| &p.ips);
         for (peer, was, now) in hits {
             if !(was && now && same_ips) {
-                self.edit_peer(&peer, &key, old.filter(|_| was), new.filter(|_| now));
+                self.edit_peer(snapshot, &peer, old.filter(|_| was), new.filter(|_| now));
             }
             membership.insert(peer, (was, now));
         }
@@ -445,7 +445,7 @@ impl NodeCompiler {
                     } else {
                         (Some(&**pod), None)
                     };
-                    self.edit_peer(peer, &pod.key, old, new);
+                    self.edit_peer(snapshot, peer, old, new);
                     moved = true;
                 }
             }
@@ -830,33 +830,23 @@ impl NodeCompiler {
         keys
     }
 
-    /// Move `key` out of (`old`) and into (`new`) one peer's members, then edit its sets.
+    /// Move `key`'s addresses out of (`old`) and into (`new`) one peer, then edit its sets.
     fn edit_peer(
         &mut self,
+        snapshot: &Snapshot,
         peer: &PeerKey,
-        key: &ObjectKey,
         old: Option<&PodInfo>,
         new: Option<&PodInfo>,
     ) {
         let (mut shared, stand_in) = self.detach_peer(peer);
         let pp = Arc::make_mut(&mut shared);
-        if old.is_some() {
-            if let Ok(i) = pp.members.binary_search(key) {
-                pp.members.remove(i);
-            }
-        }
-        if new.is_some() {
-            if let Err(i) = pp.members.binary_search(key) {
-                pp.members.insert(i, key.clone());
-            }
-        }
         let mut gone = Vec::new();
         for ip in old.iter().flat_map(|p| &p.ips) {
-            // The address stays while another member still holds it.
-            let held = self
-                .owners
-                .get(ip)
-                .is_some_and(|ks| ks.iter().any(|k| pp.members.binary_search(k).is_ok()));
+            // The address stays while a pod that is (now) a member still holds it.
+            let held = self.owners.get(ip).is_some_and(|ks| {
+                ks.iter()
+                    .any(|k| is_member(snapshot, (&peer.0, &peer.1), k))
+            });
             if !held && pp.addrs.remove(ip) {
                 gone.push(*ip);
             }
@@ -902,7 +892,6 @@ impl NodeCompiler {
         let stand_in = Arc::new(PeerPods {
             scope: peer.0.clone(),
             pods: peer.1.clone(),
-            members: Vec::new(),
             addrs: BTreeSet::new(),
         });
         let Some(shared) = pod_peers(&self.np)
@@ -983,7 +972,7 @@ impl NodeCompiler {
                     any_peer
                         || pod_peers
                             .iter()
-                            .any(|pp| pp.members.binary_search(k).is_ok())
+                            .any(|pp| is_member(snapshot, (&pp.scope, &pp.pods), k))
                 };
                 let mut gone = Vec::new();
                 for t in before.iter().filter(|t| !after.contains(t)) {
@@ -1215,4 +1204,23 @@ fn cnp_order(c: &CnpRules) -> (Tier, u16, &str, usize) {
         .position(|x| *x == c.direction)
         .unwrap_or_default();
     (c.tier, c.priority, c.name.as_str(), d)
+}
+
+/// Is pod `key` (as it is in `snapshot`) one of a peer's pods?
+fn is_member(
+    snapshot: &Snapshot,
+    (scope, sel): (&NamespaceScope, &Selector),
+    key: &ObjectKey,
+) -> bool {
+    snapshot.pods.get(key).is_some_and(|p| {
+        p.is_policy_target()
+            && sel.matches(&p.labels)
+            && match scope {
+                NamespaceScope::Own(ns) => *ns == key.namespace,
+                NamespaceScope::Selector(ns_sel) => match snapshot.namespaces.get(&key.namespace) {
+                    Some(ns) => ns_sel.matches(&ns.labels),
+                    None => ns_sel.matches(&namespace_labels(snapshot, &key.namespace)),
+                },
+            }
+    })
 }

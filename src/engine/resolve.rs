@@ -240,15 +240,14 @@ pub enum ResolvedPeer {
     },
 }
 
-/// The pods one selector pair matches, shared between every rule that uses the same pair.
+/// The addresses of the pods one selector pair matches, shared between every rule that uses
+/// the same pair. (Which pods they are is not kept: an incremental edit asks the selectors.)
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerPods {
     /// The selector pair (canonical identity of the set).
     pub scope: NamespaceScope,
     /// Pod selector.
     pub pods: Selector,
-    /// Matched pods.
-    pub members: Vec<ObjectKey>,
     /// Their addresses.
     pub addrs: BTreeSet<IpAddr>,
 }
@@ -436,18 +435,19 @@ impl<'a> Resolver<'a> {
         if let Some(hit) = self.peers.get(&key) {
             return hit.clone();
         }
-        let mut members = Vec::new();
-        let mut addrs = BTreeSet::new();
+        // Collected, then sorted and built in one go: far cheaper than inserting one by one.
+        let mut found: Vec<IpAddr> = Vec::new();
         for ns in self.matching_namespaces(scope) {
             self.namespace_pods(&ns).matching(pods, |pod| {
-                members.push(pod.key.clone());
-                addrs.extend(pod.ips.iter().copied());
+                found.extend(pod.ips.iter().copied());
             });
         }
+        found.sort_unstable();
+        found.dedup();
+        let addrs: BTreeSet<IpAddr> = found.into_iter().collect();
         let resolved = Arc::new(PeerPods {
             scope: scope.clone(),
             pods: pods.clone(),
-            members,
             addrs,
         });
         self.peers.insert(key, resolved.clone());
