@@ -88,6 +88,10 @@ pub enum Command {
         /// A manifest file, or a directory of .yaml/.yml/.json files.
         #[arg(long)]
         manifests: PathBuf,
+        /// A node agent's `/debug/rule-hits` document, saved to a file (repeatable, one per
+        /// node): warn about every rule that matched no connection on any of them.
+        #[arg(long = "rule-hits", value_name = "FILE")]
+        rule_hits: Vec<PathBuf>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,

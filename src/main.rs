@@ -239,11 +239,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Lint { manifests, output } => {
+        Command::Lint {
+            manifests,
+            rule_hits,
+            output,
+        } => {
             // The loader's warnings are findings here, so they are not logged twice.
             let m = manifest::load(&manifests)
                 .with_context(|| format!("loading manifests from {}", manifests.display()))?;
-            let report = lint::lint(&m);
+            let mut report = lint::lint(&m);
+            if !rule_hits.is_empty() {
+                let mut docs = Vec::new();
+                for path in &rule_hits {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading rule hits from {}", path.display()))?;
+                    let doc: kube_nftpolicy::tools::rule_hits::RuleHits =
+                        serde_json::from_str(&text).with_context(|| {
+                            format!("{}: not a /debug/rule-hits document", path.display())
+                        })?;
+                    docs.push(doc);
+                }
+                let merged = kube_nftpolicy::tools::rule_hits::RuleHits::merge(docs);
+                report = lint::with_rule_hits(report, &merged, rule_hits.len());
+            }
             match output {
                 Output::Text => print!("{}", report.to_text()),
                 Output::Json => print_json(&report)?,

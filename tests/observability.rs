@@ -1089,9 +1089,9 @@ fn drop_counters_over_http_are_exact() {
 fn exposition_passes_promtool() {
     let _g = serial();
     let c = cluster();
-    // A ClusterNetworkPolicy Deny rule (to an address nobody uses), so its counter families
-    // have series too.
-    let cnp = "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: no-test-net}\nspec:\n  tier: Baseline\n  priority: 1\n  subject: {namespaces: {}}\n  egress:\n  - {name: deny-192-0-2, action: Deny, to: [{networks: [192.0.2.0/24]}]}\n";
+    // A ClusterNetworkPolicy Deny and Accept rule (to addresses nobody uses), so their
+    // counter families have series too.
+    let cnp = "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: no-test-net}\nspec:\n  tier: Baseline\n  priority: 1\n  subject: {namespaces: {}}\n  egress:\n  - {name: deny-192-0-2, action: Deny, to: [{networks: [192.0.2.0/24]}]}\n  - {name: accept-198-51-100, action: Accept, to: [{networks: [198.51.100.0/24]}]}\n";
     let agent = Agent::start(
         &c,
         Some(&format!(

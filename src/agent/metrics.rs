@@ -14,6 +14,9 @@
 //! Drop counters are special: the kernel counts dropped packets and bytes, and the agent only
 //! reads those counters back. They are therefore exposed by a custom collector that publishes
 //! the latest snapshot as-is, rather than by a `CounterVec` that could only be incremented.
+//! Rule hit counters are read back the same way. Their `rule` label is a rule index (or a
+//! ClusterNetworkPolicy rule name), bounded by the rules of the policies that apply to pods
+//! of this node: a series exists while its rule does, and goes with it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -106,6 +109,17 @@ pub struct CnpDenyCounter {
     pub bytes: u64,
 }
 
+/// One rule hit counter read back from the dataplane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleHitCounter {
+    /// The rule.
+    pub owner: CounterOwner,
+    /// Absolute packet count (first packets of new connections) since the counter was made.
+    pub packets: u64,
+}
+
+pub use crate::engine::ruleset::CounterOwner;
+
 /// One kernel drop counter read back from the dataplane.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DropCounter {
@@ -137,6 +151,11 @@ pub struct Metrics {
     registry: Registry,
     drops: DropCollector,
     cnp_denies: DropCollector,
+    rule_hits: DropCollector,
+    cnp_rule_hits: DropCollector,
+    /// The last rule hit and Deny read-backs, for `/debug/rule-hits`.
+    rule_hits_seen: Mutex<Vec<RuleHitCounter>>,
+    cnp_denies_seen: Mutex<Vec<CnpDenyCounter>>,
     sync_duration: HistogramVec,
     sync_failures: IntCounterVec,
     last_sync: Gauge,
@@ -195,6 +214,22 @@ impl Metrics {
         registry
             .register(Box::new(cnp_denies.clone()))
             .map_err(define("cnp_denied_packets_total"))?;
+        let rule_hits = DropCollector::single(
+            "rule_hits_total",
+            "New connections (their first packets) accepted by each rule of each NetworkPolicy that selects a pod of this node.",
+            &RULE_HIT_LABELS,
+        )?;
+        registry
+            .register(Box::new(rule_hits.clone()))
+            .map_err(define("rule_hits_total"))?;
+        let cnp_rule_hits = DropCollector::single(
+            "cnp_rule_hits_total",
+            "New connections (their first packets) matched by each Accept or Pass rule of each ClusterNetworkPolicy that applies to a pod of this node.",
+            &CNP_RULE_HIT_LABELS,
+        )?;
+        registry
+            .register(Box::new(cnp_rule_hits.clone()))
+            .map_err(define("cnp_rule_hits_total"))?;
         registry
             .register(Box::new(drops.clone()))
             .map_err(define("dropped_packets_total"))?;
@@ -366,6 +401,10 @@ impl Metrics {
             registry,
             drops,
             cnp_denies,
+            rule_hits,
+            cnp_rule_hits,
+            rule_hits_seen: Mutex::default(),
+            cnp_denies_seen: Mutex::default(),
             sync_duration,
             sync_failures,
             last_sync,
@@ -433,6 +472,10 @@ impl Metrics {
     /// Replaces the exported ClusterNetworkPolicy Deny counters (one per Deny rule) with the
     /// latest read-back from the kernel.
     pub fn set_cnp_deny_counters(&self, counters: Vec<CnpDenyCounter>) {
+        self.cnp_denies_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone_from(&counters);
         self.cnp_denies.replace(counters.into_iter().map(|c| {
             (
                 vec![c.direction.as_str().to_owned(), c.policy, c.rule, c.tier],
@@ -440,6 +483,87 @@ impl Metrics {
                 c.bytes,
             )
         }));
+    }
+
+    /// Replaces the exported rule hit counters with the latest read-back from the kernel;
+    /// rules missing from `hits` lose their series.
+    pub fn set_rule_hits(&self, hits: Vec<RuleHitCounter>) {
+        self.rule_hits
+            .replace(hits.iter().filter_map(|h| match &h.owner {
+                CounterOwner::Policy {
+                    namespace,
+                    policy,
+                    direction,
+                    rule,
+                } => Some((
+                    vec![
+                        (*direction).to_owned(),
+                        namespace.clone(),
+                        policy.clone(),
+                        rule.to_string(),
+                    ],
+                    h.packets,
+                    0,
+                )),
+                CounterOwner::Cnp { .. } => None,
+            }));
+        self.cnp_rule_hits
+            .replace(hits.iter().filter_map(|h| match &h.owner {
+                CounterOwner::Cnp {
+                    policy,
+                    tier,
+                    direction,
+                    rule,
+                    action,
+                } => Some((
+                    vec![
+                        (*action).to_owned(),
+                        (*direction).to_owned(),
+                        policy.clone(),
+                        rule.clone(),
+                        (*tier).to_owned(),
+                    ],
+                    h.packets,
+                    0,
+                )),
+                CounterOwner::Policy { .. } => None,
+            }));
+        *self
+            .rule_hits_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = hits;
+    }
+
+    /// The rule hit counters of the last read-back, ClusterNetworkPolicy Deny rules included
+    /// (as `Deny`), for `/debug/rule-hits`.
+    pub fn rule_hits(&self) -> Vec<RuleHitCounter> {
+        let mut out = self
+            .rule_hits_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        out.extend(
+            self.cnp_denies_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|c| RuleHitCounter {
+                    owner: CounterOwner::Cnp {
+                        policy: c.policy.clone(),
+                        tier: if c.tier == "admin" {
+                            "admin"
+                        } else {
+                            "baseline"
+                        },
+                        direction: c.direction.as_str(),
+                        rule: c.rule.clone(),
+                        action: "Deny",
+                    },
+                    packets: c.packets,
+                }),
+        );
+        out.sort_by(|a, b| a.owner.cmp(&b.owner));
+        out
     }
 
     pub fn observe_sync(&self, kind: SyncKind, duration: Duration) {
@@ -564,6 +688,10 @@ const DROP_LABELS: [&str; 3] = ["direction", "namespace", "pod"];
 /// Labels of the ClusterNetworkPolicy Deny counters, in name order. Bounded: one series per
 /// Deny rule of a ClusterNetworkPolicy that applies to a pod of this node.
 const CNP_DENY_LABELS: [&str; 4] = ["direction", "policy", "rule", "tier"];
+/// Labels of the NetworkPolicy rule hit counters, in name order (`rule` is the index).
+const RULE_HIT_LABELS: [&str; 4] = ["direction", "namespace", "policy", "rule"];
+/// Labels of the ClusterNetworkPolicy rule hit counters, in name order.
+const CNP_RULE_HIT_LABELS: [&str; 5] = ["action", "direction", "policy", "rule", "tier"];
 
 impl DropCollector {
     fn new(
@@ -589,6 +717,27 @@ impl DropCollector {
         .map_err(define(bytes_name))?;
         Ok(DropCollector {
             descs: vec![packets, bytes],
+            labels,
+            snapshot: Arc::default(),
+        })
+    }
+
+    /// One counter family (`name`, with `help` as is) rather than packets and bytes.
+    fn single(
+        name_suffix: &'static str,
+        help: &str,
+        labels: &'static [&'static str],
+    ) -> Result<Self, MetricsError> {
+        let names: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
+        let desc = Desc::new(
+            name(name_suffix),
+            help.to_owned(),
+            names,
+            Default::default(),
+        )
+        .map_err(define(name_suffix))?;
+        Ok(DropCollector {
+            descs: vec![desc],
             labels,
             snapshot: Arc::default(),
         })

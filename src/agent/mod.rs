@@ -42,8 +42,8 @@ use crate::kernel::nft::transaction::Kind;
 use admin::{Health, LiveSnapshot};
 use denylog::{DenyLogConfig, DenyLogger, Verdict};
 use metrics::{
-    CnpDenyCounter, DropCounter, FlowRemoval, Metrics, RulesetStats, SuppressReason, SyncKind,
-    WatchResource,
+    CnpDenyCounter, DropCounter, FlowRemoval, Metrics, RuleHitCounter, RulesetStats,
+    SuppressReason, SyncKind, WatchResource,
 };
 
 /// Everything the agent needs to run.
@@ -636,7 +636,16 @@ async fn read_counters(every: Duration, dataplane: Arc<Mutex<Dataplane>>, shared
                 pods: counters,
                 cnp_denies: denies,
                 unknown,
+                rule_hits,
             })) => {
+                let hits: Vec<RuleHitCounter> = rule_hits
+                    .into_iter()
+                    .map(|h| RuleHitCounter {
+                        owner: h.owner,
+                        packets: h.counter.packets,
+                    })
+                    .collect();
+                shared.metrics.set_rule_hits(hits);
                 shared.metrics.set_drop_counters(
                     counters
                         .into_iter()

@@ -19,7 +19,7 @@ use crate::engine::resolve::{
     CnpRules, LocalPod, NamedTargets, NodePolicy, PeerPods, PolicyRules, ResolvedCnpMatch,
     ResolvedCnpPeer, ResolvedCnpRule, ResolvedPeer, ResolvedPorts,
 };
-use crate::engine::ruleset::{Chain, ChainRole, Ruleset, Set};
+use crate::engine::ruleset::{Chain, ChainRole, CounterOwner, NamedCounter, Ruleset, Set};
 use crate::model::policy::Direction;
 use crate::model::{Action, Cidr, Family, NamespaceScope, ObjectKey, Protocol, Selector, Tier};
 
@@ -218,6 +218,20 @@ pub fn policy_chain_name(direction: Direction, policy: &ObjectKey) -> String {
     ))
 }
 
+/// `hits/np/<ns>/<name>/ingress/<index>`: the named counter of one NetworkPolicy rule.
+pub fn rule_counter_name(direction: Direction, policy: &ObjectKey, index: usize) -> String {
+    fit_name(format!(
+        "hits/np/{}/{}/{direction}/{index}",
+        policy.namespace, policy.name
+    ))
+}
+
+/// `hits/cnp/<name>/ingress/<index>`: the named counter of one ClusterNetworkPolicy `Accept`
+/// or `Pass` rule.
+pub fn cnp_rule_counter_name(direction: Direction, name: &str, index: usize) -> String {
+    fit_name(format!("hits/cnp/{name}/{direction}/{index}"))
+}
+
 /// Name of the dispatch map for one direction and family, e.g. `ingress-v4`.
 pub fn dispatch_map_name(direction: Direction, family: Family) -> String {
     format!("{direction}-{}", family.suffix())
@@ -387,29 +401,44 @@ fn peer_field(direction: Direction) -> &'static str {
     }
 }
 
-/// One `accept` rule from its match expressions.
-fn accept_rule(matches: &[&str], comment: &str) -> String {
+/// One `accept` rule from its match expressions, counting into the rule's named counter.
+fn accept_rule(matches: &[&str], counter: &str, comment: &str) -> String {
     let mut s = String::new();
     for m in matches.iter().filter(|m| !m.is_empty()) {
         s.push_str(m);
         s.push(' ');
     }
-    s.push_str("accept comment ");
+    s.push_str("counter name \"");
+    s.push_str(counter);
+    s.push_str("\" accept comment ");
     s.push_str(&crate::engine::ruleset::quote_comment(comment));
     s
 }
 
-/// Rules of one policy chain: per rule, per peer, per family, per kind of port match.
-fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> Vec<String> {
+/// Rules of one policy chain: per rule, per peer, per family, per kind of port match; and
+/// the named counter of each rule, which all of the rule's nft rules count into.
+fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> (Vec<String>, Vec<NamedCounter>) {
     let d = pr.direction;
     let peers_key = match d {
         Direction::Ingress => "from",
         Direction::Egress => "to",
     };
     let mut out = Vec::new();
+    let mut counters = Vec::new();
     for rule in &pr.rules {
         let path = format!("spec.{d}[{}]", rule.index);
         let owner = format!("{} {path}", pr.policy);
+        let counter = rule_counter_name(d, &pr.policy, rule.index);
+        counters.push(NamedCounter {
+            name: counter.clone(),
+            comment: format!("NetworkPolicy {owner}: new connections accepted"),
+            owner: CounterOwner::Policy {
+                namespace: pr.policy.namespace.clone(),
+                policy: pr.policy.name.clone(),
+                direction: d.as_str(),
+                rule: rule.index,
+            },
+        });
         let numeric = rule
             .ports
             .as_ref()
@@ -429,8 +458,8 @@ fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> Vec<String> {
         };
         // Emit the rules for one peer matcher (empty = any peer).
         let mut emit = |peer: &str, ports: Option<&str>, comment: &str| match ports {
-            Some(p) => out.push(accept_rule(&[peer, p], comment)),
-            None => out.push(accept_rule(&[peer], comment)),
+            Some(p) => out.push(accept_rule(&[peer, p], &counter, comment)),
+            None => out.push(accept_rule(&[peer], &counter, comment)),
         };
         match &rule.peers {
             None => {
@@ -511,7 +540,7 @@ fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> Vec<String> {
             }
         }
     }
-    out
+    (out, counters)
 }
 
 /// What a pod chain needs to know about each policy of the node.
@@ -584,6 +613,7 @@ fn tier_chain(pod: &LocalPod, tier: Tier, d: Direction, facts: &PolicyFacts) -> 
         role: ChainRole::Pod,
         comment: format!("{tier} tier, {d} of pod {}", pod.key),
         rules,
+        counters: Vec::new(),
     })
 }
 
@@ -621,6 +651,7 @@ pub(crate) fn pod_chains(
                 role: ChainRole::Pod,
                 comment: format!("{d} of pod {}", pod.key),
                 rules,
+                counters: Vec::new(),
             },
             drop: None,
             tiers,
@@ -665,6 +696,7 @@ pub(crate) fn pod_chains(
             role: ChainRole::Pod,
             comment: format!("{d} of pod {}", pod.key),
             rules,
+            counters: Vec::new(),
         },
         tiers,
         drop: Some(Chain {
@@ -683,6 +715,7 @@ pub(crate) fn pod_chains(
                 }
             },
             rules: vec![drop_rule],
+            counters: Vec::new(),
         }),
     })
 }
@@ -694,7 +727,7 @@ pub(crate) fn policy_chain(sets: &mut Sets, pr: &PolicyRules) -> Option<Chain> {
         return None;
     }
     sets.touched.clear();
-    let rules = policy_rules(sets, pr);
+    let (rules, counters) = policy_rules(sets, pr);
     let mut used = std::mem::take(&mut sets.touched);
     used.sort();
     used.dedup();
@@ -706,6 +739,7 @@ pub(crate) fn policy_chain(sets: &mut Sets, pr: &PolicyRules) -> Option<Chain> {
         role: ChainRole::Policy,
         comment: format!("NetworkPolicy {} {} rules", pr.policy, pr.direction),
         rules,
+        counters,
     })
 }
 
@@ -748,6 +782,7 @@ fn base_chain(
         role: ChainRole::Base { hook, priority },
         comment: comment.into(),
         rules,
+        counters: Vec::new(),
     }
 }
 
@@ -768,6 +803,7 @@ fn unknown_drop_chain(d: Direction) -> Chain {
             }
         },
         rules: vec!["counter packets 0 bytes 0 drop".into()],
+        counters: Vec::new(),
     }
 }
 
@@ -1072,9 +1108,42 @@ pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -
     let mut rules = Vec::new();
     let mut denies = Vec::new();
     let mut pass = Vec::new();
+    let mut counters = Vec::new();
     for rule in &cr.rules {
         let matchers = cnp_matchers(sets, cr, rule);
         let label = rule.label(d);
+        let rule_label = if rule.name.is_empty() {
+            format!("spec.{d}[{}]", rule.index)
+        } else {
+            rule.name.clone()
+        };
+        // Accept and Pass rules count their hits in a named counter (Deny rules count in
+        // their terminal chain); the tier chain's repeated Pass matchers do not count.
+        let counter = match rule.action {
+            Action::Accept | Action::Pass => {
+                let name = cnp_rule_counter_name(d, &cr.name, rule.index);
+                counters.push(NamedCounter {
+                    name: name.clone(),
+                    comment: format!(
+                        "{} ClusterNetworkPolicy {} {label}: {}",
+                        cr.tier, cr.name, rule.action
+                    ),
+                    owner: CounterOwner::Cnp {
+                        policy: cr.name.clone(),
+                        tier: cr.tier.as_str(),
+                        direction: d.as_str(),
+                        rule: rule_label.clone(),
+                        action: if rule.action == Action::Accept {
+                            "Accept"
+                        } else {
+                            "Pass"
+                        },
+                    },
+                });
+                format!("counter name \"{name}\" ")
+            }
+            Action::Deny => String::new(),
+        };
         let verdict = match rule.action {
             Action::Accept => "accept".to_string(),
             Action::Pass => "return".to_string(),
@@ -1094,14 +1163,11 @@ pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -
                         policy: cr.name.clone(),
                         tier: cr.tier.as_str(),
                         direction: d.as_str(),
-                        rule: if rule.name.is_empty() {
-                            format!("spec.{d}[{}]", rule.index)
-                        } else {
-                            rule.name.clone()
-                        },
+                        rule: rule_label.clone(),
                     },
                     comment: format!("{} {label}: Deny (counted)", cr.describe()),
                     rules: vec![drop_rule],
+                    counters: Vec::new(),
                 });
                 format!("goto {chain}")
             }
@@ -1111,15 +1177,11 @@ pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -
                 "{} {label} {what}: {}",
                 cr.name, rule.action
             ));
-            let stmt = if m.is_empty() {
-                format!("{verdict} comment {comment}")
-            } else {
-                format!("{m} {verdict} comment {comment}")
-            };
+            let sep = if m.is_empty() { "" } else { " " };
             if rule.action == Action::Pass {
-                pass.push(stmt.clone());
+                pass.push(format!("{m}{sep}{verdict} comment {comment}"));
             }
-            rules.push(stmt);
+            rules.push(format!("{m}{sep}{counter}{verdict} comment {comment}"));
         }
     }
     CnpChains {
@@ -1128,6 +1190,7 @@ pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -
             role: ChainRole::Policy,
             comment: format!("{} {d} rules", cr.describe()),
             rules,
+            counters,
         },
         denies,
         pass,

@@ -43,4 +43,6 @@ pub struct KernelState {
     pub chains: BTreeMap<String, ChainState>,
     /// Its sets and maps by name.
     pub sets: Vec<String>,
+    /// Its named counter objects (rule hit counters) by name.
+    pub counters: BTreeMap<String, Counter>,
 }
