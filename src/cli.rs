@@ -36,6 +36,9 @@ pub enum Command {
         /// that are not known pods are dropped.
         #[arg(long = "pod-cidr", value_name = "CIDR")]
         pod_cidrs: Vec<String>,
+        /// The audit-mode ruleset (as `run --audit`): drops become counted accepts.
+        #[arg(long)]
+        audit: bool,
     },
     /// Make the kernel of the current network namespace enforce the manifests (one sync).
     Apply {
@@ -210,6 +213,11 @@ pub struct RunArgs {
     /// applies to established connections too. `--enforce-established=false` lets them run on.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub enforce_established: bool,
+    /// Audit mode: program the same rules, but every drop (a pod's isolation, a
+    /// ClusterNetworkPolicy Deny rule, an unknown address) is counted, logged with
+    /// --log-denied as "would deny", and accepted. Established flows are never removed.
+    #[arg(long)]
+    pub audit: bool,
     /// The nft binary.
     #[arg(long, default_value = "nft")]
     pub nft: PathBuf,

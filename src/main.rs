@@ -52,10 +52,12 @@ fn ruleset_from(
     node: &str,
     log_group: Option<u16>,
     pod_cidrs: &[String],
+    audit: bool,
 ) -> anyhow::Result<ruleset::Ruleset> {
     let opts = compile::CompileOptions {
         log_group,
         pod_cidrs: parse_pod_cidrs(pod_cidrs)?,
+        audit,
         ..Default::default()
     };
     let np = compile::node_policy(&load_index(path)?.snapshot(), node, &opts);
@@ -140,8 +142,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             node,
             log_group,
             pod_cidrs,
+            audit,
         } => {
-            let rs = ruleset_from(&manifests, &node, log_group, &pod_cidrs)?;
+            let rs = ruleset_from(&manifests, &node, log_group, &pod_cidrs, audit)?;
             let header = format!(
                 "kube-nftpolicy ruleset for node {node:?}, from {}\nLoad with: nft -f <this file>",
                 manifests.display()
@@ -157,7 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pod_cidrs,
             nft,
         } => {
-            let rs = ruleset_from(&manifests, &node, log_group, &pod_cidrs)?;
+            let rs = ruleset_from(&manifests, &node, log_group, &pod_cidrs, false)?;
             let mut dp = dataplane::Dataplane::new(Nft::new(nft));
             if dry_run {
                 print!("{}", dp.plan(&rs)?.script);
@@ -205,7 +208,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         compile::UnknownAddresses::Allow
                     }
                 },
-                enforce_established: a.enforce_established,
+                // Audit mode removes nothing: an established flow is never cut.
+                enforce_established: a.enforce_established && !a.audit,
+                audit: a.audit,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -153,6 +153,11 @@ pub struct Metrics {
     cnp_denies: DropCollector,
     rule_hits: DropCollector,
     cnp_rule_hits: DropCollector,
+    /// Audit mode: the terminal counters count would-drops, exported under their own names.
+    audit: std::sync::atomic::AtomicBool,
+    would_drops: DropCollector,
+    cnp_would_denies: DropCollector,
+    unknown_address_would_drops: IntCounterVec,
     /// The last rule hit and Deny read-backs, for `/debug/rule-hits`.
     rule_hits_seen: Mutex<Vec<RuleHitCounter>>,
     cnp_denies_seen: Mutex<Vec<CnpDenyCounter>>,
@@ -233,6 +238,33 @@ impl Metrics {
         registry
             .register(Box::new(drops.clone()))
             .map_err(define("dropped_packets_total"))?;
+        let would_drops = DropCollector::single(
+            "would_drop_packets_total",
+            "Audit mode: packets that policy would have dropped (and that were accepted), by local pod and direction.",
+            &DROP_LABELS,
+        )?;
+        registry
+            .register(Box::new(would_drops.clone()))
+            .map_err(define("would_drop_packets_total"))?;
+        let cnp_would_denies = DropCollector::single(
+            "cnp_would_deny_packets_total",
+            "Audit mode: packets that ClusterNetworkPolicy Deny rules would have dropped (and that were accepted), by policy, tier, direction and rule.",
+            &CNP_DENY_LABELS,
+        )?;
+        registry
+            .register(Box::new(cnp_would_denies.clone()))
+            .map_err(define("cnp_would_deny_packets_total"))?;
+        let unknown_address_would_drops = IntCounterVec::new(
+            Opts::new(
+                name("unknown_address_would_drops_total"),
+                "Audit mode: packets of addresses in this node's pod ranges that are not known pods, which would have been dropped (and were accepted), by direction.",
+            ),
+            &["direction"],
+        )
+        .map_err(define("unknown_address_would_drops_total"))?;
+        registry
+            .register(Box::new(unknown_address_would_drops.clone()))
+            .map_err(define("unknown_address_would_drops_total"))?;
 
         // Syncs range from a few set elements (about a millisecond) to a full rewrite of a
         // busy node's table; 1 ms doubling 16 times reaches ~33 s.
@@ -404,6 +436,10 @@ impl Metrics {
             rule_hits,
             cnp_rule_hits,
             rule_hits_seen: Mutex::default(),
+            audit: std::sync::atomic::AtomicBool::new(false),
+            would_drops,
+            cnp_would_denies,
+            unknown_address_would_drops,
             cnp_denies_seen: Mutex::default(),
             sync_duration,
             sync_failures,
@@ -426,6 +462,25 @@ impl Metrics {
     /// Publish the kernel's unknown-address drop counters (packets, by direction). The
     /// kernel keeps the totals; this exports the increase since the last read, and starts
     /// over if the kernel's count went down (the rule was removed and added again).
+    /// Audit mode (`--audit`): the terminal counters read back from now on are would-drops,
+    /// exported as `would_drop_packets_total`, `cnp_would_deny_packets_total` and
+    /// `unknown_address_would_drops_total` instead of the drop families.
+    pub fn set_audit(&self, on: bool) {
+        self.audit.store(on, std::sync::atomic::Ordering::Relaxed);
+        if on {
+            // Like the drop family, both directions exist from the start.
+            for d in Direction::ALL {
+                self.unknown_address_would_drops
+                    .with_label_values(&[d.as_str()])
+                    .inc_by(0);
+            }
+        }
+    }
+
+    fn audit(&self) -> bool {
+        self.audit.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn set_unknown_address_drops(&self, counters: &[(Direction, u64)]) {
         let mut seen = self
             .unknown_address_seen
@@ -436,7 +491,12 @@ impl Metrics {
             let delta = packets.checked_sub(seen[i]).unwrap_or(*packets);
             seen[i] = *packets;
             if delta > 0 {
-                self.unknown_address_drops
+                let family = if self.audit() {
+                    &self.unknown_address_would_drops
+                } else {
+                    &self.unknown_address_drops
+                };
+                family
                     .with_label_values(&[direction.as_str()])
                     .inc_by(delta);
             }
@@ -460,7 +520,12 @@ impl Metrics {
     /// Pods missing from `counters` lose their series. Entries for the same pod and direction
     /// are summed, because the dataplane may keep more than one drop counter per pod.
     pub fn set_drop_counters(&self, counters: Vec<DropCounter>) {
-        self.drops.replace(counters.into_iter().map(|c| {
+        let family = if self.audit() {
+            &self.would_drops
+        } else {
+            &self.drops
+        };
+        family.replace(counters.into_iter().map(|c| {
             (
                 vec![c.direction.as_str().to_owned(), c.namespace, c.pod],
                 c.packets,
@@ -476,7 +541,12 @@ impl Metrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone_from(&counters);
-        self.cnp_denies.replace(counters.into_iter().map(|c| {
+        let family = if self.audit() {
+            &self.cnp_would_denies
+        } else {
+            &self.cnp_denies
+        };
+        family.replace(counters.into_iter().map(|c| {
             (
                 vec![c.direction.as_str().to_owned(), c.policy, c.rule, c.tier],
                 c.packets,
@@ -500,7 +570,7 @@ impl Metrics {
                         (*direction).to_owned(),
                         namespace.clone(),
                         policy.clone(),
-                        rule.to_string(),
+                        format!("spec.{direction}[{rule}]"),
                     ],
                     h.packets,
                     0,
@@ -688,7 +758,8 @@ const DROP_LABELS: [&str; 3] = ["direction", "namespace", "pod"];
 /// Labels of the ClusterNetworkPolicy Deny counters, in name order. Bounded: one series per
 /// Deny rule of a ClusterNetworkPolicy that applies to a pod of this node.
 const CNP_DENY_LABELS: [&str; 4] = ["direction", "policy", "rule", "tier"];
-/// Labels of the NetworkPolicy rule hit counters, in name order (`rule` is the index).
+/// Labels of the NetworkPolicy rule hit counters, in name order (`rule` is the rule's path,
+/// `spec.ingress[i]`: a bare number would read like a port).
 const RULE_HIT_LABELS: [&str; 4] = ["direction", "namespace", "policy", "rule"];
 /// Labels of the ClusterNetworkPolicy rule hit counters, in name order.
 const CNP_RULE_HIT_LABELS: [&str; 5] = ["action", "direction", "policy", "rule", "tier"];

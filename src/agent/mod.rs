@@ -79,6 +79,8 @@ pub struct Config {
     pub unknown_addresses: UnknownAddresses,
     /// Remove denied established flows from conntrack after syncs.
     pub enforce_established: bool,
+    /// Audit mode: nothing is dropped; every drop is counted (and logged) as a would-drop.
+    pub audit: bool,
 }
 
 /// Where cluster state comes from.
@@ -175,6 +177,7 @@ impl IndexSink for Shared {
 /// Run until SIGTERM/SIGINT. Rules stay in the kernel afterwards.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
+    metrics.set_audit(config.audit);
     let health = Arc::new(Health::new(config.resync_interval * 3));
     let mut shared = Shared::new(metrics.clone(), health.clone());
     if !config.debug_explain {
@@ -220,9 +223,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     if let Some(group) = config.log_group {
         let shared = shared.clone();
+        let audit = config.audit;
         std::thread::Builder::new()
             .name("deny-log".into())
-            .spawn(move || deny_log(group, shared))?;
+            .spawn(move || deny_log(group, shared, audit))?;
     }
     let sync = tokio::spawn(sync_loop(config.clone(), dataplane, shared.clone()));
 
@@ -392,6 +396,7 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
         log_group: config.log_group,
         pod_cidrs: config.pod_cidrs.clone(),
         unknown_addresses: config.unknown_addresses,
+        audit: config.audit,
     };
     // The compiled state lives across syncs so most changes redo only what they touch.
     let compiler = Arc::new(Mutex::new(NodeCompiler::new(
@@ -681,7 +686,7 @@ async fn read_counters(every: Duration, dataplane: Arc<Mutex<Dataplane>>, shared
 }
 
 /// Blocking: read the NFLOG group and write one line per denied new connection.
-fn deny_log(group: u16, shared: Arc<Shared>) {
+fn deny_log(group: u16, shared: Arc<Shared>, audit: bool) {
     let mut logger = DenyLogger::new(DenyLogConfig::default());
     let mut socket = loop {
         match crate::kernel::nflog::NflogSocket::open(group) {
@@ -727,6 +732,23 @@ fn deny_log(group: u16, shared: Arc<Shared>) {
                         .cloned()
                     })
                     .unwrap_or_default();
+                if audit {
+                    // Nothing was denied: the connection went through, and the would-drop
+                    // counters count it.
+                    tracing::warn!(
+                        direction = line.direction.as_str(),
+                        pod = format!("{}/{}", line.namespace, line.pod),
+                        src = %line.src,
+                        dst = %line.dst,
+                        src_ip = %line.src_ip,
+                        dst_ip = %line.dst_ip,
+                        protocol = line.protocol,
+                        dst_port = line.dst_port,
+                        isolated_by = policies.join(","),
+                        "would deny connection (audit mode: allowed)"
+                    );
+                    continue;
+                }
                 shared
                     .metrics
                     .denied_connection(&line.namespace, &line.pod, line.direction);

@@ -33,6 +33,20 @@ pub struct CompileOptions {
     pub pod_cidrs: Vec<Cidr>,
     /// What happens to an address in those ranges that is not a known pod of this node.
     pub unknown_addresses: UnknownAddresses,
+    /// Audit mode (`--audit`): every terminal chain (a pod's drop, a ClusterNetworkPolicy
+    /// Deny rule, an unknown address) counts, logs if asked, and accepts instead of dropping.
+    pub audit: bool,
+}
+
+impl CompileOptions {
+    /// The final statement of a terminal chain: its counter and verdict.
+    fn terminal(&self) -> &'static str {
+        if self.audit {
+            "counter packets 0 bytes 0 accept comment \"audit mode: would drop\""
+        } else {
+            "counter packets 0 bytes 0 drop"
+        }
+    }
 }
 
 /// Traffic from or to an address in this node's pod ranges that no known local pod holds
@@ -689,7 +703,7 @@ pub(crate) fn pod_chains(
             log_prefix(d, &pod.key)
         ));
     }
-    drop_rule.push_str("counter packets 0 bytes 0 drop");
+    drop_rule.push_str(opts.terminal());
     Some(PodChains {
         chain: Chain {
             name: chain,
@@ -788,7 +802,7 @@ fn base_chain(
 
 /// The counted drop of unknown addresses in one direction. Like a pod's terminal chain, it is
 /// created once and never rewritten, so its counter survives every sync.
-fn unknown_drop_chain(d: Direction) -> Chain {
+fn unknown_drop_chain(d: Direction, opts: &CompileOptions) -> Chain {
     Chain {
         name: unknown_drop_chain_name(d),
         role: ChainRole::UnknownDrop {
@@ -802,7 +816,7 @@ fn unknown_drop_chain(d: Direction) -> Chain {
                 "from an address in this node's pod ranges that is not a known pod".into()
             }
         },
-        rules: vec!["counter packets 0 bytes 0 drop".into()],
+        rules: vec![opts.terminal().into()],
         counters: Vec::new(),
     }
 }
@@ -910,7 +924,7 @@ pub(crate) fn compile_with_identities(
     }
     if !fail_closed.is_empty() {
         for d in Direction::ALL {
-            other_chains.push(unknown_drop_chain(d));
+            other_chains.push(unknown_drop_chain(d, opts));
         }
     }
     other_chains.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1156,7 +1170,7 @@ pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -
                         crate::engine::log_prefix::encode_prefix(d, "cnp", &cr.name)
                     ));
                 }
-                drop_rule.push_str("counter packets 0 bytes 0 drop");
+                drop_rule.push_str(opts.terminal());
                 denies.push(Chain {
                     name: chain.clone(),
                     role: ChainRole::Deny {

@@ -32,6 +32,8 @@ pub struct ChainState {
     pub counter: Option<Counter>,
     /// Whether some rule logs (`log ... group`).
     pub logs: bool,
+    /// Whether some rule ends in `accept` (a terminal chain in audit mode).
+    pub accepts: bool,
 }
 
 /// Our table as the kernel holds it.

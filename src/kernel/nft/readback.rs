@@ -79,6 +79,14 @@ fn chain_state(chain: &Chain) -> ChainState {
                             });
                         }
                         Some(ExpressionVariant::Log(_)) => state.logs = true,
+                        Some(ExpressionVariant::Immediate(i))
+                            if i.get_data()
+                                .and_then(|d| d.get_verdict())
+                                .and_then(|v| v.get_code())
+                                == Some(&rustables::expr::VerdictType::Accept) =>
+                        {
+                            state.accepts = true
+                        }
                         _ => {}
                     }
                 }

@@ -155,9 +155,18 @@ fn is_drop(chain: &Chain) -> bool {
 /// Is the kernel's terminal chain exactly what we would write (so it can stay untouched)?
 fn drop_chain_intact(chain: &Chain, kernel: &KernelState) -> bool {
     let wants_log = chain.rules.iter().any(|r| r.contains("log prefix"));
+    let wants_accept = accepts(chain);
     kernel.chains.get(&chain.name).is_some_and(|k| {
-        k.rules == Some(chain.rules.len()) && k.counter.is_some() && k.logs == wants_log
+        k.rules == Some(chain.rules.len())
+            && k.counter.is_some()
+            && k.logs == wants_log
+            && k.accepts == wants_accept
     })
+}
+
+/// Does this terminal chain accept (audit mode) rather than drop?
+fn accepts(chain: &Chain) -> bool {
+    chain.rules.iter().any(|r| r.contains(" accept"))
 }
 
 /// Replace whatever the kernel holds with `desired`.
@@ -228,9 +237,12 @@ pub fn full(desired: &Ruleset, kernel: &KernelState) -> Transaction {
             if drop_chain_intact(chain, kernel) {
                 continue;
             }
+            // The count carries over a change of logging, not of verdict: drops and would-drops
+            // are different metrics, so a switch to or from audit mode starts at zero.
             let counter = kernel
                 .chains
                 .get(&chain.name)
+                .filter(|k| k.accepts == accepts(chain))
                 .and_then(|k| k.counter)
                 .unwrap_or_default();
             for r in &chain.rules {
@@ -592,6 +604,7 @@ mod tests {
                     bytes: 700,
                 }),
                 logs: false,
+                accepts: false,
             },
         );
         let t = full(&rs, &kernel);
