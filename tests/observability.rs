@@ -2241,3 +2241,70 @@ fn audit_mode_counts_would_drops_and_logs_would_deny() {
     assert!(deny_lines(&log).is_empty(), "no \"denied connection\" line");
     assert_eq!(agent.get("/readyz").status, 200, "ready as usual");
 }
+
+#[test]
+fn policy_state_says_what_each_policy_is_on_this_node() {
+    let _g = serial();
+    let c = cluster();
+    let nothing_here = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: for-absent-pods, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: absent}}\n  ingress: [{}]\n";
+    let invalid = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}}]\n";
+    let cnp = "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: no-test-net}\nspec:\n  tier: Baseline\n  priority: 1\n  subject: {namespaces: {}}\n  egress:\n  - {name: deny-192-0-2, action: Deny, to: [{networks: [192.0.2.0/24]}]}\n";
+    let agent = Agent::start(
+        &c,
+        Some(&format!(
+            "{}{nothing_here}{invalid}{cnp}",
+            manifests(&c, ALL_PODS, WEB_ALLOWS_CLIENT)
+        )),
+        &[],
+    );
+    agent.wait_ready();
+    let states = |s: &Scrape| -> BTreeMap<String, String> {
+        s.series("kube_nftpolicy_policy_state")
+            .iter()
+            .filter(|x| x.value == 1.0)
+            .map(|x| {
+                let l = |k: &str| x.labels.get(k).cloned().unwrap_or_default();
+                (
+                    format!("{} {}/{}", l("kind"), l("namespace"), l("policy")),
+                    l("state"),
+                )
+            })
+            .collect()
+    };
+    let want: BTreeMap<String, String> = [
+        ("NetworkPolicy default/web-allows-client", "enforced"),
+        (
+            "NetworkPolicy default/for-absent-pods",
+            "selects_nothing_here",
+        ),
+        ("NetworkPolicy default/broken", "invalid"),
+        ("ClusterNetworkPolicy /no-test-net", "enforced"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    agent.wait_scrape("policy states", |s| {
+        let got = states(s);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    });
+    // A policy that goes takes its series with it.
+    agent.write_manifests(&format!(
+        "{}{cnp}",
+        manifests(&c, ALL_PODS, WEB_ALLOWS_CLIENT)
+    ));
+    let mut want = want;
+    want.remove("NetworkPolicy default/for-absent-pods");
+    want.remove("NetworkPolicy default/broken");
+    agent.wait_scrape("policy states after the change", |s| {
+        let got = states(s);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    });
+}

@@ -109,6 +109,40 @@ pub struct CnpDenyCounter {
     pub bytes: u64,
 }
 
+/// What one policy is on this node (`policy_state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyStateKind {
+    /// It selects (applies to) a local pod, and its rules are in the kernel.
+    Enforced,
+    /// It selects a local pod, but part of it is invalid: that part fails closed.
+    Invalid,
+    /// It selects no pod of this node, so this node's table has nothing of it.
+    SelectsNothingHere,
+}
+
+impl PolicyStateKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyStateKind::Enforced => "enforced",
+            PolicyStateKind::Invalid => "invalid",
+            PolicyStateKind::SelectsNothingHere => "selects_nothing_here",
+        }
+    }
+}
+
+/// One policy and its state on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyState {
+    /// `NetworkPolicy` or `ClusterNetworkPolicy`.
+    pub kind: &'static str,
+    /// The NetworkPolicy's namespace; empty for a ClusterNetworkPolicy.
+    pub namespace: String,
+    /// Its name.
+    pub policy: String,
+    /// Its state.
+    pub state: PolicyStateKind,
+}
+
 /// One rule hit counter read back from the dataplane.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleHitCounter {
@@ -158,6 +192,7 @@ pub struct Metrics {
     would_drops: DropCollector,
     cnp_would_denies: DropCollector,
     unknown_address_would_drops: IntCounterVec,
+    policy_states: DropCollector,
     /// The last rule hit and Deny read-backs, for `/debug/rule-hits`.
     rule_hits_seen: Mutex<Vec<RuleHitCounter>>,
     cnp_denies_seen: Mutex<Vec<CnpDenyCounter>>,
@@ -238,6 +273,15 @@ impl Metrics {
         registry
             .register(Box::new(drops.clone()))
             .map_err(define("dropped_packets_total"))?;
+        let mut policy_states = DropCollector::single(
+            "policy_state",
+            "Each NetworkPolicy and ClusterNetworkPolicy in the cluster, as this node sees it: 1 for its state (enforced, invalid: fails closed, selects_nothing_here).",
+            &POLICY_STATE_LABELS,
+        )?;
+        policy_states.gauge = true;
+        registry
+            .register(Box::new(policy_states.clone()))
+            .map_err(define("policy_state"))?;
         let would_drops = DropCollector::single(
             "would_drop_packets_total",
             "Audit mode: packets that policy would have dropped (and that were accepted), by local pod and direction.",
@@ -435,6 +479,7 @@ impl Metrics {
             cnp_denies,
             rule_hits,
             cnp_rule_hits,
+            policy_states,
             rule_hits_seen: Mutex::default(),
             audit: std::sync::atomic::AtomicBool::new(false),
             would_drops,
@@ -604,6 +649,22 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner) = hits;
     }
 
+    /// Replace the policy states (after each compile): one series per policy, at 1.
+    pub fn set_policy_states(&self, states: &[PolicyState]) {
+        self.policy_states.replace(states.iter().map(|p| {
+            (
+                vec![
+                    p.kind.to_owned(),
+                    p.namespace.clone(),
+                    p.policy.clone(),
+                    p.state.as_str().to_owned(),
+                ],
+                1,
+                0,
+            )
+        }));
+    }
+
     /// The rule hit counters of the last read-back, ClusterNetworkPolicy Deny rules included
     /// (as `Deny`), for `/debug/rule-hits`.
     pub fn rule_hits(&self) -> Vec<RuleHitCounter> {
@@ -748,6 +809,8 @@ type DropSnapshot = BTreeMap<Vec<String>, (u64, u64)>;
 #[derive(Debug, Clone)]
 struct DropCollector {
     descs: Vec<Desc>,
+    /// Export as gauges (a state snapshot) rather than counters.
+    gauge: bool,
     labels: &'static [&'static str],
     snapshot: Arc<Mutex<DropSnapshot>>,
 }
@@ -761,6 +824,9 @@ const CNP_DENY_LABELS: [&str; 4] = ["direction", "policy", "rule", "tier"];
 /// Labels of the NetworkPolicy rule hit counters, in name order (`rule` is the rule's path,
 /// `spec.ingress[i]`: a bare number would read like a port).
 const RULE_HIT_LABELS: [&str; 4] = ["direction", "namespace", "policy", "rule"];
+/// Labels of the policy state gauge, in name order (`namespace` is empty for a
+/// ClusterNetworkPolicy).
+const POLICY_STATE_LABELS: [&str; 4] = ["kind", "namespace", "policy", "state"];
 /// Labels of the ClusterNetworkPolicy rule hit counters, in name order.
 const CNP_RULE_HIT_LABELS: [&str; 5] = ["action", "direction", "policy", "rule", "tier"];
 
@@ -788,6 +854,7 @@ impl DropCollector {
         .map_err(define(bytes_name))?;
         Ok(DropCollector {
             descs: vec![packets, bytes],
+            gauge: false,
             labels,
             snapshot: Arc::default(),
         })
@@ -809,6 +876,7 @@ impl DropCollector {
         .map_err(define(name_suffix))?;
         Ok(DropCollector {
             descs: vec![desc],
+            gauge: false,
             labels,
             snapshot: Arc::default(),
         })
@@ -839,8 +907,8 @@ impl Collector for DropCollector {
         for (values, (p, b)) in snapshot.iter() {
             // Counters are f64 in the exposition format; precision loss starts at 2^53, far
             // beyond what a single drop counter reaches.
-            packets.push(counter_metric(self.labels, values, *p as f64));
-            bytes.push(counter_metric(self.labels, values, *b as f64));
+            packets.push(counter_metric(self.labels, values, *p as f64, self.gauge));
+            bytes.push(counter_metric(self.labels, values, *b as f64, self.gauge));
         }
         drop(snapshot);
 
@@ -851,7 +919,11 @@ impl Collector for DropCollector {
                 let mut family = MetricFamily::default();
                 family.set_name(desc.fq_name.clone());
                 family.set_help(desc.help.clone());
-                family.set_field_type(MetricType::COUNTER);
+                family.set_field_type(if self.gauge {
+                    MetricType::GAUGE
+                } else {
+                    MetricType::COUNTER
+                });
                 family.set_metric(metrics);
                 family
             })
@@ -859,7 +931,7 @@ impl Collector for DropCollector {
     }
 }
 
-fn counter_metric(names: &[&str], values: &[String], value: f64) -> Metric {
+fn counter_metric(names: &[&str], values: &[String], value: f64, gauge: bool) -> Metric {
     let labels = names
         .iter()
         .zip(values)
@@ -870,10 +942,16 @@ fn counter_metric(names: &[&str], values: &[String], value: f64) -> Metric {
             pair
         })
         .collect();
-    let mut counter = Counter::default();
-    counter.set_value(value);
     let mut metric = Metric::from_label(labels);
-    metric.set_counter(counter);
+    if gauge {
+        let mut g = prometheus::proto::Gauge::default();
+        g.set_value(value);
+        metric.set_gauge(g);
+    } else {
+        let mut counter = Counter::default();
+        counter.set_value(value);
+        metric.set_counter(counter);
+    }
     metric
 }
 

@@ -42,8 +42,8 @@ use crate::kernel::nft::transaction::Kind;
 use admin::{Health, LiveSnapshot};
 use denylog::{DenyLogConfig, DenyLogger, Verdict};
 use metrics::{
-    CnpDenyCounter, DropCounter, FlowRemoval, Metrics, RuleHitCounter, RulesetStats,
-    SuppressReason, SyncKind, WatchResource,
+    CnpDenyCounter, DropCounter, FlowRemoval, Metrics, PolicyState, PolicyStateKind,
+    RuleHitCounter, RulesetStats, SuppressReason, SyncKind, WatchResource,
 };
 
 /// Everything the agent needs to run.
@@ -328,6 +328,52 @@ async fn follow_manifests(path: PathBuf, poll: Duration, shared: Arc<Shared>) {
     }
 }
 
+/// Every policy of the cluster and what it is on this node.
+fn policy_states(np: &NodePolicy, idx: &crate::engine::index::Snapshot) -> Vec<PolicyState> {
+    use crate::engine::resolve::ResolvedCnpMatch;
+    let mut out = Vec::new();
+    // Policy → invalid?, for the policies that select a local pod (one pass, not one per
+    // policy of the cluster).
+    let mut here: HashMap<&crate::model::ObjectKey, bool> = HashMap::new();
+    for p in &np.policies {
+        *here.entry(&p.policy).or_default() |= p.invalid.is_some();
+    }
+    let mut cnps_here: HashMap<&str, bool> = HashMap::new();
+    for c in &np.cnps {
+        let fails_closed = c.rules.iter().any(|r| {
+            matches!(
+                r.matches,
+                ResolvedCnpMatch::Nothing(_) | ResolvedCnpMatch::Everything(_)
+            )
+        });
+        *cnps_here.entry(c.name.as_str()).or_default() |= fails_closed;
+    }
+    let state_of = |found: Option<&bool>| match found {
+        None => PolicyStateKind::SelectsNothingHere,
+        Some(true) => PolicyStateKind::Invalid,
+        Some(false) => PolicyStateKind::Enforced,
+    };
+    for (key, _) in idx.policies.iter() {
+        let state = state_of(here.get(key));
+        out.push(PolicyState {
+            kind: "NetworkPolicy",
+            namespace: key.namespace.clone(),
+            policy: key.name.clone(),
+            state,
+        });
+    }
+    for (name, _) in idx.cnps.iter() {
+        let state = state_of(cnps_here.get(name.as_str()));
+        out.push(PolicyState {
+            kind: "ClusterNetworkPolicy",
+            namespace: String::new(),
+            policy: name.clone(),
+            state,
+        });
+    }
+    out
+}
+
 fn publish_attribution(shared: &Shared, np: &NodePolicy, idx: &crate::engine::index::Snapshot) {
     let mut by_ip = HashMap::new();
     for (key, pod) in idx.pods.iter() {
@@ -497,6 +543,11 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
             }
             let out = dp.sync(nc.ruleset());
             drop(dp);
+            if out.is_ok() {
+                shared2
+                    .metrics
+                    .set_policy_states(&policy_states(nc.node_policy(), nc.snapshot()));
+            }
             if out.is_ok() && log_denied {
                 // Only the denied-connection log reads the attribution tables.
                 publish_attribution(&shared2, nc.node_policy(), nc.snapshot());
