@@ -2308,3 +2308,62 @@ fn policy_state_says_what_each_policy_is_on_this_node() {
         }
     });
 }
+
+/// Regression: a ClusterNetworkPolicy Deny drop was logged as pod "cnp/<policy>"; the line
+/// names the policy, its tier and rule, and both pods.
+#[test]
+fn cluster_network_policy_denials_are_logged_with_the_rule_and_both_pods() {
+    let _g = serial();
+    let c = cluster();
+    let cnp = "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: guard}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}}\n  ingress:\n  - {name: no-other, action: Deny, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: other}}}}]}\n";
+    let agent = Agent::start(
+        &c,
+        Some(&format!("{}{cnp}", manifests(&c, ALL_PODS, ""))),
+        &["--log-denied", "--nflog-group", "7"],
+    );
+    agent.wait_ready();
+    let w = web(&c, Family::V4);
+    assert!(!c.probe(&Probe::tcp(pod("other"), w, 80), T), "denied");
+    assert!(c.probe(&Probe::tcp(pod("client"), w, 80), T), "allowed");
+    wait_until(
+        "the denied-connection line",
+        DEADLINE,
+        || match deny_lines(&agent.stderr()).len() {
+            0 => Err("no line yet".to_string()),
+            _ => Ok(()),
+        },
+    );
+    std::thread::sleep(SETTLE);
+    let lines = deny_lines(&agent.stderr());
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    eprintln!("--- ClusterNetworkPolicy denied line ---\n{}", lines[0].raw);
+    let other4 = c.pod_ip("default", "other", Family::V4).to_string();
+    for (k, v) in [
+        ("direction", "ingress"),
+        ("pod", "default/web"),
+        ("src", "default/other"),
+        ("dst", "default/web"),
+        ("src_ip", other4.as_str()),
+        ("dst_port", "80"),
+        ("denied_by", "Admin ClusterNetworkPolicy guard"),
+        ("rule", "spec.ingress[0] (no-other)"),
+    ] {
+        assert_eq!(
+            lines[0].fields.get(k).map(String::as_str),
+            Some(v),
+            "{k} in {}",
+            lines[0].raw
+        );
+    }
+    assert!(
+        !lines[0].raw.contains("cnp/"),
+        "no pseudo-pod: {}",
+        lines[0].raw
+    );
+    agent.wait_scrape("the denial counted for web", |s| {
+        match s.get(DENIED, &WEB_INGRESS) {
+            Some(1.0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+}

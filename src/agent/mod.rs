@@ -119,6 +119,9 @@ pub struct Shared {
     pods_by_ip: RwLock<HashMap<IpAddr, String>>,
     /// `namespace/name` → isolating policies per direction, for the denied-connection log.
     isolation: RwLock<HashMap<(String, &'static str), Vec<String>>>,
+    /// (ClusterNetworkPolicy, direction, rule index) → `spec.ingress[1] (name)`, for the
+    /// denied-connection log of Deny rules.
+    cnp_rules: RwLock<HashMap<(String, &'static str, usize), String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -139,6 +142,7 @@ impl Shared {
             live: Arc::new(LiveSnapshot::default()),
             pods_by_ip: RwLock::new(HashMap::new()),
             isolation: RwLock::new(HashMap::new()),
+            cnp_rules: RwLock::new(HashMap::new()),
         }
     }
 
@@ -399,6 +403,21 @@ fn publish_attribution(shared: &Shared, np: &NodePolicy, idx: &crate::engine::in
     }
     if let Ok(mut w) = shared.isolation.write() {
         *w = isolation;
+    }
+    let cnp_rules = np
+        .cnps
+        .iter()
+        .flat_map(|c| {
+            c.rules.iter().map(move |r| {
+                (
+                    (c.name.clone(), c.direction.as_str(), r.index),
+                    r.label(c.direction),
+                )
+            })
+        })
+        .collect();
+    if let Ok(mut w) = shared.cnp_rules.write() {
+        *w = cnp_rules;
     }
 }
 
@@ -770,6 +789,47 @@ fn deny_log(group: u16, shared: Arc<Shared>, audit: bool) {
                 .and_then(|m| m.get(&ip).cloned())
         };
         match logger.observe(Instant::now(), &pkt, &resolve_ip) {
+            Verdict::Log(line) if line.cnp.is_some() => {
+                let Some(cnp) = &line.cnp else { continue };
+                let rule = shared
+                    .cnp_rules
+                    .read()
+                    .ok()
+                    .and_then(|m| {
+                        m.get(&(cnp.policy.clone(), cnp.direction.as_str(), cnp.index))
+                            .cloned()
+                    })
+                    .unwrap_or_else(|| format!("spec.{}[{}]", cnp.direction, cnp.index));
+                let known = line.namespace != "unknown";
+                if known && !audit {
+                    shared
+                        .metrics
+                        .denied_connection(&line.namespace, &line.pod, line.direction);
+                }
+                // tracing takes the message as a literal, so one call site per message.
+                macro_rules! cnp_line {
+                    ($msg:literal) => {
+                        tracing::warn!(
+                            direction = line.direction.as_str(),
+                            pod = format!("{}/{}", line.namespace, line.pod),
+                            src = %line.src,
+                            dst = %line.dst,
+                            src_ip = %line.src_ip,
+                            dst_ip = %line.dst_ip,
+                            protocol = line.protocol,
+                            dst_port = line.dst_port,
+                            denied_by = format!("{} ClusterNetworkPolicy {}", cnp.tier, cnp.policy),
+                            rule = rule,
+                            $msg
+                        )
+                    };
+                }
+                if audit {
+                    cnp_line!("would deny connection (audit mode: allowed)");
+                } else {
+                    cnp_line!("denied connection");
+                }
+            }
             Verdict::Log(line) => {
                 let policies = shared
                     .isolation

@@ -1167,7 +1167,9 @@ pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -
                 if let Some(group) = opts.log_group {
                     drop_rule.push_str(&format!(
                         "log prefix \"{}\" group {group} ",
-                        crate::engine::log_prefix::encode_prefix(d, "cnp", &cr.name)
+                        crate::engine::log_prefix::encode_cnp_prefix(
+                            d, cr.tier, rule.index, &cr.name
+                        )
                     ));
                 }
                 drop_rule.push_str(opts.terminal());
