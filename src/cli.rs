@@ -141,6 +141,10 @@ pub struct ExplainArgs {
     /// Force IPv4 (4) or IPv6 (6); by default IPv4 when both ends have it.
     #[arg(long)]
     pub family: Option<u8>,
+    /// A node agent's `/debug/rule-hits` document, saved to a file (repeatable): with text
+    /// output, also print how many connections each rule of the deciding policies matched.
+    #[arg(long = "rule-hits", value_name = "FILE")]
+    pub rule_hits: Vec<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,

@@ -104,7 +104,27 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--rule-hits` files, summed rule by rule.
+fn load_rule_hits(
+    paths: &[std::path::PathBuf],
+) -> anyhow::Result<kube_nftpolicy::tools::rule_hits::RuleHits> {
+    let mut docs = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading rule hits from {}", path.display()))?;
+        let doc: kube_nftpolicy::tools::rule_hits::RuleHits = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a /debug/rule-hits document", path.display()))?;
+        docs.push(doc);
+    }
+    Ok(kube_nftpolicy::tools::rule_hits::RuleHits::merge(docs))
+}
+
 fn explain_command(a: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let hits = if a.rule_hits.is_empty() {
+        None
+    } else {
+        Some(load_rule_hits(&a.rule_hits)?)
+    };
     let port = port_query(&a.port, a.protocol.as_deref())?;
     let family = family(a.family)?;
     let from: explain::Endpoint = a.from.parse()?;
@@ -125,7 +145,12 @@ fn explain_command(a: ExplainArgs) -> anyhow::Result<ExitCode> {
     };
     let e = explain::explain(&snapshot, &from, &to, &port, family)?;
     match a.output {
-        Output::Text => print!("{}", e.to_text()),
+        Output::Text => {
+            print!("{}", e.to_text());
+            if let Some(h) = &hits {
+                print!("{}", h.explain_text(&e, a.rule_hits.len()));
+            }
+        }
         Output::Json => print_json(&e)?,
     }
     Ok(if e.allowed {
@@ -254,17 +279,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("loading manifests from {}", manifests.display()))?;
             let mut report = lint::lint(&m);
             if !rule_hits.is_empty() {
-                let mut docs = Vec::new();
-                for path in &rule_hits {
-                    let text = std::fs::read_to_string(path)
-                        .with_context(|| format!("reading rule hits from {}", path.display()))?;
-                    let doc: kube_nftpolicy::tools::rule_hits::RuleHits =
-                        serde_json::from_str(&text).with_context(|| {
-                            format!("{}: not a /debug/rule-hits document", path.display())
-                        })?;
-                    docs.push(doc);
-                }
-                let merged = kube_nftpolicy::tools::rule_hits::RuleHits::merge(docs);
+                let merged = load_rule_hits(&rule_hits)?;
                 report = lint::with_rule_hits(report, &merged, rule_hits.len());
             }
             match output {

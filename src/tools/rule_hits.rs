@@ -123,6 +123,54 @@ impl RuleHits {
         }
     }
 
+    /// The hits of NetworkPolicy `namespace/name`'s rule `ingress[i]` (as `explain` cites
+    /// rules), if some document has it.
+    pub fn of_policy_rule(&self, policy: &str, rule: &str) -> Option<u64> {
+        let (ns, name) = policy.split_once('/')?;
+        let path = format!("spec.{rule}");
+        let mut found = None;
+        for r in &self.rules {
+            if r.kind == "NetworkPolicy"
+                && r.namespace.as_deref() == Some(ns)
+                && r.policy == name
+                && r.rule == path
+            {
+                *found.get_or_insert(0) += r.hits;
+            }
+        }
+        found
+    }
+
+    /// Lines for `explain --rule-hits`: the hits of every rule of the policies that decide the
+    /// connection, at both ends.
+    pub fn explain_text(&self, e: &crate::tools::explain::Explanation, nodes: usize) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for side in [&e.egress, &e.ingress] {
+            for p in &side.policies {
+                for r in &p.rules {
+                    if !seen.insert((p.policy.clone(), r.rule.clone())) {
+                        continue;
+                    }
+                    let hits = match self.of_policy_rule(&p.policy, &r.rule) {
+                        Some(0) => "0 (never matched)".to_string(),
+                        Some(n) => n.to_string(),
+                        None => "not on any node read".to_string(),
+                    };
+                    let _ = writeln!(out, "  {} spec.{}: {hits}", p.policy, r.rule);
+                }
+            }
+        }
+        if out.is_empty() {
+            return out;
+        }
+        format!(
+            "rule hits (new connections since each counter was created, {nodes} node{} read):\n{out}",
+            if nodes == 1 { "" } else { "s" }
+        )
+    }
+
     /// The rules that matched nothing.
     pub fn never_matched(&self) -> impl Iterator<Item = &RuleHit> {
         self.rules.iter().filter(|r| r.hits == 0)
