@@ -24,7 +24,7 @@
 //! loop per measurement, default 5), `DATAPLANE_IPERF_SECS` (iperf3 `-t`, default 5; 0 skips
 //! throughput), `DATAPLANE_REPEATS` (default 3, the median is reported), `DATAPLANE_CLIENTS`
 //! (concurrent connecting threads, default 2), `DATAPLANE_CONFIGS` (default
-//! `none,conntrack,base,ours,naive`), `DATAPLANE_CNPS` (ClusterNetworkPolicies added to the
+//! `none,conntrack,base,ours,naive`; `audit` is `ours` as `run --audit` compiles it), `DATAPLANE_CNPS` (ClusterNetworkPolicies added to the
 //! cluster, none of them applying to the measured pods; default 0). Results are in docs/benchmarks.md.
 
 #[path = "support/naive.rs"]
@@ -128,15 +128,18 @@ enum Config {
     /// split our cost into the base chains and the per-pod and per-policy chains.
     Base,
     Ours,
+    /// `ours` compiled for `run --audit` (terminal chains count and accept).
+    Audit,
     Naive,
 }
 
 impl Config {
-    const ALL: [Config; 5] = [
+    const ALL: [Config; 6] = [
         Config::None,
         Config::Conntrack,
         Config::Base,
         Config::Ours,
+        Config::Audit,
         Config::Naive,
     ];
 
@@ -158,6 +161,7 @@ impl fmt::Display for Config {
             Config::Conntrack => "conntrack",
             Config::Base => "base",
             Config::Ours => "ours",
+            Config::Audit => "audit",
             Config::Naive => "naive",
         })
     }
@@ -209,7 +213,7 @@ impl Settings {
             .map(|s| {
                 Config::parse(s.trim()).ok_or_else(|| {
                     format!(
-                        "DATAPLANE_CONFIGS: {s:?} is not one of none, conntrack, base, ours, naive"
+                        "DATAPLANE_CONFIGS: {s:?} is not one of none, conntrack, base, ours, audit, naive"
                     )
                 })
             })
@@ -421,6 +425,7 @@ fn cluster_index(c: &Cluster, n: usize, cnps: usize) -> Result<Index, String> {
 /// Everything measured at one size.
 struct Size {
     ours: Ruleset,
+    audit: Ruleset,
     base: Ruleset,
     naive_script: String,
     summary: Vec<String>,
@@ -450,6 +455,13 @@ fn prepare(c: &Cluster, n: usize, cnps: usize) -> Result<Size, String> {
     kube_nftpolicy::engine::compile::apply_pod_cidrs(&mut np, &opts);
     let ours = compile(&np, &opts);
     let core = t.elapsed();
+    let audit = compile(
+        &np,
+        &CompileOptions {
+            audit: true,
+            ..opts.clone()
+        },
+    );
     let naive = naive::expand(&np);
     check_naive(&np, &naive, c)?;
     let server = c.pod_ip(SERVER_NS, "server", Family::V4);
@@ -502,6 +514,7 @@ fn prepare(c: &Cluster, n: usize, cnps: usize) -> Result<Size, String> {
     );
     Ok(Size {
         ours,
+        audit,
         base,
         naive_script: naive::render(&naive),
         summary,
@@ -665,11 +678,11 @@ fn apply(c: &Cluster, config: Config, size: &Size) -> Result<Duration, String> {
         Config::Conntrack => {
             node_nft(c, &["-f", "-"], Some(CT_ONLY.to_string()))?;
         }
-        Config::Base | Config::Ours => {
-            let rs = if config == Config::Base {
-                size.base.clone()
-            } else {
-                size.ours.clone()
+        Config::Base | Config::Ours | Config::Audit => {
+            let rs = match config {
+                Config::Base => size.base.clone(),
+                Config::Audit => size.audit.clone(),
+                _ => size.ours.clone(),
             };
             c.run_in_node(NODE, move || {
                 Dataplane::new(Nft::default())
@@ -692,7 +705,7 @@ fn remove(c: &Cluster, config: Config) -> Result<(), String> {
         Config::Conntrack => {
             node_nft(c, &["delete", "table", "inet", "knp-bench-ct"], None)?;
         }
-        Config::Base | Config::Ours => {
+        Config::Base | Config::Ours | Config::Audit => {
             c.run_in_node(NODE, || dataplane::cleanup(&Nft::default()))
                 .map_err(|e| format!("removing our table: {e}"))?;
         }

@@ -36,6 +36,9 @@ pub enum Command {
         /// that are not known pods are dropped.
         #[arg(long = "pod-cidr", value_name = "CIDR")]
         pod_cidrs: Vec<String>,
+        /// The audit-mode ruleset (as `run --audit`): drops become counted accepts.
+        #[arg(long)]
+        audit: bool,
     },
     /// Make the kernel of the current network namespace enforce the manifests (one sync).
     Apply {
@@ -88,6 +91,10 @@ pub enum Command {
         /// A manifest file, or a directory of .yaml/.yml/.json files.
         #[arg(long)]
         manifests: PathBuf,
+        /// A node agent's `/debug/rule-hits` document, saved to a file (repeatable, one per
+        /// node): warn about every rule that matched no connection on any of them.
+        #[arg(long = "rule-hits", value_name = "FILE")]
+        rule_hits: Vec<PathBuf>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -134,6 +141,10 @@ pub struct ExplainArgs {
     /// Force IPv4 (4) or IPv6 (6); by default IPv4 when both ends have it.
     #[arg(long)]
     pub family: Option<u8>,
+    /// A node agent's `/debug/rule-hits` document, saved to a file (repeatable): with text
+    /// output, also print how many connections each rule of the deciding policies matched.
+    #[arg(long = "rule-hits", value_name = "FILE")]
+    pub rule_hits: Vec<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -206,6 +217,11 @@ pub struct RunArgs {
     /// applies to established connections too. `--enforce-established=false` lets them run on.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub enforce_established: bool,
+    /// Audit mode: program the same rules, but every drop (a pod's isolation, a
+    /// ClusterNetworkPolicy Deny rule, an unknown address) is counted, logged with
+    /// --log-denied as "would deny", and accepted. Established flows are never removed.
+    #[arg(long)]
+    pub audit: bool,
     /// The nft binary.
     #[arg(long, default_value = "nft")]
     pub nft: PathBuf,

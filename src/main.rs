@@ -52,10 +52,12 @@ fn ruleset_from(
     node: &str,
     log_group: Option<u16>,
     pod_cidrs: &[String],
+    audit: bool,
 ) -> anyhow::Result<ruleset::Ruleset> {
     let opts = compile::CompileOptions {
         log_group,
         pod_cidrs: parse_pod_cidrs(pod_cidrs)?,
+        audit,
         ..Default::default()
     };
     let np = compile::node_policy(&load_index(path)?.snapshot(), node, &opts);
@@ -102,7 +104,27 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--rule-hits` files, summed rule by rule.
+fn load_rule_hits(
+    paths: &[std::path::PathBuf],
+) -> anyhow::Result<kube_nftpolicy::tools::rule_hits::RuleHits> {
+    let mut docs = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading rule hits from {}", path.display()))?;
+        let doc: kube_nftpolicy::tools::rule_hits::RuleHits = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a /debug/rule-hits document", path.display()))?;
+        docs.push(doc);
+    }
+    Ok(kube_nftpolicy::tools::rule_hits::RuleHits::merge(docs))
+}
+
 fn explain_command(a: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let hits = if a.rule_hits.is_empty() {
+        None
+    } else {
+        Some(load_rule_hits(&a.rule_hits)?)
+    };
     let port = port_query(&a.port, a.protocol.as_deref())?;
     let family = family(a.family)?;
     let from: explain::Endpoint = a.from.parse()?;
@@ -123,7 +145,12 @@ fn explain_command(a: ExplainArgs) -> anyhow::Result<ExitCode> {
     };
     let e = explain::explain(&snapshot, &from, &to, &port, family)?;
     match a.output {
-        Output::Text => print!("{}", e.to_text()),
+        Output::Text => {
+            print!("{}", e.to_text());
+            if let Some(h) = &hits {
+                print!("{}", h.explain_text(&e, a.rule_hits.len()));
+            }
+        }
         Output::Json => print_json(&e)?,
     }
     Ok(if e.allowed {
@@ -140,8 +167,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             node,
             log_group,
             pod_cidrs,
+            audit,
         } => {
-            let rs = ruleset_from(&manifests, &node, log_group, &pod_cidrs)?;
+            let rs = ruleset_from(&manifests, &node, log_group, &pod_cidrs, audit)?;
             let header = format!(
                 "kube-nftpolicy ruleset for node {node:?}, from {}\nLoad with: nft -f <this file>",
                 manifests.display()
@@ -157,7 +185,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pod_cidrs,
             nft,
         } => {
-            let rs = ruleset_from(&manifests, &node, log_group, &pod_cidrs)?;
+            let rs = ruleset_from(&manifests, &node, log_group, &pod_cidrs, false)?;
             let mut dp = dataplane::Dataplane::new(Nft::new(nft));
             if dry_run {
                 print!("{}", dp.plan(&rs)?.script);
@@ -205,7 +233,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         compile::UnknownAddresses::Allow
                     }
                 },
-                enforce_established: a.enforce_established,
+                // Audit mode removes nothing: an established flow is never cut.
+                enforce_established: a.enforce_established && !a.audit,
+                audit: a.audit,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -239,11 +269,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Lint { manifests, output } => {
+        Command::Lint {
+            manifests,
+            rule_hits,
+            output,
+        } => {
             // The loader's warnings are findings here, so they are not logged twice.
             let m = manifest::load(&manifests)
                 .with_context(|| format!("loading manifests from {}", manifests.display()))?;
-            let report = lint::lint(&m);
+            let mut report = lint::lint(&m);
+            if !rule_hits.is_empty() {
+                let merged = load_rule_hits(&rule_hits)?;
+                report = lint::with_rule_hits(report, &merged, rule_hits.len());
+            }
             match output {
                 Output::Text => print!("{}", report.to_text()),
                 Output::Json => print_json(&report)?,

@@ -479,3 +479,57 @@ fn docs_explain_shows_real_output() {
         );
     }
 }
+
+#[test]
+fn lint_rule_hits_sums_nodes_and_names_a_bad_file() {
+    let both = kube_nftpolicy(&[
+        "lint",
+        "--manifests",
+        "examples/13-nginx-walkthrough",
+        "--rule-hits",
+        "tests/rule-hits/node-1.json",
+        "--rule-hits",
+        "tests/rule-hits/node-2.json",
+    ]);
+    let stdout = String::from_utf8_lossy(&both.stdout);
+    assert!(both.status.success(), "warnings only: {stdout}");
+    let never: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("warning[never-matched]"))
+        .collect();
+    assert_eq!(never.len(), 1, "{stdout}");
+    assert!(
+        never[0].contains("allow-from-trusted-namespace spec.ingress[0]")
+            && never[0].contains("any of the 2 nodes"),
+        "{stdout}"
+    );
+    // Without the node that carried allow-nginx's and allow-except-untrusted's traffic, those
+    // rules are not reported: node-2 never had them.
+    let one = kube_nftpolicy(&[
+        "lint",
+        "--manifests",
+        "examples/13-nginx-walkthrough",
+        "--rule-hits",
+        "tests/rule-hits/node-2.json",
+    ]);
+    let stdout = String::from_utf8_lossy(&one.stdout);
+    assert_eq!(stdout.matches("never-matched").count(), 1, "{stdout}");
+    assert!(stdout.contains("on the node read"), "{stdout}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("hits.json");
+    std::fs::write(&bad, "{\"rules\": 3}").expect("write");
+    let out = kube_nftpolicy(&[
+        "lint",
+        "--manifests",
+        "examples/13-nginx-walkthrough",
+        "--rule-hits",
+        bad.to_str().expect("utf-8"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("hits.json: not a /debug/rule-hits document"),
+        "{stderr}"
+    );
+}

@@ -78,6 +78,14 @@ const IPV4_UDP_PACKET: f64 = (20 + 8 + PAYLOAD) as f64;
 const DROPPED_PACKETS: &str = "kube_nftpolicy_dropped_packets_total";
 const DROPPED_BYTES: &str = "kube_nftpolicy_dropped_bytes_total";
 const DENIED: &str = "kube_nftpolicy_denied_connections_total";
+/// Families exported only by an agent in audit mode (`--audit`), checked against the doc by
+/// `audit_mode_counts_would_drops_and_logs_would_deny` rather than by the default scrape.
+const AUDIT_ONLY: [&str; 3] = [
+    "kube_nftpolicy_would_drop_packets_total",
+    "kube_nftpolicy_cnp_would_deny_packets_total",
+    "kube_nftpolicy_unknown_address_would_drops_total",
+];
+const WOULD_DROP: &str = "kube_nftpolicy_would_drop_packets_total";
 const SUPPRESSED: &str = "kube_nftpolicy_denied_log_suppressed_total";
 const WEB_INGRESS: [(&str, &str); 3] = [
     ("direction", "ingress"),
@@ -1089,9 +1097,9 @@ fn drop_counters_over_http_are_exact() {
 fn exposition_passes_promtool() {
     let _g = serial();
     let c = cluster();
-    // A ClusterNetworkPolicy Deny rule (to an address nobody uses), so its counter families
-    // have series too.
-    let cnp = "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: no-test-net}\nspec:\n  tier: Baseline\n  priority: 1\n  subject: {namespaces: {}}\n  egress:\n  - {name: deny-192-0-2, action: Deny, to: [{networks: [192.0.2.0/24]}]}\n";
+    // A ClusterNetworkPolicy Deny and Accept rule (to addresses nobody uses), so their
+    // counter families have series too.
+    let cnp = "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: no-test-net}\nspec:\n  tier: Baseline\n  priority: 1\n  subject: {namespaces: {}}\n  egress:\n  - {name: deny-192-0-2, action: Deny, to: [{networks: [192.0.2.0/24]}]}\n  - {name: accept-198-51-100, action: Accept, to: [{networks: [198.51.100.0/24]}]}\n";
     let agent = Agent::start(
         &c,
         Some(&format!(
@@ -1162,6 +1170,9 @@ fn exposition_passes_promtool() {
     let labels = scrape.label_names();
     let mut problems = Vec::new();
     for (name, doc) in &documented {
+        if AUDIT_ONLY.contains(&name.as_str()) {
+            continue;
+        }
         if scrape.help.get(name).is_none_or(|h| h.is_empty()) {
             problems.push(format!("{name}: documented, but no HELP in the scrape"));
         }
@@ -2045,6 +2056,37 @@ fn real_prometheus_scrapes_the_agent_and_alerts() {
         "one flow, one denied connection: {denied:?}"
     );
 
+    // Rule hits: the four allowed connections (TCP and UDP, both families) all went through
+    // web-allows-client's one rule; the denied flow through none.
+    let hits_q = r#"kube_nftpolicy_rule_hits_total{job="kube-nftpolicy", namespace="default", policy="web-allows-client", direction="ingress", rule="spec.ingress[0]"}"#;
+    wait_until("Prometheus to see the 4 rule hits", DEADLINE, || match prom
+        .query(hits_q)?
+        .as_slice()
+    {
+        [(_, v)] if *v == 4.0 => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    let all_rules = prom
+        .query(r#"sum(kube_nftpolicy_rule_hits_total{job="kube-nftpolicy"})"#)
+        .expect("sum of rule hits");
+    assert_eq!(all_rules.len(), 1, "{all_rules:?}");
+    assert_eq!(all_rules[0].1, 4.0, "no other rule counted: {all_rules:?}");
+    let doc = agent.get("/debug/rule-hits");
+    assert_eq!(doc.status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&doc.body).expect("rule hits JSON");
+    assert_eq!(
+        doc["rules"],
+        serde_json::json!([{
+            "kind": "NetworkPolicy",
+            "namespace": "default",
+            "policy": "web-allows-client",
+            "direction": "ingress",
+            "rule": "spec.ingress[0]",
+            "hits": 4
+        }]),
+        "/debug/rule-hits says the same"
+    );
+
     // Every dashboard query returns series from this one agent.
     for (panel, q) in dashboard_queries() {
         wait_until(&format!("panel {panel:?}: {q}"), DEADLINE, || {
@@ -2103,4 +2145,225 @@ fn real_prometheus_scrapes_the_agent_and_alerts() {
         ),
         vec![true, false]
     );
+}
+
+#[test]
+fn audit_mode_counts_would_drops_and_logs_would_deny() {
+    let _g = serial();
+    let c = cluster();
+    let cnp = "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: no-test-net}\nspec:\n  tier: Baseline\n  priority: 1\n  subject: {namespaces: {}}\n  egress:\n  - {name: deny-192-0-2, action: Deny, to: [{networks: [192.0.2.0/24]}]}\n";
+    let agent = Agent::start(
+        &c,
+        Some(&format!(
+            "{}{cnp}",
+            manifests(&c, ALL_PODS, WEB_ALLOWS_CLIENT)
+        )),
+        &["--audit", "--log-denied", "--nflog-group", "7"],
+    );
+    agent.wait_ready();
+    let w = web(&c, Family::V4);
+    // Denied by web-allows-client, yet each connection goes through.
+    for i in 0..3 {
+        assert!(
+            c.probe(&Probe::tcp(pod("other"), w, 80), T),
+            "connection {i}: other → web:80 goes through in audit mode"
+        );
+    }
+    assert_eq!(c.probe_all(&allowed_probes(&c), T), vec![true; 4]);
+    agent.wait_scrape("three would-drops", |s| {
+        match s.get(WOULD_DROP, &WEB_INGRESS) {
+            Some(3.0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    std::thread::sleep(SETTLE);
+    let scrape = agent.scrape();
+    assert_eq!(
+        scrape.value(WOULD_DROP, &WEB_INGRESS),
+        3.0,
+        "exactly the three connections (one SYN each: they were accepted)"
+    );
+    assert!(
+        scrape.series(DROPPED_PACKETS).is_empty(),
+        "nothing was dropped:\n{}",
+        scrape.excerpt(&[DROPPED_PACKETS, WOULD_DROP])
+    );
+    assert!(
+        scrape.series(DENIED).is_empty(),
+        "nothing was denied:\n{}",
+        scrape.excerpt(&[DENIED])
+    );
+    // The audit-only families are as documented.
+    let documented = documented_metrics();
+    let labels = scrape.label_names();
+    for name in AUDIT_ONLY {
+        let doc = documented
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is not documented in {DOC}"));
+        assert_eq!(scrape.types.get(name), Some(&doc.kind), "{name}: type");
+        assert!(!scrape.series(name).is_empty(), "{name}: no series");
+        assert_eq!(
+            labels.get(name).cloned().unwrap_or_default(),
+            doc.labels,
+            "{name}: labels"
+        );
+    }
+    // One "would deny" line for the flow (the three connections are one deduplicated flow).
+    agent.wait_log("would deny connection");
+    let log = agent.stderr();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("would deny connection"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    let fields = parse_fields(
+        lines[0]
+            .split_once("would deny connection (audit mode: allowed)")
+            .map(|(_, f)| f)
+            .unwrap_or_default(),
+    );
+    eprintln!("--- would-deny line ---\n{}", lines[0]);
+    for (k, v) in [
+        ("direction", "ingress"),
+        ("pod", "default/web"),
+        ("src", "default/other"),
+        ("dst", "default/web"),
+        ("dst_port", "80"),
+        ("isolated_by", "default/web-allows-client"),
+    ] {
+        assert_eq!(
+            fields.get(k).map(String::as_str),
+            Some(v),
+            "{k} in {}",
+            lines[0]
+        );
+    }
+    assert!(deny_lines(&log).is_empty(), "no \"denied connection\" line");
+    assert_eq!(agent.get("/readyz").status, 200, "ready as usual");
+}
+
+#[test]
+fn policy_state_says_what_each_policy_is_on_this_node() {
+    let _g = serial();
+    let c = cluster();
+    let nothing_here = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: for-absent-pods, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: absent}}\n  ingress: [{}]\n";
+    let invalid = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}}]\n";
+    let cnp = "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: no-test-net}\nspec:\n  tier: Baseline\n  priority: 1\n  subject: {namespaces: {}}\n  egress:\n  - {name: deny-192-0-2, action: Deny, to: [{networks: [192.0.2.0/24]}]}\n";
+    let agent = Agent::start(
+        &c,
+        Some(&format!(
+            "{}{nothing_here}{invalid}{cnp}",
+            manifests(&c, ALL_PODS, WEB_ALLOWS_CLIENT)
+        )),
+        &[],
+    );
+    agent.wait_ready();
+    let states = |s: &Scrape| -> BTreeMap<String, String> {
+        s.series("kube_nftpolicy_policy_state")
+            .iter()
+            .filter(|x| x.value == 1.0)
+            .map(|x| {
+                let l = |k: &str| x.labels.get(k).cloned().unwrap_or_default();
+                (
+                    format!("{} {}/{}", l("kind"), l("namespace"), l("policy")),
+                    l("state"),
+                )
+            })
+            .collect()
+    };
+    let want: BTreeMap<String, String> = [
+        ("NetworkPolicy default/web-allows-client", "enforced"),
+        (
+            "NetworkPolicy default/for-absent-pods",
+            "selects_nothing_here",
+        ),
+        ("NetworkPolicy default/broken", "invalid"),
+        ("ClusterNetworkPolicy /no-test-net", "enforced"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    agent.wait_scrape("policy states", |s| {
+        let got = states(s);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    });
+    // A policy that goes takes its series with it.
+    agent.write_manifests(&format!(
+        "{}{cnp}",
+        manifests(&c, ALL_PODS, WEB_ALLOWS_CLIENT)
+    ));
+    let mut want = want;
+    want.remove("NetworkPolicy default/for-absent-pods");
+    want.remove("NetworkPolicy default/broken");
+    agent.wait_scrape("policy states after the change", |s| {
+        let got = states(s);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    });
+}
+
+/// Regression: a ClusterNetworkPolicy Deny drop was logged as pod "cnp/<policy>"; the line
+/// names the policy, its tier and rule, and both pods.
+#[test]
+fn cluster_network_policy_denials_are_logged_with_the_rule_and_both_pods() {
+    let _g = serial();
+    let c = cluster();
+    let cnp = "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: guard}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}}\n  ingress:\n  - {name: no-other, action: Deny, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: other}}}}]}\n";
+    let agent = Agent::start(
+        &c,
+        Some(&format!("{}{cnp}", manifests(&c, ALL_PODS, ""))),
+        &["--log-denied", "--nflog-group", "7"],
+    );
+    agent.wait_ready();
+    let w = web(&c, Family::V4);
+    assert!(!c.probe(&Probe::tcp(pod("other"), w, 80), T), "denied");
+    assert!(c.probe(&Probe::tcp(pod("client"), w, 80), T), "allowed");
+    wait_until(
+        "the denied-connection line",
+        DEADLINE,
+        || match deny_lines(&agent.stderr()).len() {
+            0 => Err("no line yet".to_string()),
+            _ => Ok(()),
+        },
+    );
+    std::thread::sleep(SETTLE);
+    let lines = deny_lines(&agent.stderr());
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    eprintln!("--- ClusterNetworkPolicy denied line ---\n{}", lines[0].raw);
+    let other4 = c.pod_ip("default", "other", Family::V4).to_string();
+    for (k, v) in [
+        ("direction", "ingress"),
+        ("pod", "default/web"),
+        ("src", "default/other"),
+        ("dst", "default/web"),
+        ("src_ip", other4.as_str()),
+        ("dst_port", "80"),
+        ("denied_by", "Admin ClusterNetworkPolicy guard"),
+        ("rule", "spec.ingress[0] (no-other)"),
+    ] {
+        assert_eq!(
+            lines[0].fields.get(k).map(String::as_str),
+            Some(v),
+            "{k} in {}",
+            lines[0].raw
+        );
+    }
+    assert!(
+        !lines[0].raw.contains("cnp/"),
+        "no pseudo-pod: {}",
+        lines[0].raw
+    );
+    agent.wait_scrape("the denial counted for web", |s| {
+        match s.get(DENIED, &WEB_INGRESS) {
+            Some(1.0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
 }

@@ -15,6 +15,9 @@
 //!   `kube-nftpolicy explain` from the cluster state the agent last synced from
 //!   ([`LiveSnapshot`]): 200 with the explanation (allowed or denied), 400 for bad parameters,
 //!   404 for an unknown pod, 503 until the initial lists are in.
+//! * `/debug/rule-hits` lists every policy rule that applies to a pod of this node with the
+//!   new connections it matched since its counter was made (JSON, see
+//!   [`crate::tools::rule_hits`]); `lint --rule-hits` and `explain --rule-hits` read it.
 //!
 //! [`serve`] takes an already bound listener so that binding errors surface at startup (with
 //! the address in the message, see [`bind`]) and tests can bind `127.0.0.1:0`.
@@ -47,6 +50,8 @@ pub const READYZ_PATH: &str = "/readyz";
 pub const METRICS_PATH: &str = "/metrics";
 /// One connection's verdict and why, from the agent's live state (see `explain`).
 pub const DEBUG_EXPLAIN_PATH: &str = "/debug/explain";
+/// Every policy rule on this node and its hit count (JSON).
+pub const DEBUG_RULE_HITS_PATH: &str = "/debug/rule-hits";
 
 /// Errors from running the admin server.
 #[derive(Debug, thiserror::Error)]
@@ -249,6 +254,7 @@ pub async fn serve(
         .route(READYZ_PATH, get(readyz))
         .route(METRICS_PATH, get(scrape))
         .route(DEBUG_EXPLAIN_PATH, get(debug_explain))
+        .route(DEBUG_RULE_HITS_PATH, get(debug_rule_hits))
         .with_state(AppState {
             metrics,
             health,
@@ -275,6 +281,20 @@ async fn readyz(State(state): State<AppState>) -> Response {
     match state.health.check_ready(Instant::now()) {
         Ok(()) => "ok".into_response(),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason.to_string()).into_response(),
+    }
+}
+
+async fn debug_rule_hits(State(state): State<AppState>) -> Response {
+    let counters = state.metrics.rule_hits();
+    let hits = crate::tools::rule_hits::RuleHits::from_counters(
+        counters.iter().map(|c| (&c.owner, c.packets)),
+    );
+    match serde_json::to_string_pretty(&hits) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body + "\n").into_response(),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot render rule hits");
+            (StatusCode::INTERNAL_SERVER_ERROR, "cannot render rule hits").into_response()
+        }
     }
 }
 

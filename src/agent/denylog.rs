@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::kernel::nflog::LoggedPacket;
 
-use crate::engine::log_prefix::{DenyDirection, parse_prefix};
+use crate::engine::log_prefix::{CnpDenyTarget, DenyDirection, LogTarget, parse_log_prefix};
 
 /// Limits on what [`DenyLogger`] lets through and remembers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +79,10 @@ pub struct DeniedConnection {
     /// `"TCP"`, `"UDP"`, `"SCTP"`, `"ICMP"`, `"ICMPv6"`, or the protocol number.
     pub protocol: &'static str,
     pub dst_port: Option<u16>,
+    /// The ClusterNetworkPolicy Deny rule that dropped it; `None` for a pod's isolation.
+    /// `namespace`/`pod` are then the local pod the rule applies to (the destination for
+    /// ingress, the source for egress), or `unknown` when the address is not a known pod.
+    pub cnp: Option<CnpDenyTarget>,
 }
 
 /// What makes two packets the same denied connection. The source port is left out on
@@ -152,11 +156,11 @@ impl DenyLogger {
         self.expire(now);
         self.refill(now);
 
-        let Ok(target) = parse_prefix(&pkt.prefix) else {
+        let Ok(target) = parse_log_prefix(&pkt.prefix) else {
             return Verdict::Suppressed(SuppressReason::Unparseable);
         };
         let key = FlowKey {
-            direction: target.direction,
+            direction: target.direction(),
             src: pkt.src,
             dst: pkt.dst,
             protocol: pkt.protocol,
@@ -174,10 +178,27 @@ impl DenyLogger {
         self.remember(key, now);
 
         let describe = |ip: IpAddr| resolve(ip).unwrap_or_else(|| "external".to_string());
+        let (direction, namespace, pod, cnp) = match target {
+            LogTarget::Pod(t) => (t.direction, t.namespace, t.pod, None),
+            LogTarget::Cnp(t) => {
+                let local = match t.direction {
+                    DenyDirection::Ingress => pkt.dst,
+                    DenyDirection::Egress => pkt.src,
+                };
+                let (ns, name) = resolve(local)
+                    .and_then(|p| {
+                        p.split_once('/')
+                            .map(|(a, b)| (a.to_string(), b.to_string()))
+                    })
+                    .unwrap_or_else(|| ("unknown".to_string(), "unknown".to_string()));
+                (t.direction, ns, name, Some(t))
+            }
+        };
         Verdict::Log(DeniedConnection {
-            direction: target.direction,
-            namespace: target.namespace,
-            pod: target.pod,
+            direction,
+            namespace,
+            pod,
+            cnp,
             src: describe(pkt.src),
             dst: describe(pkt.dst),
             src_ip: pkt.src,
@@ -533,8 +554,33 @@ mod tests {
             dst_ip: Ipv4Addr::new(10, 0, 0, 2).into(),
             protocol: "TCP",
             dst_port: Some(443),
+            cnp: None,
         };
         assert_eq!(logger.observe(now, &v4, &resolve), Verdict::Log(want));
+
+        // A ClusterNetworkPolicy Deny: the rule from the prefix, the local pod from the packet.
+        let denied = pkt(
+            "knpc:egress:admin:2:no-metadata",
+            [10, 0, 0, 1],
+            [169, 254, 169, 254],
+            6,
+            80,
+        );
+        match logger.observe(now, &denied, &resolve) {
+            Verdict::Log(line) => {
+                assert_eq!(
+                    (line.namespace.as_str(), line.pod.as_str()),
+                    ("shop", "client")
+                );
+                assert_eq!(line.dst, "external");
+                let cnp = line.cnp.expect("a ClusterNetworkPolicy line");
+                assert_eq!(
+                    (cnp.policy.as_str(), cnp.tier, cnp.index),
+                    ("no-metadata", crate::model::Tier::Admin, 2)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
 
         let v6 = LoggedPacket {
             prefix: "knp:egress:kube-system/coredns-5d78c9869d-abcde".to_string(),

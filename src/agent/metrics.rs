@@ -14,6 +14,9 @@
 //! Drop counters are special: the kernel counts dropped packets and bytes, and the agent only
 //! reads those counters back. They are therefore exposed by a custom collector that publishes
 //! the latest snapshot as-is, rather than by a `CounterVec` that could only be incremented.
+//! Rule hit counters are read back the same way. Their `rule` label is a rule index (or a
+//! ClusterNetworkPolicy rule name), bounded by the rules of the policies that apply to pods
+//! of this node: a series exists while its rule does, and goes with it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -106,6 +109,51 @@ pub struct CnpDenyCounter {
     pub bytes: u64,
 }
 
+/// What one policy is on this node (`policy_state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyStateKind {
+    /// It selects (applies to) a local pod, and its rules are in the kernel.
+    Enforced,
+    /// It selects a local pod, but part of it is invalid: that part fails closed.
+    Invalid,
+    /// It selects no pod of this node, so this node's table has nothing of it.
+    SelectsNothingHere,
+}
+
+impl PolicyStateKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyStateKind::Enforced => "enforced",
+            PolicyStateKind::Invalid => "invalid",
+            PolicyStateKind::SelectsNothingHere => "selects_nothing_here",
+        }
+    }
+}
+
+/// One policy and its state on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyState {
+    /// `NetworkPolicy` or `ClusterNetworkPolicy`.
+    pub kind: &'static str,
+    /// The NetworkPolicy's namespace; empty for a ClusterNetworkPolicy.
+    pub namespace: String,
+    /// Its name.
+    pub policy: String,
+    /// Its state.
+    pub state: PolicyStateKind,
+}
+
+/// One rule hit counter read back from the dataplane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleHitCounter {
+    /// The rule.
+    pub owner: CounterOwner,
+    /// Absolute packet count (first packets of new connections) since the counter was made.
+    pub packets: u64,
+}
+
+pub use crate::engine::ruleset::CounterOwner;
+
 /// One kernel drop counter read back from the dataplane.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DropCounter {
@@ -137,6 +185,17 @@ pub struct Metrics {
     registry: Registry,
     drops: DropCollector,
     cnp_denies: DropCollector,
+    rule_hits: DropCollector,
+    cnp_rule_hits: DropCollector,
+    /// Audit mode: the terminal counters count would-drops, exported under their own names.
+    audit: std::sync::atomic::AtomicBool,
+    would_drops: DropCollector,
+    cnp_would_denies: DropCollector,
+    unknown_address_would_drops: IntCounterVec,
+    policy_states: DropCollector,
+    /// The last rule hit and Deny read-backs, for `/debug/rule-hits`.
+    rule_hits_seen: Mutex<Vec<RuleHitCounter>>,
+    cnp_denies_seen: Mutex<Vec<CnpDenyCounter>>,
     sync_duration: HistogramVec,
     sync_failures: IntCounterVec,
     last_sync: Gauge,
@@ -195,9 +254,61 @@ impl Metrics {
         registry
             .register(Box::new(cnp_denies.clone()))
             .map_err(define("cnp_denied_packets_total"))?;
+        let rule_hits = DropCollector::single(
+            "rule_hits_total",
+            "New connections (their first packets) accepted by each rule of each NetworkPolicy that selects a pod of this node.",
+            &RULE_HIT_LABELS,
+        )?;
+        registry
+            .register(Box::new(rule_hits.clone()))
+            .map_err(define("rule_hits_total"))?;
+        let cnp_rule_hits = DropCollector::single(
+            "cnp_rule_hits_total",
+            "New connections (their first packets) matched by each Accept or Pass rule of each ClusterNetworkPolicy that applies to a pod of this node.",
+            &CNP_RULE_HIT_LABELS,
+        )?;
+        registry
+            .register(Box::new(cnp_rule_hits.clone()))
+            .map_err(define("cnp_rule_hits_total"))?;
         registry
             .register(Box::new(drops.clone()))
             .map_err(define("dropped_packets_total"))?;
+        let mut policy_states = DropCollector::single(
+            "policy_state",
+            "Each NetworkPolicy and ClusterNetworkPolicy in the cluster, as this node sees it: 1 for its state (enforced, invalid: fails closed, selects_nothing_here).",
+            &POLICY_STATE_LABELS,
+        )?;
+        policy_states.gauge = true;
+        registry
+            .register(Box::new(policy_states.clone()))
+            .map_err(define("policy_state"))?;
+        let would_drops = DropCollector::single(
+            "would_drop_packets_total",
+            "Audit mode: packets that policy would have dropped (and that were accepted), by local pod and direction.",
+            &DROP_LABELS,
+        )?;
+        registry
+            .register(Box::new(would_drops.clone()))
+            .map_err(define("would_drop_packets_total"))?;
+        let cnp_would_denies = DropCollector::single(
+            "cnp_would_deny_packets_total",
+            "Audit mode: packets that ClusterNetworkPolicy Deny rules would have dropped (and that were accepted), by policy, tier, direction and rule.",
+            &CNP_DENY_LABELS,
+        )?;
+        registry
+            .register(Box::new(cnp_would_denies.clone()))
+            .map_err(define("cnp_would_deny_packets_total"))?;
+        let unknown_address_would_drops = IntCounterVec::new(
+            Opts::new(
+                name("unknown_address_would_drops_total"),
+                "Audit mode: packets of addresses in this node's pod ranges that are not known pods, which would have been dropped (and were accepted), by direction.",
+            ),
+            &["direction"],
+        )
+        .map_err(define("unknown_address_would_drops_total"))?;
+        registry
+            .register(Box::new(unknown_address_would_drops.clone()))
+            .map_err(define("unknown_address_would_drops_total"))?;
 
         // Syncs range from a few set elements (about a millisecond) to a full rewrite of a
         // busy node's table; 1 ms doubling 16 times reaches ~33 s.
@@ -366,6 +477,15 @@ impl Metrics {
             registry,
             drops,
             cnp_denies,
+            rule_hits,
+            cnp_rule_hits,
+            policy_states,
+            rule_hits_seen: Mutex::default(),
+            audit: std::sync::atomic::AtomicBool::new(false),
+            would_drops,
+            cnp_would_denies,
+            unknown_address_would_drops,
+            cnp_denies_seen: Mutex::default(),
             sync_duration,
             sync_failures,
             last_sync,
@@ -387,6 +507,25 @@ impl Metrics {
     /// Publish the kernel's unknown-address drop counters (packets, by direction). The
     /// kernel keeps the totals; this exports the increase since the last read, and starts
     /// over if the kernel's count went down (the rule was removed and added again).
+    /// Audit mode (`--audit`): the terminal counters read back from now on are would-drops,
+    /// exported as `would_drop_packets_total`, `cnp_would_deny_packets_total` and
+    /// `unknown_address_would_drops_total` instead of the drop families.
+    pub fn set_audit(&self, on: bool) {
+        self.audit.store(on, std::sync::atomic::Ordering::Relaxed);
+        if on {
+            // Like the drop family, both directions exist from the start.
+            for d in Direction::ALL {
+                self.unknown_address_would_drops
+                    .with_label_values(&[d.as_str()])
+                    .inc_by(0);
+            }
+        }
+    }
+
+    fn audit(&self) -> bool {
+        self.audit.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn set_unknown_address_drops(&self, counters: &[(Direction, u64)]) {
         let mut seen = self
             .unknown_address_seen
@@ -397,7 +536,12 @@ impl Metrics {
             let delta = packets.checked_sub(seen[i]).unwrap_or(*packets);
             seen[i] = *packets;
             if delta > 0 {
-                self.unknown_address_drops
+                let family = if self.audit() {
+                    &self.unknown_address_would_drops
+                } else {
+                    &self.unknown_address_drops
+                };
+                family
                     .with_label_values(&[direction.as_str()])
                     .inc_by(delta);
             }
@@ -421,7 +565,12 @@ impl Metrics {
     /// Pods missing from `counters` lose their series. Entries for the same pod and direction
     /// are summed, because the dataplane may keep more than one drop counter per pod.
     pub fn set_drop_counters(&self, counters: Vec<DropCounter>) {
-        self.drops.replace(counters.into_iter().map(|c| {
+        let family = if self.audit() {
+            &self.would_drops
+        } else {
+            &self.drops
+        };
+        family.replace(counters.into_iter().map(|c| {
             (
                 vec![c.direction.as_str().to_owned(), c.namespace, c.pod],
                 c.packets,
@@ -433,13 +582,119 @@ impl Metrics {
     /// Replaces the exported ClusterNetworkPolicy Deny counters (one per Deny rule) with the
     /// latest read-back from the kernel.
     pub fn set_cnp_deny_counters(&self, counters: Vec<CnpDenyCounter>) {
-        self.cnp_denies.replace(counters.into_iter().map(|c| {
+        self.cnp_denies_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone_from(&counters);
+        let family = if self.audit() {
+            &self.cnp_would_denies
+        } else {
+            &self.cnp_denies
+        };
+        family.replace(counters.into_iter().map(|c| {
             (
                 vec![c.direction.as_str().to_owned(), c.policy, c.rule, c.tier],
                 c.packets,
                 c.bytes,
             )
         }));
+    }
+
+    /// Replaces the exported rule hit counters with the latest read-back from the kernel;
+    /// rules missing from `hits` lose their series.
+    pub fn set_rule_hits(&self, hits: Vec<RuleHitCounter>) {
+        self.rule_hits
+            .replace(hits.iter().filter_map(|h| match &h.owner {
+                CounterOwner::Policy {
+                    namespace,
+                    policy,
+                    direction,
+                    rule,
+                } => Some((
+                    vec![
+                        (*direction).to_owned(),
+                        namespace.clone(),
+                        policy.clone(),
+                        format!("spec.{direction}[{rule}]"),
+                    ],
+                    h.packets,
+                    0,
+                )),
+                CounterOwner::Cnp { .. } => None,
+            }));
+        self.cnp_rule_hits
+            .replace(hits.iter().filter_map(|h| match &h.owner {
+                CounterOwner::Cnp {
+                    policy,
+                    tier,
+                    direction,
+                    rule,
+                    action,
+                } => Some((
+                    vec![
+                        (*action).to_owned(),
+                        (*direction).to_owned(),
+                        policy.clone(),
+                        rule.clone(),
+                        (*tier).to_owned(),
+                    ],
+                    h.packets,
+                    0,
+                )),
+                CounterOwner::Policy { .. } => None,
+            }));
+        *self
+            .rule_hits_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = hits;
+    }
+
+    /// Replace the policy states (after each compile): one series per policy, at 1.
+    pub fn set_policy_states(&self, states: &[PolicyState]) {
+        self.policy_states.replace(states.iter().map(|p| {
+            (
+                vec![
+                    p.kind.to_owned(),
+                    p.namespace.clone(),
+                    p.policy.clone(),
+                    p.state.as_str().to_owned(),
+                ],
+                1,
+                0,
+            )
+        }));
+    }
+
+    /// The rule hit counters of the last read-back, ClusterNetworkPolicy Deny rules included
+    /// (as `Deny`), for `/debug/rule-hits`.
+    pub fn rule_hits(&self) -> Vec<RuleHitCounter> {
+        let mut out = self
+            .rule_hits_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        out.extend(
+            self.cnp_denies_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|c| RuleHitCounter {
+                    owner: CounterOwner::Cnp {
+                        policy: c.policy.clone(),
+                        tier: if c.tier == "admin" {
+                            "admin"
+                        } else {
+                            "baseline"
+                        },
+                        direction: c.direction.as_str(),
+                        rule: c.rule.clone(),
+                        action: "Deny",
+                    },
+                    packets: c.packets,
+                }),
+        );
+        out.sort_by(|a, b| a.owner.cmp(&b.owner));
+        out
     }
 
     pub fn observe_sync(&self, kind: SyncKind, duration: Duration) {
@@ -554,6 +809,8 @@ type DropSnapshot = BTreeMap<Vec<String>, (u64, u64)>;
 #[derive(Debug, Clone)]
 struct DropCollector {
     descs: Vec<Desc>,
+    /// Export as gauges (a state snapshot) rather than counters.
+    gauge: bool,
     labels: &'static [&'static str],
     snapshot: Arc<Mutex<DropSnapshot>>,
 }
@@ -564,6 +821,14 @@ const DROP_LABELS: [&str; 3] = ["direction", "namespace", "pod"];
 /// Labels of the ClusterNetworkPolicy Deny counters, in name order. Bounded: one series per
 /// Deny rule of a ClusterNetworkPolicy that applies to a pod of this node.
 const CNP_DENY_LABELS: [&str; 4] = ["direction", "policy", "rule", "tier"];
+/// Labels of the NetworkPolicy rule hit counters, in name order (`rule` is the rule's path,
+/// `spec.ingress[i]`: a bare number would read like a port).
+const RULE_HIT_LABELS: [&str; 4] = ["direction", "namespace", "policy", "rule"];
+/// Labels of the policy state gauge, in name order (`namespace` is empty for a
+/// ClusterNetworkPolicy).
+const POLICY_STATE_LABELS: [&str; 4] = ["kind", "namespace", "policy", "state"];
+/// Labels of the ClusterNetworkPolicy rule hit counters, in name order.
+const CNP_RULE_HIT_LABELS: [&str; 5] = ["action", "direction", "policy", "rule", "tier"];
 
 impl DropCollector {
     fn new(
@@ -589,6 +854,29 @@ impl DropCollector {
         .map_err(define(bytes_name))?;
         Ok(DropCollector {
             descs: vec![packets, bytes],
+            gauge: false,
+            labels,
+            snapshot: Arc::default(),
+        })
+    }
+
+    /// One counter family (`name`, with `help` as is) rather than packets and bytes.
+    fn single(
+        name_suffix: &'static str,
+        help: &str,
+        labels: &'static [&'static str],
+    ) -> Result<Self, MetricsError> {
+        let names: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
+        let desc = Desc::new(
+            name(name_suffix),
+            help.to_owned(),
+            names,
+            Default::default(),
+        )
+        .map_err(define(name_suffix))?;
+        Ok(DropCollector {
+            descs: vec![desc],
+            gauge: false,
             labels,
             snapshot: Arc::default(),
         })
@@ -619,8 +907,8 @@ impl Collector for DropCollector {
         for (values, (p, b)) in snapshot.iter() {
             // Counters are f64 in the exposition format; precision loss starts at 2^53, far
             // beyond what a single drop counter reaches.
-            packets.push(counter_metric(self.labels, values, *p as f64));
-            bytes.push(counter_metric(self.labels, values, *b as f64));
+            packets.push(counter_metric(self.labels, values, *p as f64, self.gauge));
+            bytes.push(counter_metric(self.labels, values, *b as f64, self.gauge));
         }
         drop(snapshot);
 
@@ -631,7 +919,11 @@ impl Collector for DropCollector {
                 let mut family = MetricFamily::default();
                 family.set_name(desc.fq_name.clone());
                 family.set_help(desc.help.clone());
-                family.set_field_type(MetricType::COUNTER);
+                family.set_field_type(if self.gauge {
+                    MetricType::GAUGE
+                } else {
+                    MetricType::COUNTER
+                });
                 family.set_metric(metrics);
                 family
             })
@@ -639,7 +931,7 @@ impl Collector for DropCollector {
     }
 }
 
-fn counter_metric(names: &[&str], values: &[String], value: f64) -> Metric {
+fn counter_metric(names: &[&str], values: &[String], value: f64, gauge: bool) -> Metric {
     let labels = names
         .iter()
         .zip(values)
@@ -650,10 +942,16 @@ fn counter_metric(names: &[&str], values: &[String], value: f64) -> Metric {
             pair
         })
         .collect();
-    let mut counter = Counter::default();
-    counter.set_value(value);
     let mut metric = Metric::from_label(labels);
-    metric.set_counter(counter);
+    if gauge {
+        let mut g = prometheus::proto::Gauge::default();
+        g.set_value(value);
+        metric.set_gauge(g);
+    } else {
+        let mut counter = Counter::default();
+        counter.set_value(value);
+        metric.set_counter(counter);
+    }
     metric
 }
 

@@ -42,8 +42,8 @@ use crate::kernel::nft::transaction::Kind;
 use admin::{Health, LiveSnapshot};
 use denylog::{DenyLogConfig, DenyLogger, Verdict};
 use metrics::{
-    CnpDenyCounter, DropCounter, FlowRemoval, Metrics, RulesetStats, SuppressReason, SyncKind,
-    WatchResource,
+    CnpDenyCounter, DropCounter, FlowRemoval, Metrics, PolicyState, PolicyStateKind,
+    RuleHitCounter, RulesetStats, SuppressReason, SyncKind, WatchResource,
 };
 
 /// Everything the agent needs to run.
@@ -79,6 +79,8 @@ pub struct Config {
     pub unknown_addresses: UnknownAddresses,
     /// Remove denied established flows from conntrack after syncs.
     pub enforce_established: bool,
+    /// Audit mode: nothing is dropped; every drop is counted (and logged) as a would-drop.
+    pub audit: bool,
 }
 
 /// Where cluster state comes from.
@@ -117,6 +119,9 @@ pub struct Shared {
     pods_by_ip: RwLock<HashMap<IpAddr, String>>,
     /// `namespace/name` → isolating policies per direction, for the denied-connection log.
     isolation: RwLock<HashMap<(String, &'static str), Vec<String>>>,
+    /// (ClusterNetworkPolicy, direction, rule index) → `spec.ingress[1] (name)`, for the
+    /// denied-connection log of Deny rules.
+    cnp_rules: RwLock<HashMap<(String, &'static str, usize), String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -137,6 +142,7 @@ impl Shared {
             live: Arc::new(LiveSnapshot::default()),
             pods_by_ip: RwLock::new(HashMap::new()),
             isolation: RwLock::new(HashMap::new()),
+            cnp_rules: RwLock::new(HashMap::new()),
         }
     }
 
@@ -175,6 +181,7 @@ impl IndexSink for Shared {
 /// Run until SIGTERM/SIGINT. Rules stay in the kernel afterwards.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
+    metrics.set_audit(config.audit);
     let health = Arc::new(Health::new(config.resync_interval * 3));
     let mut shared = Shared::new(metrics.clone(), health.clone());
     if !config.debug_explain {
@@ -220,9 +227,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     if let Some(group) = config.log_group {
         let shared = shared.clone();
+        let audit = config.audit;
         std::thread::Builder::new()
             .name("deny-log".into())
-            .spawn(move || deny_log(group, shared))?;
+            .spawn(move || deny_log(group, shared, audit))?;
     }
     let sync = tokio::spawn(sync_loop(config.clone(), dataplane, shared.clone()));
 
@@ -324,6 +332,52 @@ async fn follow_manifests(path: PathBuf, poll: Duration, shared: Arc<Shared>) {
     }
 }
 
+/// Every policy of the cluster and what it is on this node.
+fn policy_states(np: &NodePolicy, idx: &crate::engine::index::Snapshot) -> Vec<PolicyState> {
+    use crate::engine::resolve::ResolvedCnpMatch;
+    let mut out = Vec::new();
+    // Policy → invalid?, for the policies that select a local pod (one pass, not one per
+    // policy of the cluster).
+    let mut here: HashMap<&crate::model::ObjectKey, bool> = HashMap::new();
+    for p in &np.policies {
+        *here.entry(&p.policy).or_default() |= p.invalid.is_some();
+    }
+    let mut cnps_here: HashMap<&str, bool> = HashMap::new();
+    for c in &np.cnps {
+        let fails_closed = c.rules.iter().any(|r| {
+            matches!(
+                r.matches,
+                ResolvedCnpMatch::Nothing(_) | ResolvedCnpMatch::Everything(_)
+            )
+        });
+        *cnps_here.entry(c.name.as_str()).or_default() |= fails_closed;
+    }
+    let state_of = |found: Option<&bool>| match found {
+        None => PolicyStateKind::SelectsNothingHere,
+        Some(true) => PolicyStateKind::Invalid,
+        Some(false) => PolicyStateKind::Enforced,
+    };
+    for (key, _) in idx.policies.iter() {
+        let state = state_of(here.get(key));
+        out.push(PolicyState {
+            kind: "NetworkPolicy",
+            namespace: key.namespace.clone(),
+            policy: key.name.clone(),
+            state,
+        });
+    }
+    for (name, _) in idx.cnps.iter() {
+        let state = state_of(cnps_here.get(name.as_str()));
+        out.push(PolicyState {
+            kind: "ClusterNetworkPolicy",
+            namespace: String::new(),
+            policy: name.clone(),
+            state,
+        });
+    }
+    out
+}
+
 fn publish_attribution(shared: &Shared, np: &NodePolicy, idx: &crate::engine::index::Snapshot) {
     let mut by_ip = HashMap::new();
     for (key, pod) in idx.pods.iter() {
@@ -349,6 +403,21 @@ fn publish_attribution(shared: &Shared, np: &NodePolicy, idx: &crate::engine::in
     }
     if let Ok(mut w) = shared.isolation.write() {
         *w = isolation;
+    }
+    let cnp_rules = np
+        .cnps
+        .iter()
+        .flat_map(|c| {
+            c.rules.iter().map(move |r| {
+                (
+                    (c.name.clone(), c.direction.as_str(), r.index),
+                    r.label(c.direction),
+                )
+            })
+        })
+        .collect();
+    if let Ok(mut w) = shared.cnp_rules.write() {
+        *w = cnp_rules;
     }
 }
 
@@ -392,6 +461,7 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
         log_group: config.log_group,
         pod_cidrs: config.pod_cidrs.clone(),
         unknown_addresses: config.unknown_addresses,
+        audit: config.audit,
     };
     // The compiled state lives across syncs so most changes redo only what they touch.
     let compiler = Arc::new(Mutex::new(NodeCompiler::new(
@@ -492,6 +562,11 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
             }
             let out = dp.sync(nc.ruleset());
             drop(dp);
+            if out.is_ok() {
+                shared2
+                    .metrics
+                    .set_policy_states(&policy_states(nc.node_policy(), nc.snapshot()));
+            }
             if out.is_ok() && log_denied {
                 // Only the denied-connection log reads the attribution tables.
                 publish_attribution(&shared2, nc.node_policy(), nc.snapshot());
@@ -636,7 +711,16 @@ async fn read_counters(every: Duration, dataplane: Arc<Mutex<Dataplane>>, shared
                 pods: counters,
                 cnp_denies: denies,
                 unknown,
+                rule_hits,
             })) => {
+                let hits: Vec<RuleHitCounter> = rule_hits
+                    .into_iter()
+                    .map(|h| RuleHitCounter {
+                        owner: h.owner,
+                        packets: h.counter.packets,
+                    })
+                    .collect();
+                shared.metrics.set_rule_hits(hits);
                 shared.metrics.set_drop_counters(
                     counters
                         .into_iter()
@@ -672,7 +756,7 @@ async fn read_counters(every: Duration, dataplane: Arc<Mutex<Dataplane>>, shared
 }
 
 /// Blocking: read the NFLOG group and write one line per denied new connection.
-fn deny_log(group: u16, shared: Arc<Shared>) {
+fn deny_log(group: u16, shared: Arc<Shared>, audit: bool) {
     let mut logger = DenyLogger::new(DenyLogConfig::default());
     let mut socket = loop {
         match crate::kernel::nflog::NflogSocket::open(group) {
@@ -705,6 +789,47 @@ fn deny_log(group: u16, shared: Arc<Shared>) {
                 .and_then(|m| m.get(&ip).cloned())
         };
         match logger.observe(Instant::now(), &pkt, &resolve_ip) {
+            Verdict::Log(line) if line.cnp.is_some() => {
+                let Some(cnp) = &line.cnp else { continue };
+                let rule = shared
+                    .cnp_rules
+                    .read()
+                    .ok()
+                    .and_then(|m| {
+                        m.get(&(cnp.policy.clone(), cnp.direction.as_str(), cnp.index))
+                            .cloned()
+                    })
+                    .unwrap_or_else(|| format!("spec.{}[{}]", cnp.direction, cnp.index));
+                let known = line.namespace != "unknown";
+                if known && !audit {
+                    shared
+                        .metrics
+                        .denied_connection(&line.namespace, &line.pod, line.direction);
+                }
+                // tracing takes the message as a literal, so one call site per message.
+                macro_rules! cnp_line {
+                    ($msg:literal) => {
+                        tracing::warn!(
+                            direction = line.direction.as_str(),
+                            pod = format!("{}/{}", line.namespace, line.pod),
+                            src = %line.src,
+                            dst = %line.dst,
+                            src_ip = %line.src_ip,
+                            dst_ip = %line.dst_ip,
+                            protocol = line.protocol,
+                            dst_port = line.dst_port,
+                            denied_by = format!("{} ClusterNetworkPolicy {}", cnp.tier, cnp.policy),
+                            rule = rule,
+                            $msg
+                        )
+                    };
+                }
+                if audit {
+                    cnp_line!("would deny connection (audit mode: allowed)");
+                } else {
+                    cnp_line!("denied connection");
+                }
+            }
             Verdict::Log(line) => {
                 let policies = shared
                     .isolation
@@ -718,6 +843,23 @@ fn deny_log(group: u16, shared: Arc<Shared>) {
                         .cloned()
                     })
                     .unwrap_or_default();
+                if audit {
+                    // Nothing was denied: the connection went through, and the would-drop
+                    // counters count it.
+                    tracing::warn!(
+                        direction = line.direction.as_str(),
+                        pod = format!("{}/{}", line.namespace, line.pod),
+                        src = %line.src,
+                        dst = %line.dst,
+                        src_ip = %line.src_ip,
+                        dst_ip = %line.dst_ip,
+                        protocol = line.protocol,
+                        dst_port = line.dst_port,
+                        isolated_by = policies.join(","),
+                        "would deny connection (audit mode: allowed)"
+                    );
+                    continue;
+                }
                 shared
                     .metrics
                     .denied_connection(&line.namespace, &line.pod, line.direction);

@@ -20,7 +20,7 @@ use crate::engine::resolve::{
     CnpRules, LocalPod, NamedTargets, NodePolicy, PeerPods, PolicyRules, ResolvedCnpMatch,
     ResolvedCnpPeer, ResolvedCnpRule, ResolvedPeer, ResolvedPorts,
 };
-use crate::engine::ruleset::{Chain, ChainRole, Element, Ruleset, Set};
+use crate::engine::ruleset::{Chain, ChainRole, CounterOwner, Element, NamedCounter, Ruleset, Set};
 use crate::model::policy::Direction;
 use crate::model::{Action, Cidr, Family, NamespaceScope, ObjectKey, Protocol, Selector, Tier};
 use compact_str::{ToCompactString, format_compact};
@@ -35,6 +35,20 @@ pub struct CompileOptions {
     pub pod_cidrs: Vec<Cidr>,
     /// What happens to an address in those ranges that is not a known pod of this node.
     pub unknown_addresses: UnknownAddresses,
+    /// Audit mode (`--audit`): every terminal chain (a pod's drop, a ClusterNetworkPolicy
+    /// Deny rule, an unknown address) counts, logs if asked, and accepts instead of dropping.
+    pub audit: bool,
+}
+
+impl CompileOptions {
+    /// The final statement of a terminal chain: its counter and verdict.
+    fn terminal(&self) -> &'static str {
+        if self.audit {
+            "counter packets 0 bytes 0 accept comment \"audit mode: would drop\""
+        } else {
+            "counter packets 0 bytes 0 drop"
+        }
+    }
 }
 
 /// Traffic from or to an address in this node's pod ranges that no known local pod holds
@@ -218,6 +232,20 @@ pub fn policy_chain_name(direction: Direction, policy: &ObjectKey) -> String {
         "policy/{}/{}/{direction}",
         policy.namespace, policy.name
     ))
+}
+
+/// `hits/np/<ns>/<name>/ingress/<index>`: the named counter of one NetworkPolicy rule.
+pub fn rule_counter_name(direction: Direction, policy: &ObjectKey, index: usize) -> String {
+    fit_name(format!(
+        "hits/np/{}/{}/{direction}/{index}",
+        policy.namespace, policy.name
+    ))
+}
+
+/// `hits/cnp/<name>/ingress/<index>`: the named counter of one ClusterNetworkPolicy `Accept`
+/// or `Pass` rule.
+pub fn cnp_rule_counter_name(direction: Direction, name: &str, index: usize) -> String {
+    fit_name(format!("hits/cnp/{name}/{direction}/{index}"))
 }
 
 /// Name of the dispatch map for one direction and family, e.g. `ingress-v4`.
@@ -424,29 +452,44 @@ fn peer_field(direction: Direction) -> &'static str {
     }
 }
 
-/// One `accept` rule from its match expressions.
-fn accept_rule(matches: &[&str], comment: &str) -> String {
+/// One `accept` rule from its match expressions, counting into the rule's named counter.
+fn accept_rule(matches: &[&str], counter: &str, comment: &str) -> String {
     let mut s = String::new();
     for m in matches.iter().filter(|m| !m.is_empty()) {
         s.push_str(m);
         s.push(' ');
     }
-    s.push_str("accept comment ");
+    s.push_str("counter name \"");
+    s.push_str(counter);
+    s.push_str("\" accept comment ");
     s.push_str(&crate::engine::ruleset::quote_comment(comment));
     s
 }
 
-/// Rules of one policy chain: per rule, per peer, per family, per kind of port match.
-fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> Vec<String> {
+/// Rules of one policy chain: per rule, per peer, per family, per kind of port match; and
+/// the named counter of each rule, which all of the rule's nft rules count into.
+fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> (Vec<String>, Vec<NamedCounter>) {
     let d = pr.direction;
     let peers_key = match d {
         Direction::Ingress => "from",
         Direction::Egress => "to",
     };
     let mut out = Vec::new();
+    let mut counters = Vec::new();
     for rule in &pr.rules {
         let path = format!("spec.{d}[{}]", rule.index);
         let owner = format!("{} {path}", pr.policy);
+        let counter = rule_counter_name(d, &pr.policy, rule.index);
+        counters.push(NamedCounter {
+            name: counter.clone(),
+            comment: format!("NetworkPolicy {owner}: new connections accepted"),
+            owner: CounterOwner::Policy {
+                namespace: pr.policy.namespace.clone(),
+                policy: pr.policy.name.clone(),
+                direction: d.as_str(),
+                rule: rule.index,
+            },
+        });
         let numeric = rule
             .ports
             .as_ref()
@@ -466,8 +509,8 @@ fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> Vec<String> {
         };
         // Emit the rules for one peer matcher (empty = any peer).
         let mut emit = |peer: &str, ports: Option<&str>, comment: &str| match ports {
-            Some(p) => out.push(accept_rule(&[peer, p], comment)),
-            None => out.push(accept_rule(&[peer], comment)),
+            Some(p) => out.push(accept_rule(&[peer, p], &counter, comment)),
+            None => out.push(accept_rule(&[peer], &counter, comment)),
         };
         match &rule.peers {
             None => {
@@ -548,7 +591,7 @@ fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> Vec<String> {
             }
         }
     }
-    out
+    (out, counters)
 }
 
 /// What a pod chain needs to know about each policy of the node.
@@ -620,6 +663,7 @@ fn tier_chain(pod: &LocalPod, tier: Tier, d: Direction, facts: &PolicyFacts) -> 
         role: ChainRole::Pod,
         comment: format!("{tier} tier, {d} of pod {}", pod.key),
         rules,
+        counters: Vec::new(),
     })
 }
 
@@ -657,6 +701,7 @@ pub(crate) fn pod_chains(
                 role: ChainRole::Pod,
                 comment: format!("{d} of pod {}", pod.key),
                 rules,
+                counters: Vec::new(),
             },
             drop: None,
             tiers,
@@ -694,13 +739,14 @@ pub(crate) fn pod_chains(
             log_prefix(d, &pod.key)
         ));
     }
-    drop_rule.push_str("counter packets 0 bytes 0 drop");
+    drop_rule.push_str(opts.terminal());
     Some(PodChains {
         chain: Chain {
             name: chain,
             role: ChainRole::Pod,
             comment: format!("{d} of pod {}", pod.key),
             rules,
+            counters: Vec::new(),
         },
         tiers,
         drop: Some(Chain {
@@ -719,6 +765,7 @@ pub(crate) fn pod_chains(
                 }
             },
             rules: vec![drop_rule],
+            counters: Vec::new(),
         }),
     })
 }
@@ -730,7 +777,7 @@ pub(crate) fn policy_chain(sets: &mut Sets, pr: &PolicyRules) -> Option<Chain> {
         return None;
     }
     sets.touched.clear();
-    let rules = policy_rules(sets, pr);
+    let (rules, counters) = policy_rules(sets, pr);
     let mut used = std::mem::take(&mut sets.touched);
     used.sort();
     used.dedup();
@@ -742,6 +789,7 @@ pub(crate) fn policy_chain(sets: &mut Sets, pr: &PolicyRules) -> Option<Chain> {
         role: ChainRole::Policy,
         comment: format!("NetworkPolicy {} {} rules", pr.policy, pr.direction),
         rules,
+        counters,
     })
 }
 
@@ -784,12 +832,13 @@ fn base_chain(
         role: ChainRole::Base { hook, priority },
         comment: comment.into(),
         rules,
+        counters: Vec::new(),
     }
 }
 
 /// The counted drop of unknown addresses in one direction. Like a pod's terminal chain, it is
 /// created once and never rewritten, so its counter survives every sync.
-fn unknown_drop_chain(d: Direction) -> Chain {
+fn unknown_drop_chain(d: Direction, opts: &CompileOptions) -> Chain {
     Chain {
         name: unknown_drop_chain_name(d),
         role: ChainRole::UnknownDrop {
@@ -803,7 +852,8 @@ fn unknown_drop_chain(d: Direction) -> Chain {
                 "from an address in this node's pod ranges that is not a known pod".into()
             }
         },
-        rules: vec!["counter packets 0 bytes 0 drop".into()],
+        rules: vec![opts.terminal().into()],
+        counters: Vec::new(),
     }
 }
 
@@ -913,7 +963,7 @@ pub(crate) fn compile_with_identities(
     }
     if !fail_closed.is_empty() {
         for d in Direction::ALL {
-            other_chains.push(unknown_drop_chain(d));
+            other_chains.push(unknown_drop_chain(d, opts));
         }
     }
     other_chains.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1112,9 +1162,42 @@ pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -
     let mut rules = Vec::new();
     let mut denies = Vec::new();
     let mut pass = Vec::new();
+    let mut counters = Vec::new();
     for rule in &cr.rules {
         let matchers = cnp_matchers(sets, cr, rule);
         let label = rule.label(d);
+        let rule_label = if rule.name.is_empty() {
+            format!("spec.{d}[{}]", rule.index)
+        } else {
+            rule.name.clone()
+        };
+        // Accept and Pass rules count their hits in a named counter (Deny rules count in
+        // their terminal chain); the tier chain's repeated Pass matchers do not count.
+        let counter = match rule.action {
+            Action::Accept | Action::Pass => {
+                let name = cnp_rule_counter_name(d, &cr.name, rule.index);
+                counters.push(NamedCounter {
+                    name: name.clone(),
+                    comment: format!(
+                        "{} ClusterNetworkPolicy {} {label}: {}",
+                        cr.tier, cr.name, rule.action
+                    ),
+                    owner: CounterOwner::Cnp {
+                        policy: cr.name.clone(),
+                        tier: cr.tier.as_str(),
+                        direction: d.as_str(),
+                        rule: rule_label.clone(),
+                        action: if rule.action == Action::Accept {
+                            "Accept"
+                        } else {
+                            "Pass"
+                        },
+                    },
+                });
+                format!("counter name \"{name}\" ")
+            }
+            Action::Deny => String::new(),
+        };
         let verdict = match rule.action {
             Action::Accept => "accept".to_string(),
             Action::Pass => "return".to_string(),
@@ -1124,24 +1207,23 @@ pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -
                 if let Some(group) = opts.log_group {
                     drop_rule.push_str(&format!(
                         "log prefix \"{}\" group {group} ",
-                        crate::engine::log_prefix::encode_prefix(d, "cnp", &cr.name)
+                        crate::engine::log_prefix::encode_cnp_prefix(
+                            d, cr.tier, rule.index, &cr.name
+                        )
                     ));
                 }
-                drop_rule.push_str("counter packets 0 bytes 0 drop");
+                drop_rule.push_str(opts.terminal());
                 denies.push(Chain {
                     name: chain.clone(),
                     role: ChainRole::Deny {
                         policy: cr.name.clone(),
                         tier: cr.tier.as_str(),
                         direction: d.as_str(),
-                        rule: if rule.name.is_empty() {
-                            format!("spec.{d}[{}]", rule.index)
-                        } else {
-                            rule.name.clone()
-                        },
+                        rule: rule_label.clone(),
                     },
                     comment: format!("{} {label}: Deny (counted)", cr.describe()),
                     rules: vec![drop_rule],
+                    counters: Vec::new(),
                 });
                 format!("goto {chain}")
             }
@@ -1151,15 +1233,11 @@ pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -
                 "{} {label} {what}: {}",
                 cr.name, rule.action
             ));
-            let stmt = if m.is_empty() {
-                format!("{verdict} comment {comment}")
-            } else {
-                format!("{m} {verdict} comment {comment}")
-            };
+            let sep = if m.is_empty() { "" } else { " " };
             if rule.action == Action::Pass {
-                pass.push(stmt.clone());
+                pass.push(format!("{m}{sep}{verdict} comment {comment}"));
             }
-            rules.push(stmt);
+            rules.push(format!("{m}{sep}{counter}{verdict} comment {comment}"));
         }
     }
     let mut used = std::mem::take(&mut sets.touched);
@@ -1172,6 +1250,7 @@ pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -
             role: ChainRole::Policy,
             comment: format!("{} {d} rules", cr.describe()),
             rules,
+            counters,
         },
         denies,
         pass,

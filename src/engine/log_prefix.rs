@@ -1,7 +1,8 @@
 //! The `log prefix` format that ties a kernel log message back to the isolated pod.
 //!
-//! The compiler writes it into every drop rule that logs (`knp:<direction>:<ns>/<pod>`) and
-//! the agent's deny log parses it from each NFLOG packet, so both sides use this one module.
+//! The compiler writes it into every drop rule that logs (`knp:<direction>:<ns>/<pod>`, and
+//! `knpc:<direction>:<tier>:<index>:<name>` for a ClusterNetworkPolicy Deny rule) and the
+//! agent's deny log parses it from each NFLOG packet, so both sides use this one module.
 //! It lives in the engine because the compiler must not depend on the agent. Pure: the prefix
 //! is bounded to what the kernel accepts, and names that do not fit are abbreviated with a
 //! stable hash so distinct pods keep distinct prefixes.
@@ -55,6 +56,108 @@ impl DenyTarget {
     pub fn refers_to(&self, namespace: &str, pod: &str) -> bool {
         encode_prefix(self.direction, namespace, pod) == self.prefix()
     }
+}
+
+/// First field of the prefix of a ClusterNetworkPolicy Deny rule.
+pub const CNP_PREFIX_TAG: &str = "knpc";
+
+/// What a ClusterNetworkPolicy Deny rule's prefix says: the direction, the policy's tier, the
+/// rule's index in its direction's list, and the policy (encoded like a pod name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CnpDenyTarget {
+    pub direction: DenyDirection,
+    pub tier: crate::model::Tier,
+    pub index: usize,
+    pub policy: String,
+}
+
+/// Either kind of drop the agent logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    /// A pod's isolation (NetworkPolicy).
+    Pod(DenyTarget),
+    /// A ClusterNetworkPolicy Deny rule.
+    Cnp(CnpDenyTarget),
+}
+
+impl LogTarget {
+    /// The direction of the denied traffic, seen from the local pod.
+    pub fn direction(&self) -> DenyDirection {
+        match self {
+            LogTarget::Pod(t) => t.direction,
+            LogTarget::Cnp(t) => t.direction,
+        }
+    }
+}
+
+/// The `log prefix` of ClusterNetworkPolicy `policy`'s Deny rule `index` of `direction`:
+/// `knpc:<ingress|egress>:<admin|baseline>:<index>:<policy>`, at most [`MAX_PREFIX_LEN`] bytes
+/// (a policy name that does not fit is abbreviated as in [`encode_prefix`]).
+pub fn encode_cnp_prefix(
+    direction: DenyDirection,
+    tier: crate::model::Tier,
+    index: usize,
+    policy: &str,
+) -> String {
+    let head = format!("{CNP_PREFIX_TAG}:{direction}:{}:{index}:", tier.as_str());
+    let room = MAX_PREFIX_LEN
+        .saturating_sub(head.len())
+        .max(MIN_ENCODED_LEN);
+    format!("{head}{}", encode_name(policy, room))
+}
+
+/// Read either kind of prefix back.
+pub fn parse_log_prefix(prefix: &str) -> Result<LogTarget, PrefixError> {
+    let Some(rest) = prefix
+        .strip_prefix(CNP_PREFIX_TAG)
+        .and_then(|r| r.strip_prefix(':'))
+    else {
+        return parse_prefix(prefix).map(LogTarget::Pod);
+    };
+    let owned = || prefix.to_string();
+    let mut parts = rest.splitn(4, ':');
+    let direction = match parts.next() {
+        Some("ingress") => DenyDirection::Ingress,
+        Some("egress") => DenyDirection::Egress,
+        Some(other) => {
+            return Err(PrefixError::UnknownDirection {
+                prefix: owned(),
+                direction: other.to_string(),
+            });
+        }
+        None => return Err(PrefixError::MissingDirection { prefix: owned() }),
+    };
+    let tier = match parts.next() {
+        Some("admin") => crate::model::Tier::Admin,
+        Some("baseline") => crate::model::Tier::Baseline,
+        _ => {
+            return Err(PrefixError::InvalidName {
+                prefix: owned(),
+                what: "tier",
+            });
+        }
+    };
+    let index = parts
+        .next()
+        .and_then(|i| i.parse::<usize>().ok())
+        .ok_or_else(|| PrefixError::InvalidName {
+            prefix: owned(),
+            what: "rule index",
+        })?;
+    let policy =
+        parts
+            .next()
+            .filter(|p| is_encoded_name(p))
+            .ok_or_else(|| PrefixError::InvalidName {
+                prefix: owned(),
+                what: "policy",
+            })?;
+    Ok(LogTarget::Cnp(CnpDenyTarget {
+        direction,
+        tier,
+        index,
+        policy: policy.to_string(),
+    }))
 }
 
 /// Why a log prefix is not one of the agent's.
@@ -182,6 +285,59 @@ fn fnv1a(bytes: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_network_policy_prefixes_round_trip_and_fit() {
+        let long = format!("{}-x", "p".repeat(250));
+        for (name, policy, tier, index) in [
+            (
+                "short",
+                "deny-metadata".to_string(),
+                crate::model::Tier::Admin,
+                0,
+            ),
+            (
+                "long name abbreviated",
+                long.clone(),
+                crate::model::Tier::Baseline,
+                24,
+            ),
+        ] {
+            let p = encode_cnp_prefix(DenyDirection::Egress, tier, index, &policy);
+            assert!(p.len() <= MAX_PREFIX_LEN, "{name}: {} bytes", p.len());
+            match parse_log_prefix(&p) {
+                Ok(LogTarget::Cnp(t)) => {
+                    assert_eq!(
+                        (t.direction, t.tier, t.index),
+                        (DenyDirection::Egress, tier, index),
+                        "{name}"
+                    );
+                    assert_eq!(
+                        t.policy == policy,
+                        policy.len() < 100,
+                        "{name}: {}",
+                        t.policy
+                    );
+                }
+                other => panic!("{name}: {p:?} parsed as {other:?}"),
+            }
+        }
+        assert_eq!(
+            encode_cnp_prefix(
+                DenyDirection::Ingress,
+                crate::model::Tier::Admin,
+                1,
+                "guard"
+            ),
+            "knpc:ingress:admin:1:guard"
+        );
+        assert!(matches!(
+            parse_log_prefix("knp:ingress:shop/web"),
+            Ok(LogTarget::Pod(_))
+        ));
+        assert!(parse_log_prefix("knpc:ingress:admin:x:guard").is_err());
+        assert!(parse_log_prefix("knpc:ingress:other:1:guard").is_err());
+    }
 
     #[test]
     fn prefix_round_trip() {

@@ -109,6 +109,52 @@ pub struct Chain {
     pub comment: String,
     /// Rules, rendered.
     pub rules: Vec<String>,
+    /// Named counter objects this chain's rules count into (`counter name "…"`). They live
+    /// while the chain does, outside it, so rewriting the chain keeps their counts.
+    pub counters: Vec<NamedCounter>,
+}
+
+/// A named nftables counter object (`counter <name> { comment "…" }`), the hit counter of one
+/// policy rule. One policy rule becomes several nft rules (per peer, family and kind of port
+/// match); all of them reference its one counter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedCounter {
+    /// Object name, e.g. `hits/np/<ns>/<policy>/ingress/0`.
+    pub name: String,
+    /// Which Kubernetes rule it counts.
+    pub comment: String,
+    /// The rule, for metrics.
+    pub owner: CounterOwner,
+}
+
+/// The policy rule behind a [`NamedCounter`].
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CounterOwner {
+    /// Rule `index` of a NetworkPolicy's `ingress` or `egress` list.
+    Policy {
+        /// Policy namespace.
+        namespace: String,
+        /// Policy name.
+        policy: String,
+        /// `ingress` or `egress`.
+        direction: &'static str,
+        /// Index in the direction's rule list.
+        rule: usize,
+    },
+    /// An `Accept` or `Pass` rule of a ClusterNetworkPolicy (`Deny` rules count in their
+    /// terminal chains).
+    Cnp {
+        /// The ClusterNetworkPolicy.
+        policy: String,
+        /// `admin` or `baseline`.
+        tier: &'static str,
+        /// `ingress` or `egress`.
+        direction: &'static str,
+        /// The rule's name, or `spec.<direction>[i]` when it has none.
+        rule: String,
+        /// `Accept` or `Pass`.
+        action: &'static str,
+    },
 }
 
 impl Ruleset {
@@ -120,6 +166,11 @@ impl Ruleset {
     /// Look up a set or map.
     pub fn set(&self, name: &str) -> Option<&Set> {
         self.sets.iter().find(|s| s.name == name).map(|s| &**s)
+    }
+
+    /// Every named counter, in chain order.
+    pub fn counters(&self) -> impl Iterator<Item = &NamedCounter> {
+        self.chains.iter().flat_map(|c| &c.counters)
     }
 
     /// Total number of set and map elements.
@@ -198,6 +249,11 @@ pub fn render(ruleset: &Ruleset, header: &str) -> String {
     let _ = writeln!(out, "delete table inet {TABLE}");
     let _ = writeln!(out, "table inet {TABLE} {{");
     let _ = writeln!(out, "\tcomment {}", quote_comment(&ruleset.comment));
+    for counter in ruleset.counters() {
+        let _ = writeln!(out, "\n\tcounter {} {{", counter.name);
+        let _ = writeln!(out, "\t\tcomment {}", quote_comment(&counter.comment));
+        let _ = writeln!(out, "\t}}");
+    }
     for set in &ruleset.sets {
         let _ = writeln!(out, "\n\t{} {} {{", set.keyword(), set.name);
         let _ = writeln!(out, "\t\t{}", set.type_clause());

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use crate::engine::compile::{is_drop_chain_name, is_policy_chain_name};
-use crate::engine::ruleset::{ChainRole, Ruleset, TABLE};
+use crate::engine::ruleset::{ChainRole, CounterOwner, Ruleset, TABLE};
 use crate::kernel::nft::exec::{ExecError, Nft};
 use crate::kernel::nft::readback::{self, ReadbackError};
 use crate::kernel::nft::transaction::{self, Kind, Transaction};
@@ -114,6 +114,15 @@ pub struct CnpDenies {
     /// The rule's name, or `spec.<direction>[i]`.
     pub rule: String,
     /// Counter.
+    pub counter: Counter,
+}
+
+/// The hit counter of one policy rule (a named counter object) as read from the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleHits {
+    /// The rule.
+    pub owner: CounterOwner,
+    /// Counter: packets that opened connections through the rule.
     pub counter: Counter,
 }
 
@@ -244,6 +253,7 @@ impl Dataplane {
             pods: drop_counters(applied, &kernel),
             cnp_denies: cnp_deny_counters(applied, &kernel),
             unknown: unknown_address_drops(applied, &kernel),
+            rule_hits: rule_hits(applied, &kernel),
         })
     }
 }
@@ -257,6 +267,19 @@ pub struct TerminalCounters {
     pub cnp_denies: Vec<CnpDenies>,
     /// Drops of unknown addresses in this node's pod ranges, per direction.
     pub unknown: Vec<(Direction, Counter)>,
+    /// Each policy rule's hits (NetworkPolicy rules, ClusterNetworkPolicy Accept and Pass).
+    pub rule_hits: Vec<RuleHits>,
+}
+
+/// Pair the named rule counters of `applied` with their kernel counts.
+pub fn rule_hits(applied: &Ruleset, kernel: &KernelState) -> Vec<RuleHits> {
+    applied
+        .counters()
+        .map(|c| RuleHits {
+            owner: c.owner.clone(),
+            counter: kernel.counters.get(&c.name).copied().unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// The counters of the unknown-address terminal chains of `applied`, by direction.
@@ -375,6 +398,11 @@ pub fn drift(
     for set in &applied.sets {
         if kernel.sets.binary_search(&set.name).is_err() {
             return Some(format!("set {} is missing", set.name));
+        }
+    }
+    for counter in applied.counters() {
+        if !kernel.counters.contains_key(&counter.name) {
+            return Some(format!("counter {} is missing", counter.name));
         }
     }
     None

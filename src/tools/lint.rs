@@ -177,6 +177,45 @@ pub fn lint(m: &Manifests) -> Report {
     }
 }
 
+/// Add a `never-matched` warning for every rule that matched no connection in `hits` (the
+/// `/debug/rule-hits` documents of `nodes` agents, summed rule by rule).
+pub fn with_rule_hits(
+    mut report: Report,
+    hits: &crate::tools::rule_hits::RuleHits,
+    nodes: usize,
+) -> Report {
+    let what = if nodes == 1 {
+        "on the node read".to_string()
+    } else {
+        format!("on any of the {nodes} nodes read")
+    };
+    for r in hits.never_matched() {
+        let verb = match r.action.as_deref() {
+            Some("Deny") => "dropped no packet",
+            Some("Pass") => "passed no new connection",
+            _ => "accepted no new connection",
+        };
+        report.findings.push(Finding {
+            object: r.object(),
+            field: if r.kind == "NetworkPolicy" {
+                r.rule.clone()
+            } else {
+                format!("spec.{} rule {}", r.direction, r.rule)
+            },
+            rule: "never-matched",
+            severity: Severity::Warning,
+            message: format!(
+                "{verb} {what} since its counter was created (the agent started or the rule \
+                 appeared): unused, or traffic that should use it is not happening"
+            ),
+            location: None,
+        });
+        report.warnings += 1;
+    }
+    report.findings.sort();
+    report
+}
+
 /// What every rule looks things up in.
 struct Context<'a> {
     m: &'a Manifests,

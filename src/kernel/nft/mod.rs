@@ -32,6 +32,8 @@ pub struct ChainState {
     pub counter: Option<Counter>,
     /// Whether some rule logs (`log ... group`).
     pub logs: bool,
+    /// Whether some rule ends in `accept` (a terminal chain in audit mode).
+    pub accepts: bool,
 }
 
 /// Our table as the kernel holds it.
@@ -43,4 +45,6 @@ pub struct KernelState {
     pub chains: BTreeMap<String, ChainState>,
     /// Its sets and maps by name.
     pub sets: Vec<String>,
+    /// Its named counter objects (rule hit counters) by name.
+    pub counters: BTreeMap<String, Counter>,
 }

@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use super::{Counter, KernelState};
-use crate::engine::ruleset::{Chain, Element, Ruleset, Set, TABLE, quote_comment};
+use crate::engine::ruleset::{Chain, Element, NamedCounter, Ruleset, Set, TABLE, quote_comment};
 
 /// Which kind of transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +59,23 @@ fn add_set(out: &mut String, set: &Set) {
         set.name,
         set.spec()
     );
+}
+
+/// Declare a rule hit counter. `add` on an existing counter object leaves it (and its count)
+/// as it is, so full syncs keep counting.
+fn add_counter(out: &mut String, counter: &NamedCounter) {
+    let _ = writeln!(
+        out,
+        "add counter inet {TABLE} {} {{ comment {}; }}",
+        counter.name,
+        quote_comment(&counter.comment)
+    );
+}
+
+/// Delete a counter object; only valid once no rule references it (its rules were flushed
+/// earlier in the same transaction).
+fn delete_counter(out: &mut String, name: &str) {
+    let _ = writeln!(out, "delete counter inet {TABLE} {name}");
 }
 
 fn add_elements<'a>(
@@ -139,15 +156,27 @@ fn is_drop(chain: &Chain) -> bool {
 /// Is the kernel's terminal chain exactly what we would write (so it can stay untouched)?
 fn drop_chain_intact(chain: &Chain, kernel: &KernelState) -> bool {
     let wants_log = chain.rules.iter().any(|r| r.contains("log prefix"));
+    let wants_accept = accepts(chain);
     kernel.chains.get(&chain.name).is_some_and(|k| {
-        k.rules == Some(chain.rules.len()) && k.counter.is_some() && k.logs == wants_log
+        k.rules == Some(chain.rules.len())
+            && k.counter.is_some()
+            && k.logs == wants_log
+            && k.accepts == wants_accept
     })
+}
+
+/// Does this terminal chain accept (audit mode) rather than drop?
+fn accepts(chain: &Chain) -> bool {
+    chain.rules.iter().any(|r| r.contains(" accept"))
 }
 
 /// Replace whatever the kernel holds with `desired`.
 pub fn full(desired: &Ruleset, kernel: &KernelState) -> Transaction {
     let mut out = String::new();
     add_table(&mut out, desired);
+    for counter in desired.counters() {
+        add_counter(&mut out, counter);
+    }
     for set in &desired.sets {
         add_set(&mut out, set);
     }
@@ -188,6 +217,15 @@ pub fn full(desired: &Ruleset, kernel: &KernelState) -> Transaction {
         // Stale sets are referenced only by rules flushed above, so they can go now.
         let _ = writeln!(out, "delete set inet {TABLE} {s}");
     }
+    let desired_counters: BTreeSet<&str> = desired.counters().map(|c| c.name.as_str()).collect();
+    for c in kernel
+        .counters
+        .keys()
+        .filter(|c| !desired_counters.contains(c.as_str()))
+    {
+        // Likewise stale counters: every chain was flushed above.
+        delete_counter(&mut out, c);
+    }
     for c in &empty {
         let _ = writeln!(out, "delete chain inet {TABLE} {c}");
     }
@@ -200,9 +238,12 @@ pub fn full(desired: &Ruleset, kernel: &KernelState) -> Transaction {
             if drop_chain_intact(chain, kernel) {
                 continue;
             }
+            // The count carries over a change of logging, not of verdict: drops and would-drops
+            // are different metrics, so a switch to or from audit mode starts at zero.
             let counter = kernel
                 .chains
                 .get(&chain.name)
+                .filter(|k| k.accepts == accepts(chain))
                 .and_then(|k| k.counter)
                 .unwrap_or_default();
             for r in &chain.rules {
@@ -243,8 +284,16 @@ pub fn partial(applied: &Ruleset, desired: &Ruleset, pending: &BTreeSet<String>)
     let mut element_changes = 0;
     let mut chains_written = 0;
 
-    // 1. Declare new sets and new chains first: map elements point to chains and rules
-    //    refer to sets, and either may be new.
+    // 1. Declare new counters, sets and new chains first: map elements point to chains and
+    //    rules refer to sets and counters, and any of them may be new.
+    let old_counters: BTreeSet<&str> = applied.counters().map(|c| c.name.as_str()).collect();
+    let new_counters: BTreeSet<&str> = desired.counters().map(|c| c.name.as_str()).collect();
+    for counter in desired
+        .counters()
+        .filter(|c| !old_counters.contains(c.name.as_str()))
+    {
+        add_counter(&mut out, counter);
+    }
     for set in desired
         .sets
         .iter()
@@ -316,6 +365,11 @@ pub fn partial(applied: &Ruleset, desired: &Ruleset, pending: &BTreeSet<String>)
             let _ = writeln!(out, "delete {} inet {TABLE} {}", set.keyword(), set.name);
         }
     }
+    // 5b. Counters no longer wanted: the chains that counted into them were rewritten (3.) or
+    //     flushed (4.), so nothing references them.
+    for name in old_counters.difference(&new_counters) {
+        delete_counter(&mut out, name);
+    }
     // 6. Chains flushed by the previous transaction and still unwanted.
     for name in pending {
         if !wanted.contains(name.as_str()) && !delete_next.contains(name) {
@@ -353,6 +407,7 @@ mod tests {
             role: ChainRole::Pod,
             comment: "c".into(),
             rules: rules.iter().map(|s| s.to_string()).collect(),
+            counters: Vec::new(),
         })
     }
 
@@ -432,6 +487,97 @@ mod tests {
         );
     }
 
+    fn counted(name: &str, rules: &[&str], counters: &[&str]) -> Arc<Chain> {
+        let mut c = chain(name, rules);
+        let c_mut = Arc::make_mut(&mut c);
+        c_mut.role = ChainRole::Policy;
+        c_mut.counters = counters
+            .iter()
+            .enumerate()
+            .map(|(i, n)| crate::engine::ruleset::NamedCounter {
+                name: (*n).into(),
+                comment: "k".into(),
+                owner: crate::engine::ruleset::CounterOwner::Policy {
+                    namespace: "a".into(),
+                    policy: "p".into(),
+                    direction: "ingress",
+                    rule: i,
+                },
+            })
+            .collect();
+        c
+    }
+
+    /// Rule counters are declared before the rules that use them and deleted only after
+    /// those rules were flushed; an unchanged counter is never touched (it keeps its count).
+    #[test]
+    fn partial_orders_counter_objects_around_the_rules_that_use_them() {
+        let old = Ruleset {
+            comment: "t".into(),
+            sets: vec![],
+            chains: vec![
+                counted(
+                    "policy/a/p/ingress",
+                    &["counter name \"x\" accept", "counter name \"y\" accept"],
+                    &["x", "y"],
+                ),
+                counted("policy/a/q/ingress", &["counter name \"q\" accept"], &["q"]),
+            ],
+        };
+        let new = Ruleset {
+            comment: "t".into(),
+            sets: vec![],
+            chains: vec![
+                counted("policy/a/p/ingress", &["counter name \"x\" accept"], &["x"]),
+                counted("policy/a/r/ingress", &["counter name \"z\" accept"], &["z"]),
+            ],
+        };
+        let t = partial(&old, &new, &BTreeSet::new());
+        let s = &t.script;
+        assert!(
+            line_of(s, "add counter inet kube-nftpolicy z ")
+                < line_of(s, "add rule inet kube-nftpolicy policy/a/r/ingress"),
+            "{s}"
+        );
+        assert!(
+            line_of(s, "flush chain inet kube-nftpolicy policy/a/p/ingress")
+                < line_of(s, "delete counter inet kube-nftpolicy y"),
+            "{s}"
+        );
+        assert!(
+            line_of(s, "flush chain inet kube-nftpolicy policy/a/q/ingress")
+                < line_of(s, "delete counter inet kube-nftpolicy q"),
+            "{s}"
+        );
+        assert!(
+            !s.contains("counter inet kube-nftpolicy x "),
+            "x is untouched:\n{s}"
+        );
+
+        // A full sync declares every counter (keeping counts) and deletes the kernel's stale ones.
+        let kernel = KernelState {
+            table: true,
+            counters: [
+                ("x".to_string(), Counter::default()),
+                ("old".to_string(), Counter::default()),
+            ]
+            .into_iter()
+            .collect(),
+            ..KernelState::default()
+        };
+        let f = full(&new, &kernel).script;
+        assert!(
+            f.contains("add counter inet kube-nftpolicy x { comment \"k\"; }"),
+            "{f}"
+        );
+        assert!(
+            line_of(&f, "flush chain inet kube-nftpolicy policy/a/p/ingress")
+                < line_of(&f, "delete counter inet kube-nftpolicy old"),
+            "{f}"
+        );
+        assert!(!f.contains("delete counter inet kube-nftpolicy x"), "{f}");
+    }
+
     #[test]
     fn full_keeps_intact_drop_chains_and_carries_counters_otherwise() {
         let drop = Chain {
@@ -443,6 +589,7 @@ mod tests {
             },
             comment: "d".into(),
             rules: vec!["counter packets 0 bytes 0 drop".into()],
+            counters: Vec::new(),
         };
         let rs = Ruleset {
             comment: "t".into(),
@@ -462,6 +609,7 @@ mod tests {
                     bytes: 700,
                 }),
                 logs: false,
+                accepts: false,
             },
         );
         let t = full(&rs, &kernel);
