@@ -283,6 +283,9 @@ pub(crate) struct Sets {
     /// Each address as text, formatted once: a pod's address is an element of every peer
     /// set it belongs to, and formatting (IPv6 above all) is most of building a set.
     addr_text: HashMap<IpAddr, Element>,
+    /// The set already named for a resolved peer (by address: one per selector pair) and
+    /// family, so a peer used by many rules is formatted and hashed once.
+    peer_names: HashMap<(usize, Family), String>,
 }
 
 /// Which resolved object each content-derived set was built from, so an incremental update
@@ -353,6 +356,13 @@ pub fn peer_set_elements(peer: &PeerPods, family: Family) -> Vec<Element> {
 }
 
 fn peer_set(sets: &mut Sets, peer: &PeerPods, family: Family) -> String {
+    // Rules sharing a selector pair share one resolved peer: its set is named once.
+    let seen = (peer as *const PeerPods as usize, family);
+    if let Some(name) = sets.peer_names.get(&seen) {
+        let name = name.clone();
+        sets.touched.push(name.clone());
+        return name;
+    }
     let identity = format!("{family:?}|{:?}|{}", peer.scope, peer.pods);
     let mut addr_text = std::mem::take(&mut sets.addr_text);
     let name = sets.add(&format!("peers-{}", family.suffix()), &identity, |name| {
@@ -380,6 +390,7 @@ fn peer_set(sets: &mut Sets, peer: &PeerPods, family: Family) -> String {
         .peers
         .entry((peer.scope.clone(), peer.pods.clone(), family))
         .or_insert_with(|| name.clone());
+    sets.peer_names.insert(seen, name.clone());
     name
 }
 

@@ -515,6 +515,11 @@ impl NodeCompiler {
         let mut stale_denies: Vec<String> = Vec::new();
         if !redo.cnps.is_empty() {
             let local = local_pods(snapshot, &node);
+            // Each local pod's namespace labels, looked up once (every policy asks).
+            let ns_labels: Vec<Labels> = local
+                .iter()
+                .map(|p| namespace_labels(snapshot, &p.key.namespace))
+                .collect();
             for name in &redo.cnps {
                 for c in self.np.cnps.iter().filter(|c| c.name == *name) {
                     stale_denies.extend(
@@ -533,11 +538,9 @@ impl NodeCompiler {
                 };
                 let selected: Vec<&Arc<PodInfo>> = local
                     .iter()
-                    .copied()
-                    .filter(|p| {
-                        let ns = namespace_labels(snapshot, &p.key.namespace);
-                        subject_matches(&cnp.subject, &ns, &p.labels)
-                    })
+                    .zip(&ns_labels)
+                    .filter(|(p, ns)| subject_matches(&cnp.subject, ns, &p.labels))
+                    .map(|(p, _)| *p)
                     .collect();
                 if selected.is_empty() {
                     continue;
