@@ -82,6 +82,36 @@ fn check_scenarios(nodes: usize, family: Family) -> usize {
             };
             let m = matrix(&snap, &spec).expect("matrix");
             assert_eq!(m.pods.len(), 9, "{file}: the model has 9 pods");
+            // A selection takes the other pods off the nodes it resolves (to stay cheap at
+            // scale): its cells must be the full table's.
+            let subsets: Vec<Vec<String>> = NAMESPACES
+                .iter()
+                .map(|ns| vec![ns.to_string()])
+                .chain([NAMESPACES[..2].iter().map(|s| s.to_string()).collect()])
+                .collect();
+            for namespaces in subsets {
+                let part = matrix(
+                    &snap,
+                    &MatrixSpec {
+                        namespaces: namespaces.clone(),
+                        ..spec.clone()
+                    },
+                )
+                .expect("matrix of a selection");
+                let at = |name: &String| m.pods.iter().position(|p| p == name).expect("pod");
+                for (t, full) in part.tables.iter().zip(&m.tables) {
+                    for (i, from) in part.pods.iter().enumerate() {
+                        for (j, to) in part.pods.iter().enumerate() {
+                            assert_eq!(
+                                t.allowed[i][j],
+                                full.allowed[at(from)][at(to)],
+                                "{file} step {si} {}: {from} → {to} with only {namespaces:?}",
+                                t.port
+                            );
+                        }
+                    }
+                }
+            }
             let text = m.to_text();
             let rendered: Vec<&str> = text.split("\n\n").collect();
             assert_eq!(rendered.len(), step.probes.len(), "{file}: one table each");

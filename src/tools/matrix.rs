@@ -6,12 +6,13 @@
 //! cell being exactly `explain`'s verdict, so the table, the explanation and the kernel (see
 //! the enforcement tests) cannot disagree. Pure: no kernel, no cluster.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
 use crate::engine::index::Snapshot;
-use crate::model::{Family, ObjectKey};
+use crate::model::{Family, ObjectKey, PodInfo};
 use crate::tools::explain::{Endpoint, Explainer, PortQuery};
 
 /// Which pods and ports to tabulate.
@@ -85,7 +86,8 @@ pub fn matrix(snap: &Snapshot, spec: &MatrixSpec) -> Result<Matrix, MatrixError>
     if pods.is_empty() {
         return Err(MatrixError::NoPods);
     }
-    let mut explainer = Explainer::new(snap);
+    let reduced = only_tabulated_pods_local(snap, &pods);
+    let mut explainer = Explainer::new(&reduced);
     let tables = spec
         .ports
         .iter()
@@ -120,6 +122,31 @@ pub fn matrix(snap: &Snapshot, spec: &MatrixSpec) -> Result<Matrix, MatrixError>
         pods: pods.iter().map(ToString::to_string).collect(),
         tables,
     })
+}
+
+/// The snapshot with every pod that is not tabulated taken off the nodes the tabulated pods
+/// run on. The explainer resolves each node a tabulated pod lives on, and resolving a whole
+/// node costs in proportion to all its pods (at 100,000 pods, 100 pods of one namespace sit
+/// on 100 nodes of about 110 pods each: 30 s). Every cell is between two tabulated pods, so
+/// only their own rules decide it: the other pods still exist as peers (addresses, labels),
+/// and a node's pods-of-this-node check only ever looks at tabulated pods' addresses here.
+/// The snapshot's maps are persistent, so this copies only the touched paths.
+fn only_tabulated_pods_local(snap: &Snapshot, pods: &[ObjectKey]) -> Snapshot {
+    let keep: BTreeSet<&ObjectKey> = pods.iter().collect();
+    let nodes: BTreeSet<&str> = pods
+        .iter()
+        .filter_map(|k| snap.pods.get(k).and_then(|p| p.node.as_deref()))
+        .collect();
+    let mut reduced = snap.clone();
+    for (key, pod) in snap.pods.iter() {
+        if keep.contains(key) || !pod.node.as_deref().is_some_and(|n| nodes.contains(n)) {
+            continue;
+        }
+        let mut detached = PodInfo::clone(pod);
+        detached.node = None;
+        reduced.pods.apply(key.clone(), detached);
+    }
+    reduced
 }
 
 impl Matrix {
