@@ -331,12 +331,20 @@ impl<'a> Context<'a> {
     }
 
     fn peer_pods(&self, scope: &NamespaceScope, pods: &Selector) -> Vec<&'a PodInfo> {
-        // Namespaces come sorted, and each one's pods in key order: the pods in key order.
+        self.peer_pods_iter(scope, pods).collect()
+    }
+
+    /// The pods a peer takes in, in key order (namespaces come sorted, and each one's pods in
+    /// key order), without collecting them: most rules only ask whether there is one.
+    fn peer_pods_iter<'s>(
+        &'s self,
+        scope: &'s NamespaceScope,
+        pods: &'s Selector,
+    ) -> impl Iterator<Item = &'a PodInfo> + 's {
         self.matching_namespaces(scope)
             .into_iter()
-            .flat_map(|ns| self.pods_of(ns).iter().copied())
-            .filter(|p| pods.matches(&p.labels))
-            .collect()
+            .flat_map(move |ns| self.pods_of(ns).iter().copied())
+            .filter(move |p| pods.matches(&p.labels))
     }
 
     fn finding(
@@ -593,7 +601,7 @@ fn peers_match_nothing(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
                     continue;
                 }
             }
-            if cx.peer_pods(namespaces, pods).is_empty() {
+            if cx.peer_pods_iter(namespaces, pods).next().is_none() {
                 let listed = || some_of(matched_ns.iter().map(ToString::to_string));
                 let (field, what) = match namespaces {
                     NamespaceScope::Own(ns) => (
@@ -635,6 +643,24 @@ fn unknown_named_ports(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
                 continue;
             };
             let at = format!("{field}.ports[{k}].port");
+            // The usual answer first, without collecting pods: some destination declares it.
+            let declares = |pod: &&PodInfo| pod.resolve_named_port(name, spec.protocol).is_some();
+            let declared = match (d, &rule.peers) {
+                (Direction::Ingress, _) => cx
+                    .pods_of(&p.key.namespace)
+                    .iter()
+                    .any(|pod| p.pod_selector.matches(&pod.labels) && declares(pod)),
+                (Direction::Egress, None) => cx.selectable().any(|pod| declares(&pod)),
+                (Direction::Egress, Some(peers)) => peers.iter().any(|peer| match peer {
+                    Peer::Pods { namespaces, pods } => {
+                        cx.peer_pods_iter(namespaces, pods).any(|pod| declares(&pod))
+                    }
+                    Peer::IpBlock(_) => false,
+                }),
+            };
+            if declared {
+                continue;
+            }
             let candidates: Vec<&PodInfo> = match d {
                 Direction::Ingress => cx.selected_by(p),
                 Direction::Egress => match &rule.peers {
