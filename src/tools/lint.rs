@@ -652,9 +652,9 @@ fn unknown_named_ports(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
                     .any(|pod| p.pod_selector.matches(&pod.labels) && declares(pod)),
                 (Direction::Egress, None) => cx.selectable().any(|pod| declares(&pod)),
                 (Direction::Egress, Some(peers)) => peers.iter().any(|peer| match peer {
-                    Peer::Pods { namespaces, pods } => {
-                        cx.peer_pods_iter(namespaces, pods).any(|pod| declares(&pod))
-                    }
+                    Peer::Pods { namespaces, pods } => cx
+                        .peer_pods_iter(namespaces, pods)
+                        .any(|pod| declares(&pod)),
                     Peer::IpBlock(_) => false,
                 }),
             };
