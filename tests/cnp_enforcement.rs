@@ -10,6 +10,9 @@
 //! SCTP rules load, SCTP probes cannot run). Nodes serve TCP 36363 and 36364, for the node
 //! peer scenarios. With two nodes, every `-1` pod runs on node-2.
 //!
+//! `selfProbes` make every pod connect to its own address (the matrices skip self pairs): a
+//! pod reaching itself is always allowed, even under a Deny-all Admin policy.
+//!
 //! Each step's probes are truth tables written by hand from the upstream test's assertions
 //! and the API text (never from our evaluator); every probe is also asked of `explain`,
 //! which must agree with the kernel. Routed and bridged, IPv4 and IPv6, one and two nodes.
