@@ -6,8 +6,9 @@
 //! cell being exactly `explain`'s verdict, so the table, the explanation and the kernel (see
 //! the enforcement tests) cannot disagree. Pure: no kernel, no cluster.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::net::IpAddr;
 
 use serde::Serialize;
 
@@ -124,20 +125,46 @@ pub fn matrix(snap: &Snapshot, spec: &MatrixSpec) -> Result<Matrix, MatrixError>
     })
 }
 
-/// The snapshot with every pod that is not tabulated taken off the nodes the tabulated pods
-/// run on. The explainer resolves each node a tabulated pod lives on, and resolving a whole
-/// node costs in proportion to all its pods (at 100,000 pods, 100 pods of one namespace sit
-/// on 100 nodes of about 110 pods each: 30 s). Every cell is between two tabulated pods, so
-/// only their own rules decide it: the other pods still exist as peers (addresses, labels),
-/// and a node's pods-of-this-node check only ever looks at tabulated pods' addresses here.
-/// The snapshot's maps are persistent, so this copies only the touched paths.
+/// Where the tabulated pods are resolved when they can share one node: a name no Kubernetes
+/// node can have (it has a `/`).
+const TABULATED_NODE: &str = "matrix/tabulated-pods";
+
+/// A snapshot in which the explainer resolves little. It resolves each node a tabulated pod
+/// lives on, and resolving a node costs in proportion to its pods and to the peer sets of
+/// the policies they have (at 100,000 pods, 100 pods of one namespace sit on 100 nodes of
+/// about 110 pods each, and every node resolved the same policies again: 30 s). Every cell is
+/// between two tabulated pods, decided by their own policies; the node only says which pods
+/// are local (a pod's own address is always a known address of its own node, so the
+/// unknown-address rule never applies to it). So the tabulated pods move to one node of
+/// their own, resolved once, unless two of them on different nodes share an address (a
+/// node looks a local pod up by address): then they stay where they are and only the other
+/// pods leave those nodes. Pods without a node stay without one (nobody polices them). The
+/// snapshot's maps are persistent, so this copies only the touched paths.
 fn only_tabulated_pods_local(snap: &Snapshot, pods: &[ObjectKey]) -> Snapshot {
-    let keep: BTreeSet<&ObjectKey> = pods.iter().collect();
-    let nodes: BTreeSet<&str> = pods
+    let tabulated: Vec<&PodInfo> = pods
         .iter()
-        .filter_map(|k| snap.pods.get(k).and_then(|p| p.node.as_deref()))
+        .filter_map(|k| snap.pods.get(k).map(|p| &**p))
         .collect();
+    let nodes: BTreeSet<&str> = tabulated.iter().filter_map(|p| p.node.as_deref()).collect();
+    let mut holder: BTreeMap<IpAddr, &str> = BTreeMap::new();
+    let shared_address = tabulated.iter().any(|pod| {
+        let Some(node) = pod.node.as_deref() else {
+            return false;
+        };
+        pod.ips
+            .iter()
+            .any(|ip| *holder.entry(*ip).or_insert(node) != node)
+    });
     let mut reduced = snap.clone();
+    if !shared_address {
+        for pod in tabulated.iter().filter(|p| p.node.is_some()) {
+            let mut moved = PodInfo::clone(pod);
+            moved.node = Some(TABULATED_NODE.to_string());
+            reduced.pods.apply(moved.key.clone(), moved);
+        }
+        return reduced;
+    }
+    let keep: BTreeSet<&ObjectKey> = pods.iter().collect();
     for (key, pod) in snap.pods.iter() {
         if keep.contains(key) || !pod.node.as_deref().is_some_and(|n| nodes.contains(n)) {
             continue;
