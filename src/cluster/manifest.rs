@@ -235,35 +235,21 @@ pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<Manifests, Manifes
         if text.trim_start().starts_with(['{', '[']) {
             json_documents(&mut collector, path, text).map_err(|(d, e)| syntax(d, e))?;
         } else {
-            // YAML decoding is most of the work on a large dump: one thread decodes while this
-            // one trims what it decoded into the model. The channel is bounded, so memory
-            // stays at a few documents; documents arrive in order, so the result and its
-            // problems are exactly those of one thread. A syntax error stops both.
-            std::thread::scope(|scope| {
-                let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Result<Value, String>)>(64);
-                scope.spawn(move || {
-                    let mut document = 0;
-                    for (first_line, chunk) in yaml_documents(text) {
-                        for doc in serde_yaml_ng::Deserializer::from_str(chunk) {
-                            document += 1;
-                            let value = Value::deserialize(doc).map_err(|e| {
-                                format!(
-                                    "malformed YAML: {e} (the document starts at line {first_line})"
-                                )
-                            });
-                            let failed = value.is_err();
-                            // A closed channel means the reader stopped at an error.
-                            if tx.send((document, value)).is_err() || failed {
-                                return;
-                            }
-                        }
-                    }
-                });
-                for (document, value) in rx {
-                    each(document, value.map_err(|m| syntax(document, m))?);
+            let mut document = 0;
+            for (first_line, chunk) in yaml_documents(text) {
+                for doc in serde_yaml_ng::Deserializer::from_str(chunk) {
+                    document += 1;
+                    let value = Value::deserialize(doc).map_err(|e| {
+                        syntax(
+                            document,
+                            format!(
+                                "malformed YAML: {e} (the document starts at line {first_line})"
+                            ),
+                        )
+                    })?;
+                    each(document, value);
                 }
-                Ok::<(), ManifestError>(())
-            })?;
+            }
         }
     }
     Ok(collector.finish())
