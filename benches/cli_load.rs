@@ -33,9 +33,10 @@ fn write_dumps(dir: &Path, scale: &synthetic::Scale) {
     f.flush().expect("flush");
 }
 
-/// Wall time, peak RSS (KiB, from `wait4`'s accounting of the child alone) and exit code of
-/// one run.
-fn run(args: &[&str]) -> (Duration, u64, i32) {
+/// Wall time, peak RSS (KiB, from `wait4`'s accounting of the child alone), exit code and
+/// CPU time (user + system, all threads) of one run. The CPU time is what to compare on a
+/// machine shared with other work, where the wall time follows the load.
+fn run(args: &[&str]) -> (Duration, u64, i32, Duration) {
     let start = Instant::now();
     let child = Command::new(BIN)
         .args(args)
@@ -59,7 +60,9 @@ fn run(args: &[&str]) -> (Duration, u64, i32) {
     };
     // Reaped by wait4 above; dropping a `Child` never waits.
     drop(child);
-    (took, usage.ru_maxrss as u64, code)
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    let cpu = tv(usage.ru_utime) + tv(usage.ru_stime);
+    (took, usage.ru_maxrss as u64, code, cpu)
 }
 
 fn main() {
@@ -144,17 +147,21 @@ fn main() {
             .into_iter()
             .filter(|(n, _)| wanted.iter().any(|w| w == n))
         {
-            let mut runs: Vec<(Duration, u64, i32)> = (0..3).map(|_| run(&argv)).collect();
+            let mut runs: Vec<(Duration, u64, i32, Duration)> =
+                (0..3).map(|_| run(&argv)).collect();
             runs.sort_by_key(|r| r.0);
-            let (median, _, code) = runs[1];
+            let (median, _, code, _) = runs[1];
+            let mut cpu: Vec<Duration> = runs.iter().map(|r| r.3).collect();
+            cpu.sort();
             let rss = runs.iter().map(|r| r.1).max().unwrap_or(0);
             println!(
-                "{:<8} {:<13} median {:>6.2} s  (min {:.2}, max {:.2})  peak RSS {:>5} MiB  exit {code}",
+                "{:<8} {:<13} median {:>6.2} s  (min {:.2}, max {:.2})  CPU {:>6.2} s  peak RSS {:>5} MiB  exit {code}",
                 name,
                 file.file_name().and_then(|n| n.to_str()).unwrap_or(""),
                 median.as_secs_f64(),
                 runs[0].0.as_secs_f64(),
                 runs[2].0.as_secs_f64(),
+                cpu[1].as_secs_f64(),
                 rss / 1024,
             );
         }

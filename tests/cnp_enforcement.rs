@@ -10,6 +10,9 @@
 //! SCTP rules load, SCTP probes cannot run). Nodes serve TCP 36363 and 36364, for the node
 //! peer scenarios. With two nodes, every `-1` pod runs on node-2.
 //!
+//! `selfProbes` make every pod connect to its own address (the matrices skip self pairs): a
+//! pod reaching itself is always allowed, even under a Deny-all Admin policy.
+//!
 //! Each step's probes are truth tables written by hand from the upstream test's assertions
 //! and the API text (never from our evaluator); every probe is also asked of `explain`,
 //! which must agree with the kernel. Routed and bridged, IPv4 and IPv6, one and two nodes.
@@ -101,6 +104,10 @@ struct Step {
     probes: Vec<MatrixProbe>,
     #[serde(default)]
     node_probes: Vec<NodeProbe>,
+    /// Every pod connects to its own address on these ports: always allowed, whatever the
+    /// policies say (the matrices skip self pairs, so a pod reaching itself is probed here).
+    #[serde(default)]
+    self_probes: Vec<SelfProbe>,
     /// The objects are meant to draw load warnings (fail-closed scenarios).
     #[serde(default)]
     expect_warnings: bool,
@@ -113,6 +120,12 @@ struct MatrixProbe {
     /// A `*` corner, then rows are sources, columns destinations: namespace letters (g s h r: every pod of the
     /// namespace) or pod aliases (g0 g1 …). `.` connects, `X` is blocked; self is skipped.
     matrix: String,
+}
+
+#[derive(Deserialize)]
+struct SelfProbe {
+    port: u16,
+    protocol: String,
 }
 
 #[derive(Deserialize)]
@@ -417,6 +430,23 @@ fn run(layout: Layout, nodes: usize, family: Family) -> Stats {
                     ip.to_string(),
                     format!("{}/TCP", np.port),
                 ));
+            }
+            for sp in &step.self_probes {
+                for (a, ns, pod) in PODS {
+                    probes.push(Probe::new(
+                        Endpoint::pod(ns, pod),
+                        cluster.pod_ip(ns, pod, family),
+                        sp.port,
+                        proto(&sp.protocol),
+                    ));
+                    expected.push((
+                        format!("{a} → itself {}/{}", sp.protocol, sp.port),
+                        true,
+                        format!("{ns}/{pod}"),
+                        format!("{ns}/{pod}"),
+                        format!("{}/{}", sp.port, sp.protocol),
+                    ));
+                }
             }
             let got = cluster.probe_all(&probes, PROBE_TIMEOUT);
             stats.probes += probes.len();

@@ -608,3 +608,39 @@ fn an_unknown_address_in_a_nodes_pod_ranges_is_explained_as_dropped() {
         "without known ranges the address is not policed"
     );
 }
+
+/// A pod asked about its own address is allowed whatever isolates it: the packet never leaves
+/// the pod (the kernel tests probe it: `selfProbes` in `tests/e2e/cnp/`). Another pod of the
+/// same namespace is still denied, so the policy is in force.
+#[test]
+fn a_pod_reaching_itself_is_allowed() {
+    let snap = snapshot(&example("03-default-deny-all"));
+    let own = explain(
+        &snap,
+        &ep("default/web"),
+        &ep("default/web"),
+        &port("80"),
+        None,
+    )
+    .expect("ok");
+    assert!(own.allowed);
+    for side in [&own.egress, &own.ingress] {
+        assert_eq!(side.status, SideStatus::SelfTraffic);
+        assert_eq!(side.decided_by, "self");
+        assert!(side.policies.is_empty() && side.isolated_by.is_empty());
+    }
+    let text = own.to_text();
+    assert!(
+        text.contains("a pod reaching its own address never leaves it"),
+        "{text}"
+    );
+    let other = explain(
+        &snap,
+        &ep("default/web"),
+        &ep("default/db"),
+        &port("80"),
+        None,
+    )
+    .expect("ok");
+    assert!(!other.allowed, "{}", other.to_text());
+}

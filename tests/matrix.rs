@@ -82,6 +82,36 @@ fn check_scenarios(nodes: usize, family: Family) -> usize {
             };
             let m = matrix(&snap, &spec).expect("matrix");
             assert_eq!(m.pods.len(), 9, "{file}: the model has 9 pods");
+            // A selection takes the other pods off the nodes it resolves (to stay cheap at
+            // scale): its cells must be the full table's.
+            let subsets: Vec<Vec<String>> = NAMESPACES
+                .iter()
+                .map(|ns| vec![ns.to_string()])
+                .chain([NAMESPACES[..2].iter().map(|s| s.to_string()).collect()])
+                .collect();
+            for namespaces in subsets {
+                let part = matrix(
+                    &snap,
+                    &MatrixSpec {
+                        namespaces: namespaces.clone(),
+                        ..spec.clone()
+                    },
+                )
+                .expect("matrix of a selection");
+                let at = |name: &String| m.pods.iter().position(|p| p == name).expect("pod");
+                for (t, full) in part.tables.iter().zip(&m.tables) {
+                    for (i, from) in part.pods.iter().enumerate() {
+                        for (j, to) in part.pods.iter().enumerate() {
+                            assert_eq!(
+                                t.allowed[i][j],
+                                full.allowed[at(from)][at(to)],
+                                "{file} step {si} {}: {from} → {to} with only {namespaces:?}",
+                                t.port
+                            );
+                        }
+                    }
+                }
+            }
             let text = m.to_text();
             let rendered: Vec<&str> = text.split("\n\n").collect();
             assert_eq!(rendered.len(), step.probes.len(), "{file}: one table each");
@@ -262,4 +292,76 @@ fn selection_named_ports_and_unanswerable_cells() {
         .expect_err("empty"),
         MatrixError::NoPods
     );
+}
+
+/// The matrix resolves the tabulated pods on one node of their own, unless two of them on
+/// different nodes share an address (stale state; a node looks its pods up by address), when
+/// they stay on their nodes: both ways, every cell is exactly `explain`'s on the snapshot as
+/// it is.
+#[test]
+fn cells_match_explain_with_and_without_shared_addresses() {
+    use kube_nftpolicy::tools::explain::Explainer;
+    let state = |d_ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: node-1}}\nspec: {{podCIDRs: [10.1.0.0/24]}}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {{name: node-2}}\nspec: {{podCIDRs: [10.2.0.0/24]}}\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: a, namespace: shop, labels: {{app: a}}}}\nspec: {{nodeName: node-1, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.1.0.5}}]}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: b, namespace: shop, labels: {{app: b}}}}\nspec: {{nodeName: node-2, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.2.0.5}}]}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: c, namespace: shop, labels: {{app: c}}}}\nspec: {{nodeName: node-1, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.1.0.6}}]}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: d, namespace: shop, labels: {{app: d}}}}\nspec: {{nodeName: node-2, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIPs: [{{ip: {d_ip}}}]}}\n---\n\
+             apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: only-a, namespace: shop}}\n\
+             spec: {{podSelector: {{matchLabels: {{app: b}}}}, ingress: [{{from: [{{podSelector: {{matchLabels: {{app: a}}}}}}]}}]}}\n\
+             ---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: a-out, namespace: shop}}\n\
+             spec: {{podSelector: {{matchLabels: {{app: a}}}}, policyTypes: [Egress], egress: [{{to: [{{podSelector: {{matchLabels: {{app: b}}}}}}]}}]}}\n"
+        )
+    };
+    // d on node-2 with its own address, then with a's (node-1's) address.
+    for d_ip in ["10.2.0.6", "10.1.0.5"] {
+        let snap = snapshot(&state(d_ip));
+        let m = matrix(
+            &snap,
+            &MatrixSpec {
+                namespaces: vec!["shop".into()],
+                ports: vec!["80".parse().expect("port")],
+                family: Some(Family::V4),
+            },
+        )
+        .expect("matrix");
+        let mut explainer = Explainer::new(&snap);
+        let mut denied = Vec::new();
+        for (i, from) in m.pods.iter().enumerate() {
+            for (j, to) in m.pods.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                let e = explainer
+                    .explain(
+                        &from.parse().expect("endpoint"),
+                        &to.parse().expect("endpoint"),
+                        &"80".parse().expect("port"),
+                        Some(Family::V4),
+                    )
+                    .expect("explain");
+                assert_eq!(
+                    m.tables[0].allowed[i][j],
+                    Some(e.allowed),
+                    "d at {d_ip}: {from} → {to}: {}",
+                    e.to_text()
+                );
+                if !e.allowed {
+                    denied.push(format!("{from} → {to}"));
+                }
+            }
+        }
+        // The policies are in force either way.
+        assert!(
+            denied.contains(&"shop/c → shop/b".to_string()),
+            "{denied:?}"
+        );
+        assert!(
+            denied.contains(&"shop/a → shop/c".to_string()),
+            "{denied:?}"
+        );
+    }
 }

@@ -233,17 +233,7 @@ pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<Manifests, Manifes
             collector.document(&origin, value);
         };
         if text.trim_start().starts_with(['{', '[']) {
-            let docs = serde_json::Deserializer::from_str(text).into_iter::<Value>();
-            for (i, doc) in docs.enumerate() {
-                let value = doc.map_err(|e| syntax(i + 1, format!("malformed JSON: {e}")))?;
-                match value {
-                    // A bare JSON array of objects reads as a list of them.
-                    Value::Array(items) => {
-                        each(i + 1, serde_json::json!({"kind": "List", "items": items}))
-                    }
-                    value => each(i + 1, value),
-                }
-            }
+            json_documents(&mut collector, path, text).map_err(|(d, e)| syntax(d, e))?;
         } else {
             let mut document = 0;
             for (first_line, chunk) in yaml_documents(text) {
@@ -263,6 +253,236 @@ pub fn parse_sources(sources: &[(PathBuf, String)]) -> Result<Manifests, Manifes
         }
     }
     Ok(collector.finish())
+}
+
+fn is_list_kind(kind: &str) -> bool {
+    kind == "List" || kind.ends_with("List")
+}
+
+/// The JSON documents of one source, one after the other. A `List` (what `kubectl get -o
+/// json` writes) is read item by item: each item becomes a value tree and is trimmed into
+/// the model before the next is read, so memory follows the largest object rather than the
+/// dump (a serde_json `Value` of a 124 MB dump of 100,000 pods took 1.1 GB). The list's
+/// `kind` decides how its items read, and `kubectl` writes it after `items`, so each
+/// document is first scanned for its top-level `kind` (serde_json skips values without
+/// building them), then read. A bare JSON array of objects reads as a `List` of them.
+/// Errors carry the document number.
+fn json_documents(
+    collector: &mut Collector,
+    path: &Path,
+    text: &str,
+) -> Result<(), (usize, String)> {
+    let mut offset = 0;
+    let mut document = 0;
+    loop {
+        let rest = &text[offset..];
+        let body = rest.trim_start();
+        if body.is_empty() {
+            return Ok(());
+        }
+        document += 1;
+        let malformed = |e: serde_json::Error| (document, format!("malformed JSON: {e}"));
+        let mut heads = serde_json::Deserializer::from_str(body).into_iter::<JsonHead>();
+        let head = match heads.next() {
+            Some(head) => head.map_err(malformed)?,
+            None => return Ok(()),
+        };
+        let len = heads.byte_offset();
+        let doc = &body[..len];
+        let origin = Origin {
+            path,
+            document,
+            item: None,
+        };
+        let list_kind = match head {
+            JsonHead::Array => Some("List".to_string()),
+            JsonHead::Object(Some(kind)) if is_list_kind(&kind) => Some(kind),
+            JsonHead::Object(_) | JsonHead::Other => None,
+        };
+        let mut de = serde_json::Deserializer::from_str(doc);
+        match list_kind {
+            Some(kind) => {
+                let seed = ListSeed {
+                    collector: &mut *collector,
+                    origin: &origin,
+                    kind: &kind,
+                };
+                serde::de::DeserializeSeed::deserialize(seed, &mut de).map_err(malformed)?;
+            }
+            None => {
+                let value = Value::deserialize(&mut de).map_err(malformed)?;
+                collector.document(&origin, value);
+            }
+        }
+        de.end().map_err(malformed)?;
+        offset += rest.len() - body.len() + len;
+    }
+}
+
+/// What the first pass over a JSON document learns: is it an array, or an object and of
+/// which `kind`.
+enum JsonHead {
+    Array,
+    Object(Option<String>),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for JsonHead {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = JsonHead;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<JsonHead, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(JsonHead::Array)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<JsonHead, A::Error> {
+                let mut kind = None;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "kind" {
+                        kind = map.next_value::<Value>()?.as_str().map(str::to_owned);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(JsonHead::Object(kind))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<JsonHead, E> {
+                Ok(JsonHead::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<JsonHead, E> {
+                Ok(JsonHead::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<JsonHead, E> {
+                Ok(JsonHead::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<JsonHead, E> {
+                Ok(JsonHead::Other)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<JsonHead, E> {
+                Ok(JsonHead::Other)
+            }
+            fn visit_unit<E>(self) -> Result<JsonHead, E> {
+                Ok(JsonHead::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Reads a list document (an object with `items`, or a bare array), handing each item to
+/// the collector as soon as it is read.
+struct ListSeed<'c, 'o> {
+    collector: &'c mut Collector,
+    origin: &'o Origin<'o>,
+    kind: &'o str,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ListSeed<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ListSeed<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of objects")
+    }
+
+    /// The items themselves (a bare array, or the value of `items`).
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        while let Some(item) = seq.next_element::<Value>()? {
+            self.collector.list_item(self.origin, self.kind, i, item);
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// The list object: only `items` matters (other fields are skipped unread).
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let ListSeed {
+            collector,
+            origin,
+            kind,
+        } = self;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "items" {
+                map.next_value_seed(Items(ListSeed {
+                    collector: &mut *collector,
+                    origin,
+                    kind,
+                }))?;
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The value of a list's `items`: an array is read item by item; anything else (null, or a
+/// mistake) holds no items, as when the whole list is read as one value.
+struct Items<'c, 'o>(ListSeed<'c, 'o>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Items<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Items<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list's items")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+        self.0.visit_seq(seq)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
 }
 
 /// The documents of a YAML stream, each with the number of its first line, split at the
@@ -339,6 +559,24 @@ impl Collector {
         });
     }
 
+    /// Item `i` of a list of kind `list_kind`.
+    fn list_item(&mut self, origin: &Origin<'_>, list_kind: &str, i: usize, mut item: Value) {
+        let origin = Origin {
+            item: Some(i),
+            ..origin.clone()
+        };
+        // `kubectl get pods -o yaml` lists carry kind on items, typed lists may not.
+        if item.get("kind").is_none() {
+            if let Some(obj) = item.as_object_mut() {
+                obj.insert(
+                    "kind".into(),
+                    Value::String(list_kind.trim_end_matches("List").into()),
+                );
+            }
+        }
+        self.document(&origin, item);
+    }
+
     fn document(&mut self, origin: &Origin<'_>, value: Value) {
         if value.is_null() {
             return; // empty document, e.g. a trailing `---`
@@ -353,7 +591,7 @@ impl Collector {
             );
             return;
         };
-        if kind == "List" || kind.ends_with("List") {
+        if is_list_kind(&kind) {
             // Taken, not cloned: a dump of a large cluster is one list of every object.
             let mut value = value;
             let items = match value.get_mut("items").map(Value::take) {
@@ -361,21 +599,7 @@ impl Collector {
                 _ => Vec::new(),
             };
             for (i, item) in items.into_iter().enumerate() {
-                let origin = Origin {
-                    item: Some(i),
-                    ..origin.clone()
-                };
-                let mut item = item;
-                // `kubectl get pods -o yaml` lists carry kind on items, typed lists may not.
-                if item.get("kind").is_none() {
-                    if let Some(obj) = item.as_object_mut() {
-                        obj.insert(
-                            "kind".into(),
-                            Value::String(kind.trim_end_matches("List").into()),
-                        );
-                    }
-                }
-                self.document(&origin, item);
+                self.list_item(origin, &kind, i, item);
             }
             return;
         }
@@ -942,6 +1166,48 @@ mod tests {
             .to_string();
         assert!(
             err.starts_with("bad.json: document 1: malformed JSON"),
+            "{err}"
+        );
+    }
+
+    /// JSON lists are read item by item (`json_documents`): a typed list whose `kind` comes
+    /// after `items` (as `kubectl get -o json` orders it) still names its kindless items, a
+    /// lone object is one document, `items: null` holds nothing, and a later bad document
+    /// is reported with its own number.
+    #[test]
+    fn json_lists_stream_their_items() {
+        let pod = |name: &str| {
+            format!(
+                "{{\"metadata\": {{\"name\": \"{name}\", \"namespace\": \"shop\"}}, \"spec\": {{\"nodeName\": \"n1\", \"containers\": [{{\"name\": \"c\"}}]}}, \"status\": {{\"phase\": \"Running\", \"podIPs\": [{{\"ip\": \"10.0.0.{}\"}}]}}}}",
+                name.len()
+            )
+        };
+        let typed = format!(
+            "{{\"apiVersion\": \"v1\", \"items\": [{}, {}], \"kind\": \"PodList\", \"metadata\": {{\"resourceVersion\": \"7\"}}}}",
+            pod("a"),
+            pod("bb")
+        );
+        let lone =
+            "{\"apiVersion\": \"v1\", \"kind\": \"Namespace\", \"metadata\": {\"name\": \"shop\"}}";
+        let empty = "{\"kind\": \"List\", \"items\": null}";
+        let text = format!("{typed}\n{lone}\n{empty}\n");
+        let m = parse_sources(&[(PathBuf::from("dump.json"), text.clone())]).expect("parse");
+        let names: Vec<&str> = m.pods.iter().map(|p| p.key.name.as_str()).collect();
+        assert_eq!(names, ["a", "bb"], "{:?}", m.problems);
+        assert_eq!(m.namespaces.len(), 1);
+        assert_eq!(
+            m.origins.get("Pod shop/bb").map(String::as_str),
+            Some("dump.json: document 1, items[1]")
+        );
+        assert!(m.warnings.is_empty(), "{:?}", m.warnings);
+        let err = parse_sources(&[(
+            PathBuf::from("bad.json"),
+            format!("{lone}\n{{\"kind\": \"List\", \"items\": [{{}}"),
+        )])
+        .expect_err("truncated second document")
+        .to_string();
+        assert!(
+            err.starts_with("bad.json: document 2: malformed JSON"),
             "{err}"
         );
     }

@@ -224,6 +224,10 @@ pub enum SideStatus {
     /// The address is in the node's pod ranges but is not a known pod of that node, so the
     /// node drops it whatever the policies say (fail closed, `--unknown-addresses`).
     UnknownAddress,
+    /// A pod connecting to its own address: the packet never leaves the pod (the kernel
+    /// routes it over the pod's loopback), so no policy applies (the API text of
+    /// NetworkPolicy and ClusterNetworkPolicy says the same).
+    SelfTraffic,
 }
 
 /// What one ClusterNetworkPolicy tier said about one direction.
@@ -311,7 +315,8 @@ pub struct SideReport {
     /// The Baseline tier, when consulted and a ClusterNetworkPolicy of it applies.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline: Option<TierReport>,
-    /// Which tier decided: `Admin`, `NetworkPolicy`, `Baseline` or `default`.
+    /// Which tier decided: `Admin`, `NetworkPolicy`, `Baseline`, `default`, or `self` (a pod
+    /// reaching its own address).
     pub decided_by: &'static str,
 }
 
@@ -500,7 +505,7 @@ impl<'a> Explainer<'a> {
                 port: number,
             },
         );
-        let ingress = self.side_report(
+        let mut ingress = self.side_report(
             Direction::Ingress,
             dst.pod,
             Connection {
@@ -510,6 +515,20 @@ impl<'a> Explainer<'a> {
                 port: number,
             },
         );
+        let mut egress = egress;
+        let same_pod = matches!((src.pod, dst.pod), (Some(a), Some(b)) if a.key == b.key);
+        if same_pod && src_ip == dst_ip {
+            for side in [&mut egress, &mut ingress] {
+                side.status = SideStatus::SelfTraffic;
+                side.allowed = true;
+                side.decided_by = "self";
+                side.admin = None;
+                side.baseline = None;
+                side.policies.clear();
+                side.isolated_by.clear();
+                side.allowed_by.clear();
+            }
+        }
         let allowed = egress.allowed && ingress.allowed;
         let endpoint = |s: &Side<'_>, address: IpAddr| EndpointReport {
             name: s.name.clone(),
@@ -853,6 +872,10 @@ fn side_text(out: &mut String, s: &SideReport) {
             "  {what}: {} by the {} tier",
             if s.allowed { "allowed" } else { "DENIED" },
             s.decided_by
+        ),
+        SideStatus::SelfTraffic => writeln!(
+            out,
+            "  {what}: allowed (a pod reaching its own address never leaves it; no policy applies)"
         ),
         SideStatus::UnknownAddress => writeln!(
             out,

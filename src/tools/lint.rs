@@ -40,6 +40,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::net::IpAddr;
 
 use serde::Serialize;
 
@@ -216,12 +217,23 @@ pub fn with_rule_hits(
     report
 }
 
-/// What every rule looks things up in.
+/// What every rule looks things up in. The lookups are built once, so that each rule costs in
+/// proportion to what it looks at rather than to the cluster: at 100,000 pods and 10,000
+/// policies, scanning every pod for every policy (and every policy for every selected pod)
+/// took minutes.
 struct Context<'a> {
     m: &'a Manifests,
     has_pods: bool,
     /// Every namespace that exists: declared, holding a pod, or holding a policy.
     namespaces: BTreeMap<String, Labels>,
+    /// [`Context::selectable`] pods by namespace, in key order.
+    pods_by_namespace: BTreeMap<&'a str, Vec<&'a PodInfo>>,
+    /// NetworkPolicies by namespace, in manifest order.
+    policies_by_namespace: BTreeMap<&'a str, Vec<&'a Policy>>,
+    /// The cluster DNS pods, when the manifests have them.
+    dns: Vec<&'a PodInfo>,
+    /// Every address of a pod that policy applies to, sorted, with its pod.
+    target_addresses: Vec<(IpAddr, &'a PodInfo)>,
 }
 
 impl<'a> Context<'a> {
@@ -241,11 +253,87 @@ impl<'a> Context<'a> {
                 .entry(ns.clone())
                 .or_insert_with(|| Labels::from([(NAMESPACE_NAME_LABEL.to_string(), ns.clone())]));
         }
+        let mut pods_by_namespace: BTreeMap<&str, Vec<&PodInfo>> = BTreeMap::new();
+        for pod in m.pods.iter().filter(|p| !p.host_network && !p.finished) {
+            pods_by_namespace
+                .entry(pod.key.namespace.as_str())
+                .or_default()
+                .push(pod);
+        }
+        // `Manifests` keeps pods sorted by key; the lookups rely on that order.
+        for pods in pods_by_namespace.values_mut() {
+            pods.sort_by(|a, b| a.key.cmp(&b.key));
+        }
+        let mut policies_by_namespace: BTreeMap<&str, Vec<&Policy>> = BTreeMap::new();
+        for p in &m.policies {
+            policies_by_namespace
+                .entry(p.key.namespace.as_str())
+                .or_default()
+                .push(p);
+        }
+        let dns = pods_by_namespace
+            .get(DNS_NAMESPACE)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|p| p.labels.get(DNS_LABEL.0).map(String::as_str) == Some(DNS_LABEL.1))
+            .collect();
+        let mut target_addresses: Vec<(IpAddr, &PodInfo)> = m
+            .pods
+            .iter()
+            .filter(|p| p.is_policy_target())
+            .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p)))
+            .collect();
+        target_addresses.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.key.cmp(&b.1.key)));
         Self {
             m,
             has_pods: !m.pods.is_empty(),
             namespaces,
+            pods_by_namespace,
+            policies_by_namespace,
+            dns,
+            target_addresses,
         }
+    }
+
+    /// The pods of one namespace that a selector can select.
+    fn pods_of(&self, namespace: &str) -> &[&'a PodInfo] {
+        self.pods_by_namespace
+            .get(namespace)
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The NetworkPolicies of one namespace.
+    fn policies_of(&self, namespace: &str) -> &[&'a Policy] {
+        self.policies_by_namespace
+            .get(namespace)
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Does a peer (namespace scope and pod selector) take in this pod?
+    fn peer_has(&self, scope: &NamespaceScope, pods: &Selector, pod: &PodInfo) -> bool {
+        let ns_ok = match scope {
+            NamespaceScope::Own(ns) => pod.key.namespace == *ns,
+            NamespaceScope::Selector(sel) => self
+                .namespaces
+                .get(&pod.key.namespace)
+                .is_some_and(|labels| sel.matches(labels)),
+        };
+        ns_ok && pods.matches(&pod.labels)
+    }
+
+    /// The pods (policy targets) with an address in the block and outside its excepts, in key
+    /// order.
+    fn covered_by(&self, block: &crate::model::IpBlock) -> Vec<&'a ObjectKey> {
+        let first = block.cidr.network();
+        let from = self.target_addresses.partition_point(|(ip, _)| *ip < first);
+        let keys: BTreeSet<&ObjectKey> = self.target_addresses[from..]
+            .iter()
+            .take_while(|(ip, _)| block.cidr.contains(ip))
+            .filter(|(ip, _)| !block.except.iter().any(|e| e.contains(ip)))
+            .map(|(_, pod)| &pod.key)
+            .collect();
+        keys.into_iter().collect()
     }
 
     fn location(&self, object: &str) -> Option<String> {
@@ -262,10 +350,10 @@ impl<'a> Context<'a> {
     }
 
     fn selected_by(&self, p: &Policy) -> Vec<&'a PodInfo> {
-        self.selectable()
-            .filter(|pod| {
-                pod.key.namespace == p.key.namespace && p.pod_selector.matches(&pod.labels)
-            })
+        self.pods_of(&p.key.namespace)
+            .iter()
+            .copied()
+            .filter(|pod| p.pod_selector.matches(&pod.labels))
             .collect()
     }
 
@@ -282,10 +370,20 @@ impl<'a> Context<'a> {
     }
 
     fn peer_pods(&self, scope: &NamespaceScope, pods: &Selector) -> Vec<&'a PodInfo> {
-        let namespaces = self.matching_namespaces(scope);
-        self.selectable()
-            .filter(|p| namespaces.contains(&p.key.namespace.as_str()) && pods.matches(&p.labels))
-            .collect()
+        self.peer_pods_iter(scope, pods).collect()
+    }
+
+    /// The pods a peer takes in, in key order (namespaces come sorted, and each one's pods in
+    /// key order), without collecting them: most rules only ask whether there is one.
+    fn peer_pods_iter<'s>(
+        &'s self,
+        scope: &'s NamespaceScope,
+        pods: &'s Selector,
+    ) -> impl Iterator<Item = &'a PodInfo> + 's {
+        self.matching_namespaces(scope)
+            .into_iter()
+            .flat_map(move |ns| self.pods_of(ns).iter().copied())
+            .filter(move |p| pods.matches(&p.labels))
     }
 
     fn finding(
@@ -475,11 +573,14 @@ fn is_peer_ports(field: &str) -> bool {
 /// `duplicate-policy`: two policies of one namespace with the same (normalised) spec. The
 /// later name in sort order is reported, naming the earlier.
 fn duplicate_policies(cx: &Context<'_>, out: &mut Vec<Finding>) {
-    let policies = &cx.m.policies;
-    for (i, p) in policies.iter().enumerate() {
+    for (i, p) in cx
+        .policies_by_namespace
+        .values()
+        .flat_map(|v| v.iter().enumerate())
+    {
+        let policies = cx.policies_of(&p.key.namespace);
         let same = policies[..i].iter().find(|q| {
-            q.key.namespace == p.key.namespace
-                && q.pod_selector == p.pod_selector
+            q.pod_selector == p.pod_selector
                 && q.ingress == p.ingress
                 && q.egress == p.egress
                 && q.invalid == p.invalid
@@ -539,7 +640,7 @@ fn peers_match_nothing(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
                     continue;
                 }
             }
-            if cx.peer_pods(namespaces, pods).is_empty() {
+            if cx.peer_pods_iter(namespaces, pods).next().is_none() {
                 let listed = || some_of(matched_ns.iter().map(ToString::to_string));
                 let (field, what) = match namespaces {
                     NamespaceScope::Own(ns) => (
@@ -581,6 +682,24 @@ fn unknown_named_ports(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
                 continue;
             };
             let at = format!("{field}.ports[{k}].port");
+            // The usual answer first, without collecting pods: some destination declares it.
+            let declares = |pod: &&PodInfo| pod.resolve_named_port(name, spec.protocol).is_some();
+            let declared = match (d, &rule.peers) {
+                (Direction::Ingress, _) => cx
+                    .pods_of(&p.key.namespace)
+                    .iter()
+                    .any(|pod| p.pod_selector.matches(&pod.labels) && declares(pod)),
+                (Direction::Egress, None) => cx.selectable().any(|pod| declares(&pod)),
+                (Direction::Egress, Some(peers)) => peers.iter().any(|peer| match peer {
+                    Peer::Pods { namespaces, pods } => cx
+                        .peer_pods_iter(namespaces, pods)
+                        .any(|pod| declares(&pod)),
+                    Peer::IpBlock(_) => false,
+                }),
+            };
+            if declared {
+                continue;
+            }
             let candidates: Vec<&PodInfo> = match d {
                 Direction::Ingress => cx.selected_by(p),
                 Direction::Egress => match &rule.peers {
@@ -648,18 +767,7 @@ fn ipblocks_cover_pods(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
             let Peer::IpBlock(block) = peer else {
                 continue;
             };
-            let covered: Vec<&ObjectKey> = cx
-                .m
-                .pods
-                .iter()
-                .filter(|pod| {
-                    pod.is_policy_target()
-                        && pod.ips.iter().any(|ip| {
-                            block.cidr.contains(ip) && !block.except.iter().any(|e| e.contains(ip))
-                        })
-                })
-                .map(|pod| &pod.key)
-                .collect();
+            let covered = cx.covered_by(block);
             if covered.is_empty() {
                 continue;
             }
@@ -682,16 +790,6 @@ fn ipblocks_cover_pods(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
 /// The label CoreDNS and kube-dns pods carry, in this namespace.
 const DNS_LABEL: (&str, &str) = ("k8s-app", "kube-dns");
 const DNS_NAMESPACE: &str = "kube-system";
-
-/// The cluster DNS pods, when the manifests have them.
-fn dns_pods<'a>(cx: &Context<'a>) -> Vec<&'a PodInfo> {
-    cx.selectable()
-        .filter(|p| {
-            p.key.namespace == DNS_NAMESPACE
-                && p.labels.get(DNS_LABEL.0).map(String::as_str) == Some(DNS_LABEL.1)
-        })
-        .collect()
-}
 
 /// Does some rule allow `protocol` port 53, to the cluster DNS pods when the manifests have
 /// them (a peer must cover one), or to anywhere when they do not?
@@ -719,10 +817,7 @@ fn allows_dns(cx: &Context<'_>, dns: &[&PodInfo], rules: &[&Rule], protocol: Pro
         None => true,
         Some(_) if dns.is_empty() => true,
         Some(peers) => peers.iter().any(|peer| match peer {
-            Peer::Pods { namespaces, pods } => {
-                let members = cx.peer_pods(namespaces, pods);
-                dns.iter().any(|d| members.iter().any(|m| m.key == d.key))
-            }
+            Peer::Pods { namespaces, pods } => dns.iter().any(|d| cx.peer_has(namespaces, pods, d)),
             Peer::IpBlock(block) => dns.iter().any(|d| {
                 d.ips.iter().any(|ip| {
                     block.cidr.contains(ip) && !block.except.iter().any(|e| e.contains(ip))
@@ -741,12 +836,13 @@ fn no_dns_egress(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
         return;
     }
     let same_ns = || {
-        cx.m.policies
+        cx.policies_of(&p.key.namespace)
             .iter()
-            .filter(|q| q.key.namespace == p.key.namespace && q.egress.is_some())
+            .copied()
+            .filter(|q| q.egress.is_some())
     };
     let selected = cx.selected_by(p);
-    let dns = dns_pods(cx);
+    let dns = &cx.dns;
     // (pods concerned, the egress policies that apply to them)
     let groups: Vec<(Vec<String>, Vec<&Policy>)> = if selected.is_empty() {
         if cx.has_pods {
@@ -773,13 +869,21 @@ fn no_dns_egress(cx: &Context<'_>, p: &Policy, out: &mut Vec<Finding>) {
     // may over UDP only.
     let (mut none, mut udp_only): (Option<Vec<String>>, Option<Vec<String>>) = (None, None);
     let mut policies: BTreeSet<&ObjectKey> = BTreeSet::new();
+    // Pods of a namespace mostly share the set of policies that apply to them: decide each set
+    // once.
+    let mut decided: BTreeMap<Vec<&ObjectKey>, (bool, bool)> = BTreeMap::new();
     for (pods, applying) in &groups {
-        let rules: Vec<&Rule> = applying
-            .iter()
-            .flat_map(|q| q.egress.iter().flatten())
-            .collect();
-        let udp = allows_dns(cx, &dns, &rules, Protocol::Udp);
-        let tcp = allows_dns(cx, &dns, &rules, Protocol::Tcp);
+        let set: Vec<&ObjectKey> = applying.iter().map(|q| &q.key).collect();
+        let (udp, tcp) = *decided.entry(set).or_insert_with(|| {
+            let rules: Vec<&Rule> = applying
+                .iter()
+                .flat_map(|q| q.egress.iter().flatten())
+                .collect();
+            (
+                allows_dns(cx, dns, &rules, Protocol::Udp),
+                allows_dns(cx, dns, &rules, Protocol::Tcp),
+            )
+        });
         if udp && tcp {
             continue;
         }
@@ -844,14 +948,15 @@ fn cnp_finding(
 
 fn cnp_subject_pods<'a>(cx: &Context<'a>, c: &ClusterPolicy) -> Vec<&'a PodInfo> {
     let (ns, pods) = c.subject.selectors();
-    cx.selectable()
-        .filter(|p| {
-            pods.matches(&p.labels)
-                && cx
-                    .namespaces
-                    .get(&p.key.namespace)
-                    .is_some_and(|labels| ns.matches(labels))
+    cx.pods_by_namespace
+        .iter()
+        .filter(|(n, _)| {
+            cx.namespaces
+                .get(**n)
+                .is_some_and(|labels| ns.matches(labels))
         })
+        .flat_map(|(_, v)| v.iter().copied())
+        .filter(|p| pods.matches(&p.labels))
         .collect()
 }
 
