@@ -27,6 +27,8 @@
 mod fake_apiserver;
 #[path = "support/synthetic.rs"]
 mod synthetic;
+#[path = "support/toggle.rs"]
+mod toggle;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -262,10 +264,19 @@ fn main() {
     });
     std::thread::sleep(Duration::from_millis(300));
 
+    // New pods on other nodes that node-7's peer sets take in (found with the pure core).
+    let snap0 = synthetic::index(&s).snapshot();
+    let np0 = kube_nftpolicy::engine::resolve::resolve(&snap0, NODE);
+    let peers: Vec<kube_nftpolicy::model::PodInfo> = (s.pods..)
+        .map(|i| synthetic::pod(i, &s, 0))
+        .filter(|p| {
+            p.node.as_deref() != Some(NODE) && !toggle::peer_matches(&np0, &snap0, p).is_empty()
+        })
+        .take(samples)
+        .collect();
     let (mut adds, mut deletes) = (Vec::new(), Vec::new());
-    for k in 0..samples {
-        // A new pod on another node (node-2) whose tier is in node-7's egress peer sets.
-        let mut pod = synthetic::pod(s.pods + 91 * k + 12, &s, 0);
+    for (k, peer) in peers.iter().enumerate() {
+        let mut pod = peer.clone();
         let ip = pod.ips[0].to_string();
         pod.key.name = format!("bench-{k}");
         let t0 = Instant::now();

@@ -10,7 +10,7 @@ mod synthetic;
 #[path = "support/toggle.rs"]
 mod toggle;
 
-use toggle::toggle;
+use toggle::{peer_matches, toggle};
 
 use std::collections::BTreeSet;
 use std::hint::black_box;
@@ -20,9 +20,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use kube_nftpolicy::engine::compile::{CompileOptions, compile};
 use kube_nftpolicy::engine::incremental::{NodeCompiler, UpdateKind};
 use kube_nftpolicy::engine::index::Index;
-use kube_nftpolicy::engine::index::Snapshot;
+use kube_nftpolicy::engine::resolve::ResolvedPeer;
 use kube_nftpolicy::engine::resolve::resolve;
-use kube_nftpolicy::engine::resolve::{NodePolicy, ResolvedPeer};
 use kube_nftpolicy::engine::ruleset::render;
 use kube_nftpolicy::kernel::nft::transaction;
 use kube_nftpolicy::model::policy::{PortMatch, PortSpec, Protocol, Rule};
@@ -85,33 +84,6 @@ fn with_extra_port(policy: &Policy) -> Policy {
         }),
     }
     p
-}
-
-/// The peer selector pairs of `np` that take in `pod`.
-fn peer_matches(np: &NodePolicy, snap: &Snapshot, pod: &PodInfo) -> Vec<String> {
-    let ns_labels = snap
-        .namespaces
-        .get(&pod.key.namespace)
-        .map(|n| n.labels.clone())
-        .unwrap_or_default();
-    np.policies
-        .iter()
-        .flat_map(|p| &p.rules)
-        .filter_map(|r| r.peers.as_ref())
-        .flatten()
-        .filter_map(|peer| match peer {
-            ResolvedPeer::Pods(pp) => Some(pp),
-            ResolvedPeer::IpBlock { .. } => None,
-        })
-        .filter(|pp| {
-            let ns_ok = match &pp.scope {
-                NamespaceScope::Own(ns) => *ns == pod.key.namespace,
-                NamespaceScope::Selector(sel) => sel.matches(&ns_labels),
-            };
-            ns_ok && pp.pods.matches(&pod.labels)
-        })
-        .map(|pp| pp.describe())
-        .collect()
 }
 
 fn bench_scale(c: &mut Criterion, label: &str, s: &synthetic::Scale) {

@@ -1,5 +1,7 @@
 //! Timing an incremental update the way the agent makes one: a change, the update from the
-//! snapshot and its change record, and the partial transaction from the previous ruleset.
+//! snapshot and its change record, and the partial transaction from the previous ruleset;
+//! and finding a change that reaches the measured node.
+#![allow(dead_code)]
 
 use std::collections::BTreeSet;
 use std::hint::black_box;
@@ -7,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use kube_nftpolicy::engine::incremental::{NodeCompiler, UpdateKind};
 use kube_nftpolicy::engine::index::Index;
+use kube_nftpolicy::engine::index::Snapshot;
+use kube_nftpolicy::engine::resolve::{NodePolicy, ResolvedPeer};
 use kube_nftpolicy::kernel::nft::transaction;
+use kube_nftpolicy::model::{NamespaceScope, PodInfo};
 
 /// Time `iters` incremental updates that alternate between `forward` and `back`, each with
 /// the partial transaction; the state is restored at the end.
@@ -46,4 +51,31 @@ pub fn toggle(
         nc.update(snap, &changes);
     }
     total
+}
+
+/// The peer selector pairs of `np` that take in `pod`.
+pub fn peer_matches(np: &NodePolicy, snap: &Snapshot, pod: &PodInfo) -> Vec<String> {
+    let ns_labels = snap
+        .namespaces
+        .get(&pod.key.namespace)
+        .map(|n| n.labels.clone())
+        .unwrap_or_default();
+    np.policies
+        .iter()
+        .flat_map(|p| &p.rules)
+        .filter_map(|r| r.peers.as_ref())
+        .flatten()
+        .filter_map(|peer| match peer {
+            ResolvedPeer::Pods(pp) => Some(pp),
+            ResolvedPeer::IpBlock { .. } => None,
+        })
+        .filter(|pp| {
+            let ns_ok = match &pp.scope {
+                NamespaceScope::Own(ns) => *ns == pod.key.namespace,
+                NamespaceScope::Selector(sel) => sel.matches(&ns_labels),
+            };
+            ns_ok && pp.pods.matches(&pod.labels)
+        })
+        .map(|pp| pp.describe())
+        .collect()
 }
