@@ -132,6 +132,29 @@ fn with_port(policy: &kube_nftpolicy::model::Policy, port: u16) -> kube_nftpolic
     p
 }
 
+/// `nft monitor` in this namespace: every committed change, time-stamped as it is read.
+fn monitor() -> (Guard, mpsc::Receiver<(Instant, String)>) {
+    let mut monitor = Guard(
+        Command::new("nft")
+            .args(["monitor"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nft monitor"),
+    );
+    let out = monitor.0.stdout.take().expect("monitor stdout");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    (monitor, lines)
+}
+
 /// Does a line of `nft monitor` name `item` whole (an address, `. <port>`, or `{ … }`)?
 fn mentions(line: &str, item: &str) -> bool {
     [" ", ",", "\n"].iter().any(|end| {
@@ -246,23 +269,7 @@ fn main() {
     let hwm_ready = status_kb(pid, "VmHWM");
 
     // Every committed change in this namespace, time-stamped as it is read.
-    let mut monitor = Guard(
-        Command::new("nft")
-            .args(["monitor"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("nft monitor"),
-    );
-    let out = monitor.0.stdout.take().expect("monitor stdout");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send((Instant::now(), line)).is_err() {
-                break;
-            }
-        }
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    let (_monitor, lines) = monitor();
 
     // New pods on other nodes that node-7's peer sets take in (found with the pure core).
     let snap0 = synthetic::index(&s).snapshot();
@@ -426,6 +433,9 @@ fn main() {
         })
         .take(if s.namespaces > 100 { 3 } else { 10 })
         .collect();
+    // A fresh monitor: `nft monitor` keeps a cache of sets from its start and cannot print
+    // elements of sets it lost track of during the policy bursts.
+    let (_monitor, lines) = monitor();
     let mut relabels = Vec::new();
     for k in 0..samples.min(100) {
         let (moved, needle) = &moves[k % moves.len()];
