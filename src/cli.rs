@@ -183,9 +183,9 @@ pub struct RunArgs {
     /// NFLOG group used by --log-denied.
     #[arg(long, default_value_t = 100)]
     pub nflog_group: u16,
-    /// Wait this long after a change for more changes before syncing (ms). Kept short: the
-    /// first change after a quiet spell reaches the kernel at once, and the rest of a burst
-    /// is batched by --min-sync-interval-ms.
+    /// Wait this long after a change for more changes before syncing (ms), again while
+    /// changes keep arriving (at most 10 times), so a burst becomes one sync. Kept short: the
+    /// first change after a quiet spell reaches the kernel at once.
     #[arg(long, default_value_t = 5)]
     pub coalesce_ms: u64,
     /// Minimum time between two syncs (ms).

@@ -46,6 +46,9 @@ use metrics::{
     RuleHitCounter, RulesetStats, SuppressReason, SyncKind, WatchResource,
 };
 
+/// The most coalescing windows a sync waits for a burst to end.
+pub const COALESCE_WINDOWS: u32 = 10;
+
 /// Everything the agent needs to run.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -59,7 +62,8 @@ pub struct Config {
     pub debug_explain: bool,
     /// NFLOG group for denied-connection logging (`None` = off).
     pub log_group: Option<u16>,
-    /// Wait this long after a change for more changes before syncing.
+    /// Wait this long after a change for more changes before syncing (repeated while
+    /// changes keep arriving, up to [`COALESCE_WINDOWS`] times).
     pub coalesce: Duration,
     /// At least this much time between two syncs.
     pub min_sync_interval: Duration,
@@ -507,8 +511,19 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
             };
         followup_at = None;
         if woke_by_change {
-            // Coalesce a burst, and keep syncs at least min_sync_interval apart.
-            tokio::time::sleep(config.coalesce).await;
+            // Coalesce a burst: wait while changes keep arriving, one coalescing window at a
+            // time, for at most COALESCE_WINDOWS of them (a GitOps apply of a hundred
+            // objects lands in one sync, a lone change waits one window). Then keep syncs at
+            // least min_sync_interval apart.
+            let mut seen = lock(&shared.index).generation();
+            for _ in 0..COALESCE_WINDOWS {
+                tokio::time::sleep(config.coalesce).await;
+                let now = lock(&shared.index).generation();
+                if now == seen {
+                    break;
+                }
+                seen = now;
+            }
             if let Some(t) = last_sync {
                 let since = t.elapsed();
                 if since < config.min_sync_interval {
