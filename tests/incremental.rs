@@ -768,3 +768,28 @@ fn random_walk_with_cluster_network_policies_matches_full_compile() {
         }
     }
 }
+
+/// Regression: in one batch, a member of a peer is deleted while a pod that shares its address
+/// (not a member before) joins the peer with a new address. The first edit must not keep the
+/// old address because the second pod, not edited yet, is a member now: it no longer holds it.
+#[test]
+fn shared_address_left_by_a_pod_that_joins_elsewhere_in_the_same_batch() {
+    let mut idx = base_index();
+    let opts = CompileOptions::default();
+    let mut c = NodeCompiler::new(NODE, opts.clone());
+    step(&mut c, &mut idx, &opts, "first build");
+    idx.apply_pod(pod("b", "zz-other", "node-b", "other", &["10.0.1.1"]));
+    step(
+        &mut c,
+        &mut idx,
+        &opts,
+        "a non-member shares client-1's address",
+    );
+    idx.delete_pod(&ObjectKey::new("b", "client-1"));
+    idx.apply_pod(pod("b", "zz-other", "node-b", "client", &["10.0.1.9"]));
+    assert_eq!(
+        step(&mut c, &mut idx, &opts, "delete and join in one batch"),
+        UpdateKind::Incremental
+    );
+    assert_eq!(set_with(&c, CLIENTS, "peers-v4"), vec!["10.0.1.9"]);
+}

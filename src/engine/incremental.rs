@@ -845,10 +845,14 @@ impl NodeCompiler {
         let pp = Arc::make_mut(&mut shared);
         let mut gone = Vec::new();
         for ip in old.iter().flat_map(|p| &p.ips) {
-            // The address stays while a pod that is (now) a member still holds it.
+            // The address stays while a pod that is (now) a member still holds it. `owners`
+            // may still list pods of this batch not edited yet: ask the snapshot whether
+            // the pod really holds the address now.
             let held = self.owners.get(ip).is_some_and(|ks| {
-                ks.iter()
-                    .any(|k| is_member(snapshot, (&peer.0, &peer.1), k))
+                ks.iter().any(|k| {
+                    is_member(snapshot, (&peer.0, &peer.1), k)
+                        && snapshot.pods.get(k).is_some_and(|p| p.ips.contains(ip))
+                })
             });
             if !held && pp.addrs.remove(ip) {
                 gone.push(*ip);
