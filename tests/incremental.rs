@@ -83,6 +83,7 @@ fn policies() -> Vec<Policy> {
             ports: Some(vec![tcp(PortMatch::Named("http".into()))]),
         }]),
         invalid: None,
+        staged: false,
     }]
 }
 
@@ -325,6 +326,17 @@ fn named_cases() {
             expect: &[("peers-v4", CLIENTS, &[])],
         },
         Case {
+            name: "staged policy added: full path, changes no enforcement",
+            change: |idx| {
+                let mut p = policies().remove(0);
+                p.key = ObjectKey::new("a", "web-staged");
+                p.staged = true;
+                idx.apply_policy(p);
+            },
+            kind: UpdateKind::Full,
+            expect: &[("ingress-v4", "ingress", &["10.0.0.1 : goto ingress/a/web"])],
+        },
+        Case {
             name: "identical update changes nothing",
             change: |idx| {
                 idx.apply_pod(pod(
@@ -480,6 +492,9 @@ fn random_policy(r: &mut Rng) -> Policy {
         ingress,
         egress,
         invalid: None,
+        // Sometimes staged: every change then takes the full path, which must agree too
+        // (rarely, so most of the walk still exercises the incremental edits).
+        staged: r.below(20) == 0,
     }
 }
 
@@ -655,6 +670,7 @@ fn random_cnp(r: &mut Rng) -> ClusterPolicy {
         ingress: rules(r, false),
         egress: rules(r, true),
         problems: vec![],
+        staged: false,
     }
 }
 

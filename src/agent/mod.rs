@@ -357,8 +357,13 @@ fn policy_states(np: &NodePolicy, idx: &crate::engine::index::Snapshot) -> Vec<P
         Some(true) => PolicyStateKind::Invalid,
         Some(false) => PolicyStateKind::Enforced,
     };
-    for (key, _) in idx.policies.iter() {
-        let state = state_of(here.get(key));
+    // A staged policy is `staged` on every node, whether or not it selects a pod here.
+    for (key, policy) in idx.policies.iter() {
+        let state = if policy.staged {
+            PolicyStateKind::Staged
+        } else {
+            state_of(here.get(key))
+        };
         out.push(PolicyState {
             kind: "NetworkPolicy",
             namespace: key.namespace.clone(),
@@ -366,8 +371,12 @@ fn policy_states(np: &NodePolicy, idx: &crate::engine::index::Snapshot) -> Vec<P
             state,
         });
     }
-    for (name, _) in idx.cnps.iter() {
-        let state = state_of(cnps_here.get(name.as_str()));
+    for (name, cnp) in idx.cnps.iter() {
+        let state = if cnp.staged {
+            PolicyStateKind::Staged
+        } else {
+            state_of(cnps_here.get(name.as_str()))
+        };
         out.push(PolicyState {
             kind: "ClusterNetworkPolicy",
             namespace: String::new(),

@@ -192,6 +192,12 @@ impl NodeCompiler {
         {
             return false;
         }
+        // Staged policies (measured, not enforced) are rare and short-lived: with one in the
+        // cluster, before or after, every change takes the full path rather than teaching each
+        // edit about their chains.
+        if has_staged(&self.snapshot) || has_staged(snapshot) {
+            return false;
+        }
         // A pod edit reads its namespace's labels as they are now, for before and after.
         if !changes.namespaces.is_empty() && !changes.pods.is_empty() {
             return false;
@@ -1157,6 +1163,11 @@ fn pod_peers_mut(np: &mut NodePolicy) -> impl Iterator<Item = &mut Arc<PeerPods>
 
 /// Does a ClusterNetworkPolicy resolve named ports on peer pods (egress), which the
 /// incremental path does not edit?
+/// Does the snapshot hold a staged NetworkPolicy or ClusterNetworkPolicy?
+fn has_staged(s: &Snapshot) -> bool {
+    s.policies.iter().any(|(_, p)| p.staged) || s.cnps.iter().any(|(_, c)| c.staged)
+}
+
 fn cnp_egress_named(np: &NodePolicy) -> bool {
     np.cnps.iter().any(|c| {
         c.direction == Direction::Egress

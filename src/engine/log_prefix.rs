@@ -106,6 +106,65 @@ pub fn encode_cnp_prefix(
     format!("{head}{}", encode_name(policy, room))
 }
 
+/// First field of the prefix of a staged policy's would-deny / would-allow count.
+pub const STAGED_PREFIX_TAG: &str = "knps";
+
+/// What a staged policy's prefix says: the direction, the verdict change and the policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedTarget {
+    pub direction: DenyDirection,
+    /// `true`: denied today, allowed with the policy; `false`: the reverse.
+    pub would_allow: bool,
+    /// Namespace and name, encoded like a pod's.
+    pub namespace: String,
+    pub policy: String,
+}
+
+/// The `log prefix` of staged NetworkPolicy `namespace/policy`'s count in `direction`:
+/// `knps:<ingress|egress>:<would-allow|would-deny>:<namespace>/<policy>`, at most
+/// [`MAX_PREFIX_LEN`] bytes (names that do not fit are abbreviated as in [`encode_prefix`]).
+/// The pods come from the packet's addresses, as for a drop.
+pub fn encode_staged_prefix(
+    direction: DenyDirection,
+    would_allow: bool,
+    namespace: &str,
+    policy: &str,
+) -> String {
+    let change = if would_allow {
+        "would-allow"
+    } else {
+        "would-deny"
+    };
+    let head = format!("{STAGED_PREFIX_TAG}:{direction}:{change}:");
+    let room = MAX_PREFIX_LEN - head.len() - 1;
+    let namespace = encode_name(namespace, MAX_NAMESPACE_LEN.min(room - MIN_ENCODED_LEN));
+    let policy = encode_name(policy, room - namespace.len());
+    format!("{head}{namespace}/{policy}")
+}
+
+/// Read a prefix made by [`encode_staged_prefix`] back; `None` when it is not one.
+pub fn parse_staged_prefix(prefix: &str) -> Option<StagedTarget> {
+    let rest = prefix.strip_prefix(STAGED_PREFIX_TAG)?.strip_prefix(':')?;
+    let mut parts = rest.splitn(3, ':');
+    let direction = match parts.next()? {
+        "ingress" => DenyDirection::Ingress,
+        "egress" => DenyDirection::Egress,
+        _ => return None,
+    };
+    let would_allow = match parts.next()? {
+        "would-allow" => true,
+        "would-deny" => false,
+        _ => return None,
+    };
+    let (namespace, policy) = parts.next()?.split_once('/')?;
+    (is_encoded_name(namespace) && is_encoded_name(policy)).then(|| StagedTarget {
+        direction,
+        would_allow,
+        namespace: namespace.to_string(),
+        policy: policy.to_string(),
+    })
+}
+
 /// Read either kind of prefix back.
 pub fn parse_log_prefix(prefix: &str) -> Result<LogTarget, PrefixError> {
     let Some(rest) = prefix

@@ -73,6 +73,22 @@ pub struct Policy {
     pub egress: Option<Vec<Rule>>,
     /// Set when the spec is invalid: the policy then isolates its pods but allows nothing.
     pub invalid: Option<PolicyError>,
+    /// Annotated [`STAGED_ANNOTATION`]`: "true"`: not enforced; the kernel counts the new
+    /// connections whose verdict it would change instead (docs/semantics.md).
+    pub staged: bool,
+}
+
+/// The annotation that stages a policy (NetworkPolicy or ClusterNetworkPolicy): with value
+/// `"true"` the policy is not enforced, only measured.
+pub const STAGED_ANNOTATION: &str = "kube-nftpolicy.io/staged";
+
+/// Does this object carry [`STAGED_ANNOTATION`]`: "true"`? Any other value (or none) means
+/// enforced: a typo must not silently turn enforcement off, so only the exact value counts.
+pub fn is_staged(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(STAGED_ANNOTATION))
+        .is_some_and(|v| v.trim() == "true")
 }
 
 /// One ingress or egress rule.
@@ -395,6 +411,7 @@ impl Policy {
             ingress: has_ingress.then(Vec::new),
             egress: has_egress.then(Vec::new),
             invalid: None,
+            staged: is_staged(&np.metadata),
         };
         let converted = (|| -> Result<(Vec<Rule>, Vec<Rule>), PolicyError> {
             let mut ingress = Vec::new();
