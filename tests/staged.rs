@@ -98,7 +98,12 @@ fn drops(planes: &mut NodeDataplanes, c: &Cluster) -> BTreeMap<String, u64> {
         .pods
         .into_iter()
         .filter(|d| d.counter.packets > 0)
-        .map(|d| (format!("{}/{} {}", d.namespace, d.pod, d.direction), d.counter.packets))
+        .map(|d| {
+            (
+                format!("{}/{} {}", d.namespace, d.pod, d.direction),
+                d.counter.packets,
+            )
+        })
         .collect()
 }
 
@@ -154,7 +159,10 @@ fn staged_policies_change_no_verdict_and_count_exactly_the_changes() {
 
     // The same with both staged policies: same verdicts, same drops (the counters of the
     // drop chains survive the sync, so they double).
-    let policies = format!("{WEB_FROM_CLIENT}{}{CLIENT_EGRESS}", web_8080_from_other(true));
+    let policies = format!(
+        "{WEB_FROM_CLIENT}{}{CLIENT_EGRESS}",
+        web_8080_from_other(true)
+    );
     planes.sync_text(&c, &manifests(&c, &policies));
     let allow = key("default/web-8080-from-other", "ingress", "would-allow");
     let deny = key("default/client-egress", "egress", "would-deny");
@@ -174,17 +182,28 @@ fn staged_policies_change_no_verdict_and_count_exactly_the_changes() {
     // would-deny (egress of client, judged on egress alone): client → other:80 (2) and
     //   client → web:8080 (1, denied today by web's ingress anyway); not client → web:80.
     let counted = BTreeMap::from([(allow.clone(), 4), (deny.clone(), 3)]);
-    assert_eq!(staged(&mut planes, &c), counted, "exactly the probed changes");
+    assert_eq!(
+        staged(&mut planes, &c),
+        counted,
+        "exactly the probed changes"
+    );
 
     // Established traffic never reaches the check: a long connection counts once. A sync
     // that rewrites the staged chains' neighbours keeps the counts.
-    let more = format!("{policies}{}", web_8080_from_other(true).replace("web-8080-from-other", "copy"));
+    let more = format!(
+        "{policies}{}",
+        web_8080_from_other(true).replace("web-8080-from-other", "copy")
+    );
     let reports = planes.sync_text(&c, &manifests(&c, &more));
     assert_eq!(reports[0].1.kind, Some(Kind::Partial));
     let copy = key("default/copy", "ingress", "would-allow");
     let mut counted = counted;
     counted.insert(copy.clone(), 0);
-    assert_eq!(staged(&mut planes, &c), counted, "kept across a partial sync");
+    assert_eq!(
+        staged(&mut planes, &c),
+        counted,
+        "kept across a partial sync"
+    );
     assert_eq!(
         connect(&c, "other", c.pod_ip("default", "web", Family::V4), 8080, 1),
         0
@@ -202,7 +221,10 @@ fn staged_policies_change_no_verdict_and_count_exactly_the_changes() {
     assert_eq!(staged(&mut planes, &c), counted, "kept across a full sync");
 
     // Enforcing it (annotation removed): other reaches web on 8080; its counters go.
-    let enforced = format!("{WEB_FROM_CLIENT}{}{CLIENT_EGRESS}", web_8080_from_other(false));
+    let enforced = format!(
+        "{WEB_FROM_CLIENT}{}{CLIENT_EGRESS}",
+        web_8080_from_other(false)
+    );
     planes.sync_text(&c, &manifests(&c, &enforced));
     assert_eq!(
         staged(&mut planes, &c),

@@ -550,14 +550,14 @@ fn policy_rules_ending(
         let counter = rule_counter_name(d, &pr.policy, rule.index);
         if verdict.is_none() {
             counters.push(NamedCounter {
-            name: counter.clone(),
-            comment: format!("NetworkPolicy {owner}: new connections accepted"),
-            owner: CounterOwner::Policy {
-                namespace: pr.policy.namespace.clone(),
-                policy: pr.policy.name.clone(),
-                direction: d.as_str(),
-                rule: rule.index,
-            },
+                name: counter.clone(),
+                comment: format!("NetworkPolicy {owner}: new connections accepted"),
+                owner: CounterOwner::Policy {
+                    namespace: pr.policy.namespace.clone(),
+                    policy: pr.policy.name.clone(),
+                    direction: d.as_str(),
+                    rule: rule.index,
+                },
             });
         }
         let numeric = rule
@@ -977,7 +977,11 @@ pub(crate) fn staged_chains(
         out.push(Chain {
             name: staged_chain_name(d, &sr.policy, change),
             role: ChainRole::Policy,
-            comment: format!("staged NetworkPolicy {} {d}: {}", sr.policy, change.as_str()),
+            comment: format!(
+                "staged NetworkPolicy {} {d}: {}",
+                sr.policy,
+                change.as_str()
+            ),
             rules,
             counters: vec![NamedCounter {
                 name: counter,
