@@ -798,6 +798,32 @@ fn deny_log(group: u16, shared: Arc<Shared>, audit: bool) {
                 .and_then(|m| m.get(&ip).cloned())
         };
         match logger.observe(Instant::now(), &pkt, &resolve_ip) {
+            Verdict::Log(line) if line.staged.is_some() => {
+                // A staged policy's count: nothing was dropped by it, the connection went on
+                // with today's verdict; the staged counters count it.
+                let Some(t) = &line.staged else { continue };
+                macro_rules! staged_line {
+                    ($msg:literal) => {
+                        tracing::info!(
+                            direction = line.direction.as_str(),
+                            pod = format!("{}/{}", line.namespace, line.pod),
+                            src = %line.src,
+                            dst = %line.dst,
+                            src_ip = %line.src_ip,
+                            dst_ip = %line.dst_ip,
+                            protocol = line.protocol,
+                            dst_port = line.dst_port,
+                            staged_policy = format!("{}/{}", t.namespace, t.policy),
+                            $msg
+                        )
+                    };
+                }
+                if t.would_allow {
+                    staged_line!("staged policy would allow connection (denied today)");
+                } else {
+                    staged_line!("staged policy would deny connection (allowed today)");
+                }
+            }
             Verdict::Log(line) if line.cnp.is_some() => {
                 let Some(cnp) = &line.cnp else { continue };
                 let rule = shared

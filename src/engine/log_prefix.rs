@@ -78,6 +78,8 @@ pub enum LogTarget {
     Pod(DenyTarget),
     /// A ClusterNetworkPolicy Deny rule.
     Cnp(CnpDenyTarget),
+    /// A staged policy's would-deny / would-allow count (nothing was dropped by it).
+    Staged(StagedTarget),
 }
 
 impl LogTarget {
@@ -86,6 +88,7 @@ impl LogTarget {
         match self {
             LogTarget::Pod(t) => t.direction,
             LogTarget::Cnp(t) => t.direction,
+            LogTarget::Staged(t) => t.direction,
         }
     }
 }
@@ -167,6 +170,14 @@ pub fn parse_staged_prefix(prefix: &str) -> Option<StagedTarget> {
 
 /// Read either kind of prefix back.
 pub fn parse_log_prefix(prefix: &str) -> Result<LogTarget, PrefixError> {
+    if prefix.starts_with(STAGED_PREFIX_TAG) && prefix[STAGED_PREFIX_TAG.len()..].starts_with(':') {
+        return parse_staged_prefix(prefix)
+            .map(LogTarget::Staged)
+            .ok_or_else(|| PrefixError::InvalidName {
+                prefix: prefix.to_string(),
+                what: "staged policy",
+            });
+    }
     let Some(rest) = prefix
         .strip_prefix(CNP_PREFIX_TAG)
         .and_then(|r| r.strip_prefix(':'))
@@ -591,5 +602,32 @@ mod tests {
         for (name, prefix, want) in cases {
             assert_eq!(parse_prefix(prefix), Err(want), "case {name:?}");
         }
+    }
+
+    #[test]
+    fn staged_prefixes_round_trip_and_fit() {
+        let cases = [
+            (DenyDirection::Ingress, true, "default", "allow-web"),
+            (DenyDirection::Egress, false, "prod", "lock-down"),
+            (
+                DenyDirection::Egress,
+                true,
+                &"n".repeat(63),
+                &"p".repeat(253),
+            ),
+        ];
+        for (d, would_allow, ns, policy) in cases {
+            let prefix = encode_staged_prefix(d, would_allow, ns, policy);
+            assert!(prefix.len() <= MAX_PREFIX_LEN, "{prefix}");
+            let Ok(LogTarget::Staged(t)) = parse_log_prefix(&prefix) else {
+                panic!("{prefix} parses as staged");
+            };
+            assert_eq!((t.direction, t.would_allow), (d, would_allow), "{prefix}");
+            if ns.len() + policy.len() < 90 {
+                assert_eq!((t.namespace.as_str(), t.policy.as_str()), (ns, policy));
+            }
+        }
+        assert!(parse_log_prefix("knps:ingress:would-maybe:a/b").is_err());
+        assert!(parse_log_prefix("knps:ingress:would-deny:ab").is_err());
     }
 }
