@@ -615,7 +615,8 @@ fn an_unknown_address_in_a_nodes_pod_ranges_is_explained_as_dropped() {
 fn staged_policies_are_judged_against_today() {
     let snap = snapshot(&example("18-staged-policy"));
     // (from, to, port, verdict today, [(staged policy, direction, with it, change)])
-    let cases: [(&str, &str, &str, bool, &[(&str, &str, &str, &str)]); 5] = [
+    type Want = &'static [(&'static str, &'static str, &'static str, &'static str)];
+    let cases: [(&str, &str, &str, bool, Want); 5] = [
         (
             "default/client",
             "default/web",

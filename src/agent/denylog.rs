@@ -88,7 +88,7 @@ pub struct DeniedConnection {
     /// The staged policy that would change this connection's verdict (nothing was dropped
     /// by it: the connection went on as today); `namespace`/`pod` are the local pod as for
     /// `cnp`.
-    pub staged: Option<StagedTarget>,
+    pub staged: Option<Box<StagedTarget>>,
 }
 
 /// What makes two packets the same denied connection. The source port is left out on
@@ -210,7 +210,7 @@ impl DenyLogger {
             }
             LogTarget::Staged(t) => {
                 let (ns, name) = local_pod(t.direction);
-                (t.direction, ns, name, None, Some(t))
+                (t.direction, ns, name, None, Some(Box::new(t)))
             }
         };
         Verdict::Log(DeniedConnection {

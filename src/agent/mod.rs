@@ -819,9 +819,9 @@ fn deny_log(group: u16, shared: Arc<Shared>, audit: bool) {
                     };
                 }
                 if t.would_allow {
-                    staged_line!("staged policy would allow connection (denied today)");
+                    staged_line!("staged would-allow (connection denied today)");
                 } else {
-                    staged_line!("staged policy would deny connection (allowed today)");
+                    staged_line!("staged would-deny (connection allowed today)");
                 }
             }
             Verdict::Log(line) if line.cnp.is_some() => {
