@@ -2,7 +2,8 @@
 //! network-namespace cluster: a staged policy changes no verdict, and its would-allow (denied
 //! today, allowed with it) and would-deny (allowed today, denied with it) counters count
 //! exactly the new connections probed, per direction, over IPv4 and IPv6; they survive syncs
-//! and go with the policy; removing the annotation enforces it.
+//! and go with the policy; removing the annotation enforces it. A staged
+//! ClusterNetworkPolicy is not enforced (not measured yet).
 
 #[path = "support/kernel.rs"]
 mod kernel;
@@ -281,5 +282,43 @@ fn staged_deny_all_counts_every_new_connection_of_an_open_pod() {
     assert_eq!(
         staged(&mut planes, &c),
         BTreeMap::from([(key("default/other-deny", "ingress", "would-deny"), 3)])
+    );
+}
+
+/// A staged ClusterNetworkPolicy is not enforced (and, for now, not measured): its Admin
+/// Deny drops nothing and has no chain; unstaged, it drops.
+#[test]
+fn a_staged_cluster_network_policy_is_not_enforced() {
+    let _g = serial();
+    let c = cluster();
+    let mut planes = NodeDataplanes::new(&c);
+    let cnp = |staged: bool| {
+        format!(
+            "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata:\n  name: no-other-to-web{}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: web}}}}}}}}\n  ingress:\n  - {{name: other, action: Deny, from: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: other}}}}}}}}]}}\n",
+            if staged {
+                "\n  annotations: {kube-nftpolicy.io/staged: \"true\"}"
+            } else {
+                ""
+            }
+        )
+    };
+    let web = c.pod_ip("default", "web", Family::V4);
+    planes.sync_text(&c, &manifests(&c, &cnp(true)));
+    assert_eq!(connect(&c, "other", web, 80, 2), 2, "staged: not enforced");
+    let listing = list_table(&c, "node-1");
+    assert!(
+        !listing.contains("cnp/no-other-to-web"),
+        "no chain for a staged ClusterNetworkPolicy:\n{listing}"
+    );
+    planes.sync_text(&c, &manifests(&c, &cnp(false)));
+    assert_eq!(
+        connect(&c, "other", web, 80, 1),
+        0,
+        "enforced once unstaged"
+    );
+    assert_eq!(
+        connect(&c, "client", web, 80, 1),
+        1,
+        "the Deny is for other only"
     );
 }

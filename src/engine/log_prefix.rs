@@ -1,7 +1,8 @@
 //! The `log prefix` format that ties a kernel log message back to the isolated pod.
 //!
 //! The compiler writes it into every drop rule that logs (`knp:<direction>:<ns>/<pod>`, and
-//! `knpc:<direction>:<tier>:<index>:<name>` for a ClusterNetworkPolicy Deny rule) and the
+//! `knpc:<direction>:<tier>:<index>:<name>` for a ClusterNetworkPolicy Deny rule,
+//! `knps:<direction>:<would-allow|would-deny>:<ns>/<policy>` for a staged policy's count) and the
 //! agent's deny log parses it from each NFLOG packet, so both sides use this one module.
 //! It lives in the engine because the compiler must not depend on the agent. Pure: the prefix
 //! is bounded to what the kernel accepts, and names that do not fit are abbreviated with a

@@ -623,6 +623,50 @@ mod tests {
     const HEAD: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: ns}\n";
 
     #[test]
+    fn only_the_exact_value_true_stages_a_policy() {
+        let cases = [
+            ("no annotations", "", false),
+            (
+                "true",
+                "  annotations: {kube-nftpolicy.io/staged: \"true\"}\n",
+                true,
+            ),
+            (
+                "blanks around",
+                "  annotations: {kube-nftpolicy.io/staged: \" true \"}\n",
+                true,
+            ),
+            (
+                "capitalised",
+                "  annotations: {kube-nftpolicy.io/staged: \"True\"}\n",
+                false,
+            ),
+            (
+                "yes",
+                "  annotations: {kube-nftpolicy.io/staged: \"yes\"}\n",
+                false,
+            ),
+            (
+                "false",
+                "  annotations: {kube-nftpolicy.io/staged: \"false\"}\n",
+                false,
+            ),
+            (
+                "other key",
+                "  annotations: {example.com/staged: \"true\"}\n",
+                false,
+            ),
+        ];
+        for (name, annotations, want) in cases {
+            let yaml = format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: p\n  namespace: ns\n{annotations}spec: {{podSelector: {{}}}}\n"
+            );
+            let (p, _) = parse(&yaml);
+            assert_eq!(p.expect("valid").staged, want, "case {name}");
+        }
+    }
+
+    #[test]
     fn policy_types_default() {
         struct Case {
             name: &'static str,
