@@ -122,6 +122,7 @@ fn cnp(k: usize, salt: usize) -> ClusterPolicy {
         ingress,
         egress,
         problems: vec![],
+        staged: false,
     }
 }
 

@@ -387,6 +387,7 @@ fn cluster_network_policies(n: usize) -> Vec<kube_nftpolicy::model::ClusterPolic
             }],
             egress: vec![],
             problems: vec![],
+            staged: false,
         })
         .collect()
 }

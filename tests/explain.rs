@@ -644,3 +644,100 @@ fn a_pod_reaching_itself_is_allowed() {
     .expect("ok");
     assert!(!other.allowed, "{}", other.to_text());
 }
+
+/// Staged policies: each is judged alone against today's verdict, in the direction it
+/// selects; today's verdict ignores them (example 18).
+#[test]
+fn staged_policies_are_judged_against_today() {
+    let snap = snapshot(&example("18-staged-policy"));
+    // (from, to, port, verdict today, [(staged policy, direction, with it, change)])
+    type Want = &'static [(&'static str, &'static str, &'static str, &'static str)];
+    let cases: [(&str, &str, &str, bool, Want); 5] = [
+        (
+            "default/client",
+            "default/web",
+            "80",
+            false,
+            &[(
+                "default/allow-client-to-web",
+                "ingress",
+                "allowed",
+                "would-allow",
+            )],
+        ),
+        (
+            "default/remote-client",
+            "default/web",
+            "80",
+            false,
+            &[(
+                "default/allow-client-to-web",
+                "ingress",
+                "allowed",
+                "would-allow",
+            )],
+        ),
+        (
+            "other/client",
+            "default/web",
+            "80",
+            false,
+            &[("default/allow-client-to-web", "ingress", "denied", "none")],
+        ),
+        (
+            "default/web",
+            "other/server",
+            "8080",
+            true,
+            &[("other/lock-down-server", "ingress", "denied", "would-deny")],
+        ),
+        (
+            "other/client",
+            "other/server",
+            "8080",
+            true,
+            &[("other/lock-down-server", "ingress", "allowed", "none")],
+        ),
+    ];
+    for (from, to, p, today, want) in cases {
+        let e = explain(&snap, &ep(from), &ep(to), &port(p), None).expect("explains");
+        let name = format!("{from} -> {to}:{p}");
+        assert_eq!(
+            e.allowed, today,
+            "{name}: today's verdict ignores staged policies"
+        );
+        let got: Vec<(String, &str, &str, &str)> = e
+            .staged
+            .iter()
+            .map(|s| (s.policy.clone(), s.direction, s.with_staged, s.change))
+            .collect();
+        let want: Vec<(String, &str, &str, &str)> = want
+            .iter()
+            .map(|(p, d, w, c)| (p.to_string(), *d, *w, *c))
+            .collect();
+        assert_eq!(got, want, "{name}");
+        let text = e.to_text();
+        for s in &e.staged {
+            let line = format!(
+                "staged {} ({}): today: {}; with staged {}: {}",
+                s.policy,
+                s.direction,
+                if today { "allowed" } else { "denied" },
+                s.policy,
+                s.with_staged
+            );
+            assert!(text.contains(&line), "{name}: {line:?} in\n{text}");
+        }
+    }
+    // Not selected by any staged policy: nothing to say.
+    let e = explain(
+        &snap,
+        &ep("default/web"),
+        &ep("other/client"),
+        &port("80"),
+        None,
+    )
+    .expect("explains");
+    assert!(e.staged.is_empty());
+    assert!(!e.to_text().contains("staged"));
+}

@@ -83,6 +83,7 @@ fn policies() -> Vec<Policy> {
             ports: Some(vec![tcp(PortMatch::Named("http".into()))]),
         }]),
         invalid: None,
+        staged: false,
     }]
 }
 
@@ -325,6 +326,17 @@ fn named_cases() {
             expect: &[("peers-v4", CLIENTS, &[])],
         },
         Case {
+            name: "staged policy added: full path, changes no enforcement",
+            change: |idx| {
+                let mut p = policies().remove(0);
+                p.key = ObjectKey::new("a", "web-staged");
+                p.staged = true;
+                idx.apply_policy(p);
+            },
+            kind: UpdateKind::Full,
+            expect: &[("ingress-v4", "ingress", &["10.0.0.1 : goto ingress/a/web"])],
+        },
+        Case {
             name: "identical update changes nothing",
             change: |idx| {
                 idx.apply_pod(pod(
@@ -480,7 +492,52 @@ fn random_policy(r: &mut Rng) -> Policy {
         ingress,
         egress,
         invalid: None,
+        staged: false,
     }
+}
+
+/// A staged policy's life: tried, a pod changes (and changes back) beside it, withdrawn.
+/// Every step must agree with a full compile, whichever path it takes (while a staged policy
+/// selects a pod of the node every change takes the full path; trying and withdrawing one
+/// always does).
+fn staged_life(
+    c: &mut NodeCompiler,
+    idx: &mut Index,
+    opts: &CompileOptions,
+    r: &mut Rng,
+    at: &str,
+) {
+    let mut p = random_policy(r);
+    p.key.name = format!("staged-{}", p.key.name);
+    p.staged = true;
+    idx.apply_policy(p.clone());
+    assert_eq!(
+        step(c, idx, opts, &format!("{at}: staged policy tried")),
+        UpdateKind::Full
+    );
+    let pod = random_pod(r);
+    let before = idx.snapshot().pods.get(&pod.key).map(|p| PodInfo::clone(p));
+    idx.apply_pod(pod.clone());
+    step(c, idx, opts, &format!("{at}: pod beside a staged policy"));
+    match before {
+        Some(old) => {
+            idx.apply_pod(old);
+        }
+        None => {
+            idx.delete_pod(&pod.key);
+        }
+    }
+    step(
+        c,
+        idx,
+        opts,
+        &format!("{at}: pod back beside a staged policy"),
+    );
+    idx.delete_policy(&p.key);
+    assert_eq!(
+        step(c, idx, opts, &format!("{at}: staged policy withdrawn")),
+        UpdateKind::Full
+    );
 }
 
 #[test]
@@ -514,7 +571,19 @@ fn random_walk_matches_full_compile() {
         let mut incremental = 0;
         let mut incremental_policies = 0;
         let mut incremental_namespaces = 0;
+        // Staged policies come from their own generator, and each one's life leaves the state
+        // as it found it, so the walk below is the same walk with or without them.
+        let mut staged_rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
         for i in 0..900 {
+            if staged_rng.below(15) == 0 {
+                staged_life(
+                    &mut c,
+                    &mut idx,
+                    &opts,
+                    &mut staged_rng,
+                    &format!("seed {seed} step {i}"),
+                );
+            }
             let what = match r.below(26) {
                 0 | 20 => {
                     idx.apply_policy(random_policy(&mut r));
@@ -655,6 +724,7 @@ fn random_cnp(r: &mut Rng) -> ClusterPolicy {
         ingress: rules(r, false),
         egress: rules(r, true),
         problems: vec![],
+        staged: false,
     }
 }
 

@@ -85,6 +85,11 @@ const AUDIT_ONLY: [&str; 3] = [
     "kube_nftpolicy_cnp_would_deny_packets_total",
     "kube_nftpolicy_unknown_address_would_drops_total",
 ];
+/// Families with series only while a staged policy selects a pod of the node, checked by
+/// `staged_policies_count_and_log_the_connections_they_would_change`.
+const STAGED_ONLY: [&str; 2] = [STAGED_WOULD_DENY, STAGED_WOULD_ALLOW];
+const STAGED_WOULD_DENY: &str = "kube_nftpolicy_staged_would_deny_total";
+const STAGED_WOULD_ALLOW: &str = "kube_nftpolicy_staged_would_allow_total";
 const WOULD_DROP: &str = "kube_nftpolicy_would_drop_packets_total";
 const SUPPRESSED: &str = "kube_nftpolicy_denied_log_suppressed_total";
 const WEB_INGRESS: [(&str, &str); 3] = [
@@ -1170,7 +1175,7 @@ fn exposition_passes_promtool() {
     let labels = scrape.label_names();
     let mut problems = Vec::new();
     for (name, doc) in &documented {
-        if AUDIT_ONLY.contains(&name.as_str()) {
+        if AUDIT_ONLY.contains(&name.as_str()) || STAGED_ONLY.contains(&name.as_str()) {
             continue;
         }
         if scrape.help.get(name).is_none_or(|h| h.is_empty()) {
@@ -2240,6 +2245,159 @@ fn audit_mode_counts_would_drops_and_logs_would_deny() {
     }
     assert!(deny_lines(&log).is_empty(), "no \"denied connection\" line");
     assert_eq!(agent.get("/readyz").status, 200, "ready as usual");
+}
+
+/// A staged policy on web (isolated by web-allows-client) that would let `other` in on 80,
+/// and one on client (not isolated for egress) that would only let it reach web.
+const STAGED_WEB: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: web-allows-other\n  namespace: default\n  annotations: {kube-nftpolicy.io/staged: \"true\"}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: other}}}]\n    ports: [{port: 80}]\n";
+const STAGED_CLIENT: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: client-to-web-only\n  namespace: default\n  annotations: {kube-nftpolicy.io/staged: \"true\"}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: web}}}]\n";
+
+#[test]
+fn staged_policies_count_and_log_the_connections_they_would_change() {
+    let _g = serial();
+    let c = cluster();
+    let agent = Agent::start(
+        &c,
+        Some(&manifests(
+            &c,
+            ALL_PODS,
+            &format!("{WEB_ALLOWS_CLIENT}{STAGED_WEB}{STAGED_CLIENT}"),
+        )),
+        &["--log-denied", "--nflog-group", "7"],
+    );
+    agent.wait_ready();
+    let w = web(&c, Family::V4);
+    let o = c.pod_ip("default", "other", Family::V4);
+    // Verdicts as today: other is still denied (twice: one flow), client still reaches other.
+    assert_eq!(
+        c.probe_all(
+            &[
+                Probe::tcp(pod("other"), w, 80),
+                Probe::tcp(pod("other"), w, 80),
+                Probe::tcp(pod("client"), o, 80),
+                Probe::tcp(pod("client"), w, 80),
+            ],
+            T
+        ),
+        vec![false, false, true, true],
+        "staged policies change no verdict"
+    );
+    let web_allow = [
+        ("direction", "ingress"),
+        ("namespace", "default"),
+        ("policy", "web-allows-other"),
+    ];
+    let client_deny = [
+        ("direction", "egress"),
+        ("namespace", "default"),
+        ("policy", "client-to-web-only"),
+    ];
+    agent.wait_scrape("the staged counts", |s| {
+        match (
+            s.get(STAGED_WOULD_ALLOW, &web_allow),
+            s.get(STAGED_WOULD_DENY, &client_deny),
+        ) {
+            (Some(2.0), Some(1.0)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    std::thread::sleep(SETTLE);
+    let scrape = agent.scrape();
+    assert_eq!(scrape.value(STAGED_WOULD_ALLOW, &web_allow), 2.0);
+    assert_eq!(
+        scrape.value(STAGED_WOULD_DENY, &client_deny),
+        1.0,
+        "client → other only: client → web is allowed by it too"
+    );
+    assert_eq!(scrape.series(STAGED_WOULD_DENY).len(), 1);
+    assert_eq!(scrape.series(STAGED_WOULD_ALLOW).len(), 1);
+    assert_eq!(
+        scrape.value(DROPPED_PACKETS, &WEB_INGRESS),
+        2.0,
+        "the drops as today"
+    );
+    let documented = documented_metrics();
+    let labels = scrape.label_names();
+    for name in STAGED_ONLY {
+        let doc = documented
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is not documented in {DOC}"));
+        assert_eq!(scrape.types.get(name), Some(&doc.kind), "{name}: type");
+        assert_eq!(
+            labels.get(name).cloned().unwrap_or_default(),
+            doc.labels,
+            "{name}: labels"
+        );
+    }
+    let states: BTreeMap<String, String> = scrape
+        .series("kube_nftpolicy_policy_state")
+        .iter()
+        .map(|x| {
+            let l = |k: &str| x.labels.get(k).cloned().unwrap_or_default();
+            (format!("{}/{}", l("namespace"), l("policy")), l("state"))
+        })
+        .collect();
+    assert_eq!(
+        states,
+        BTreeMap::from([
+            (
+                "default/web-allows-client".to_string(),
+                "enforced".to_string()
+            ),
+            ("default/web-allows-other".to_string(), "staged".to_string()),
+            (
+                "default/client-to-web-only".to_string(),
+                "staged".to_string()
+            ),
+        ])
+    );
+    // One line per flow and change, naming both pods and the staged policy; the denied flow
+    // also has its own "denied connection" line.
+    agent.wait_log("staged would-deny");
+    agent.wait_log("staged would-allow");
+    let log = agent.stderr();
+    let staged_lines = |msg: &str| -> Vec<BTreeMap<String, String>> {
+        log.lines()
+            .filter_map(|l| l.split_once(msg).map(|(_, f)| parse_fields(f)))
+            .collect()
+    };
+    let allow = staged_lines("staged would-allow (connection denied today)");
+    let deny = staged_lines("staged would-deny (connection allowed today)");
+    eprintln!(
+        "--- staged lines ---\n{}",
+        log.lines()
+            .filter(|l| l.contains("staged would-"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!((allow.len(), deny.len()), (1, 1), "{allow:?} {deny:?}");
+    for (line, want) in [
+        (
+            &allow[0],
+            [
+                ("direction", "ingress"),
+                ("pod", "default/web"),
+                ("src", "default/other"),
+                ("dst", "default/web"),
+                ("staged_policy", "default/web-allows-other"),
+            ],
+        ),
+        (
+            &deny[0],
+            [
+                ("direction", "egress"),
+                ("pod", "default/client"),
+                ("src", "default/client"),
+                ("dst", "default/other"),
+                ("staged_policy", "default/client-to-web-only"),
+            ],
+        ),
+    ] {
+        for (k, v) in want {
+            assert_eq!(line.get(k).map(String::as_str), Some(v), "{k} in {line:?}");
+        }
+    }
+    assert_eq!(deny_lines(&log).len(), 1, "the denied flow's own line");
 }
 
 #[test]

@@ -80,6 +80,16 @@ fn hits(planes: &mut NodeDataplanes, c: &Cluster) -> BTreeMap<(String, String, S
                     rule,
                     ..
                 } => (policy, direction.to_string(), rule),
+                CounterOwner::Staged {
+                    namespace,
+                    policy,
+                    direction,
+                    change,
+                } => (
+                    format!("{namespace}/{policy}"),
+                    direction.to_string(),
+                    change.to_string(),
+                ),
             };
             (key, h.counter.packets)
         })

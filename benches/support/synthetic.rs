@@ -294,6 +294,7 @@ pub fn policy(j: usize, s: &Scale) -> Policy {
         ingress,
         egress,
         invalid: None,
+        staged: false,
     }
 }
 

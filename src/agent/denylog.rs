@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use crate::kernel::nflog::LoggedPacket;
 
-use crate::engine::log_prefix::{CnpDenyTarget, DenyDirection, LogTarget, parse_log_prefix};
+use crate::engine::log_prefix::{
+    CnpDenyTarget, DenyDirection, LogTarget, StagedTarget, parse_log_prefix,
+};
 
 /// Limits on what [`DenyLogger`] lets through and remembers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +85,10 @@ pub struct DeniedConnection {
     /// `namespace`/`pod` are then the local pod the rule applies to (the destination for
     /// ingress, the source for egress), or `unknown` when the address is not a known pod.
     pub cnp: Option<CnpDenyTarget>,
+    /// The staged policy that would change this connection's verdict (nothing was dropped
+    /// by it: the connection went on as today); `namespace`/`pod` are the local pod as for
+    /// `cnp`.
+    pub staged: Option<Box<StagedTarget>>,
 }
 
 /// What makes two packets the same denied connection. The source port is left out on
@@ -90,6 +96,8 @@ pub struct DeniedConnection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct FlowKey {
     direction: DenyDirection,
+    /// A staged policy's count (`Some(would_allow)`) is another line than the flow's drop.
+    staged: Option<bool>,
     src: IpAddr,
     dst: IpAddr,
     protocol: u8,
@@ -161,6 +169,10 @@ impl DenyLogger {
         };
         let key = FlowKey {
             direction: target.direction(),
+            staged: match &target {
+                LogTarget::Staged(t) => Some(t.would_allow),
+                _ => None,
+            },
             src: pkt.src,
             dst: pkt.dst,
             protocol: pkt.protocol,
@@ -178,20 +190,27 @@ impl DenyLogger {
         self.remember(key, now);
 
         let describe = |ip: IpAddr| resolve(ip).unwrap_or_else(|| "external".to_string());
-        let (direction, namespace, pod, cnp) = match target {
-            LogTarget::Pod(t) => (t.direction, t.namespace, t.pod, None),
+        let local_pod = |direction: DenyDirection| {
+            let local = match direction {
+                DenyDirection::Ingress => pkt.dst,
+                DenyDirection::Egress => pkt.src,
+            };
+            resolve(local)
+                .and_then(|p| {
+                    p.split_once('/')
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                })
+                .unwrap_or_else(|| ("unknown".to_string(), "unknown".to_string()))
+        };
+        let (direction, namespace, pod, cnp, staged) = match target {
+            LogTarget::Pod(t) => (t.direction, t.namespace, t.pod, None, None),
             LogTarget::Cnp(t) => {
-                let local = match t.direction {
-                    DenyDirection::Ingress => pkt.dst,
-                    DenyDirection::Egress => pkt.src,
-                };
-                let (ns, name) = resolve(local)
-                    .and_then(|p| {
-                        p.split_once('/')
-                            .map(|(a, b)| (a.to_string(), b.to_string()))
-                    })
-                    .unwrap_or_else(|| ("unknown".to_string(), "unknown".to_string()));
-                (t.direction, ns, name, Some(t))
+                let (ns, name) = local_pod(t.direction);
+                (t.direction, ns, name, Some(t), None)
+            }
+            LogTarget::Staged(t) => {
+                let (ns, name) = local_pod(t.direction);
+                (t.direction, ns, name, None, Some(Box::new(t)))
             }
         };
         Verdict::Log(DeniedConnection {
@@ -199,6 +218,7 @@ impl DenyLogger {
             namespace,
             pod,
             cnp,
+            staged,
             src: describe(pkt.src),
             dst: describe(pkt.dst),
             src_ip: pkt.src,
@@ -555,8 +575,34 @@ mod tests {
             protocol: "TCP",
             dst_port: Some(443),
             cnp: None,
+            staged: None,
         };
         assert_eq!(logger.observe(now, &v4, &resolve), Verdict::Log(want));
+
+        // A staged policy's count: the policy and the change from the prefix, the local pod
+        // from the packet; a separate line from the same flow's drop (not deduplicated away).
+        let staged = pkt(
+            "knps:egress:would-deny:shop/lock-down",
+            [10, 0, 0, 1],
+            [10, 0, 0, 2],
+            6,
+            443,
+        );
+        match logger.observe(now, &staged, &resolve) {
+            Verdict::Log(line) => {
+                assert_eq!(
+                    (line.namespace.as_str(), line.pod.as_str()),
+                    ("shop", "client")
+                );
+                let t = line.staged.expect("a staged line");
+                assert_eq!(
+                    (t.namespace.as_str(), t.policy.as_str(), t.would_allow),
+                    ("shop", "lock-down", false)
+                );
+                assert!(line.cnp.is_none());
+            }
+            other => panic!("expected a staged line, got {other:?}"),
+        }
 
         // A ClusterNetworkPolicy Deny: the rule from the prefix, the local pod from the packet.
         let denied = pkt(

@@ -118,6 +118,8 @@ pub enum PolicyStateKind {
     Invalid,
     /// It selects no pod of this node, so this node's table has nothing of it.
     SelectsNothingHere,
+    /// Annotated `kube-nftpolicy.io/staged: "true"`: not enforced, only measured.
+    Staged,
 }
 
 impl PolicyStateKind {
@@ -126,6 +128,7 @@ impl PolicyStateKind {
             PolicyStateKind::Enforced => "enforced",
             PolicyStateKind::Invalid => "invalid",
             PolicyStateKind::SelectsNothingHere => "selects_nothing_here",
+            PolicyStateKind::Staged => "staged",
         }
     }
 }
@@ -187,6 +190,8 @@ pub struct Metrics {
     cnp_denies: DropCollector,
     rule_hits: DropCollector,
     cnp_rule_hits: DropCollector,
+    staged_would_deny: DropCollector,
+    staged_would_allow: DropCollector,
     /// Audit mode: the terminal counters count would-drops, exported under their own names.
     audit: std::sync::atomic::AtomicBool,
     would_drops: DropCollector,
@@ -270,6 +275,22 @@ impl Metrics {
         registry
             .register(Box::new(cnp_rule_hits.clone()))
             .map_err(define("cnp_rule_hits_total"))?;
+        let staged_would_deny = DropCollector::single(
+            "staged_would_deny_total",
+            "New connections of pods of this node that a staged NetworkPolicy would deny (allowed today), by staged policy and direction.",
+            &STAGED_LABELS,
+        )?;
+        registry
+            .register(Box::new(staged_would_deny.clone()))
+            .map_err(define("staged_would_deny_total"))?;
+        let staged_would_allow = DropCollector::single(
+            "staged_would_allow_total",
+            "New connections of pods of this node that a staged NetworkPolicy would allow (denied today), by staged policy and direction.",
+            &STAGED_LABELS,
+        )?;
+        registry
+            .register(Box::new(staged_would_allow.clone()))
+            .map_err(define("staged_would_allow_total"))?;
         registry
             .register(Box::new(drops.clone()))
             .map_err(define("dropped_packets_total"))?;
@@ -479,6 +500,8 @@ impl Metrics {
             cnp_denies,
             rule_hits,
             cnp_rule_hits,
+            staged_would_deny,
+            staged_would_allow,
             policy_states,
             rule_hits_seen: Mutex::default(),
             audit: std::sync::atomic::AtomicBool::new(false),
@@ -620,7 +643,7 @@ impl Metrics {
                     h.packets,
                     0,
                 )),
-                CounterOwner::Cnp { .. } => None,
+                CounterOwner::Cnp { .. } | CounterOwner::Staged { .. } => None,
             }));
         self.cnp_rule_hits
             .replace(hits.iter().filter_map(|h| match &h.owner {
@@ -641,8 +664,26 @@ impl Metrics {
                     h.packets,
                     0,
                 )),
-                CounterOwner::Policy { .. } => None,
+                CounterOwner::Policy { .. } | CounterOwner::Staged { .. } => None,
             }));
+        for (collector, wanted) in [
+            (&self.staged_would_deny, "would-deny"),
+            (&self.staged_would_allow, "would-allow"),
+        ] {
+            collector.replace(hits.iter().filter_map(|h| match &h.owner {
+                CounterOwner::Staged {
+                    namespace,
+                    policy,
+                    direction,
+                    change,
+                } if *change == wanted => Some((
+                    vec![(*direction).to_owned(), namespace.clone(), policy.clone()],
+                    h.packets,
+                    0,
+                )),
+                _ => None,
+            }));
+        }
         *self
             .rule_hits_seen
             .lock()
@@ -823,6 +864,7 @@ const DROP_LABELS: [&str; 3] = ["direction", "namespace", "pod"];
 const CNP_DENY_LABELS: [&str; 4] = ["direction", "policy", "rule", "tier"];
 /// Labels of the NetworkPolicy rule hit counters, in name order (`rule` is the rule's path,
 /// `spec.ingress[i]`: a bare number would read like a port).
+const STAGED_LABELS: [&str; 3] = ["direction", "namespace", "policy"];
 const RULE_HIT_LABELS: [&str; 4] = ["direction", "namespace", "policy", "rule"];
 /// Labels of the policy state gauge, in name order (`namespace` is empty for a
 /// ClusterNetworkPolicy).

@@ -361,8 +361,13 @@ fn policy_states(np: &NodePolicy, idx: &crate::engine::index::Snapshot) -> Vec<P
         Some(true) => PolicyStateKind::Invalid,
         Some(false) => PolicyStateKind::Enforced,
     };
-    for (key, _) in idx.policies.iter() {
-        let state = state_of(here.get(key));
+    // A staged policy is `staged` on every node, whether or not it selects a pod here.
+    for (key, policy) in idx.policies.iter() {
+        let state = if policy.staged {
+            PolicyStateKind::Staged
+        } else {
+            state_of(here.get(key))
+        };
         out.push(PolicyState {
             kind: "NetworkPolicy",
             namespace: key.namespace.clone(),
@@ -370,8 +375,12 @@ fn policy_states(np: &NodePolicy, idx: &crate::engine::index::Snapshot) -> Vec<P
             state,
         });
     }
-    for (name, _) in idx.cnps.iter() {
-        let state = state_of(cnps_here.get(name.as_str()));
+    for (name, cnp) in idx.cnps.iter() {
+        let state = if cnp.staged {
+            PolicyStateKind::Staged
+        } else {
+            state_of(cnps_here.get(name.as_str()))
+        };
         out.push(PolicyState {
             kind: "ClusterNetworkPolicy",
             namespace: String::new(),
@@ -804,6 +813,32 @@ fn deny_log(group: u16, shared: Arc<Shared>, audit: bool) {
                 .and_then(|m| m.get(&ip).cloned())
         };
         match logger.observe(Instant::now(), &pkt, &resolve_ip) {
+            Verdict::Log(line) if line.staged.is_some() => {
+                // A staged policy's count: nothing was dropped by it, the connection went on
+                // with today's verdict; the staged counters count it.
+                let Some(t) = &line.staged else { continue };
+                macro_rules! staged_line {
+                    ($msg:literal) => {
+                        tracing::info!(
+                            direction = line.direction.as_str(),
+                            pod = format!("{}/{}", line.namespace, line.pod),
+                            src = %line.src,
+                            dst = %line.dst,
+                            src_ip = %line.src_ip,
+                            dst_ip = %line.dst_ip,
+                            protocol = line.protocol,
+                            dst_port = line.dst_port,
+                            staged_policy = format!("{}/{}", t.namespace, t.policy),
+                            $msg
+                        )
+                    };
+                }
+                if t.would_allow {
+                    staged_line!("staged would-allow (connection denied today)");
+                } else {
+                    staged_line!("staged would-deny (connection allowed today)");
+                }
+            }
             Verdict::Log(line) if line.cnp.is_some() => {
                 let Some(cnp) = &line.cnp else { continue };
                 let rule = shared

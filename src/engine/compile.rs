@@ -203,7 +203,52 @@ pub fn is_drop_chain_name(name: &str) -> bool {
 /// Is this (kernel) chain name one of our rule chains with concatenated lookups (per-policy,
 /// per-ClusterNetworkPolicy and per-pod tier chains), whose rules read-back cannot decode?
 pub fn is_policy_chain_name(name: &str) -> bool {
-    name.starts_with("policy/") || name.starts_with("cnp/") || name.starts_with("tier/")
+    name.starts_with("policy/")
+        || name.starts_with("cnp/")
+        || name.starts_with("tier/")
+        || name.starts_with("staged/")
+}
+
+/// `staged/<ns>/<name>/ingress/would-allow` or `…/would-deny`: the chain that measures one
+/// staged NetworkPolicy in one direction, for the pods it would isolate (`would-deny`: not
+/// isolated today) or further allow (`would-allow`: isolated today).
+pub fn staged_chain_name(direction: Direction, policy: &ObjectKey, change: StagedChange) -> String {
+    fit_name(format!(
+        "staged/{}/{}/{direction}/{}",
+        policy.namespace,
+        policy.name,
+        change.as_str()
+    ))
+}
+
+/// `staged/<ns>/<name>/ingress/would-allow`: the named counter of one staged policy,
+/// direction and kind of verdict change (same name as its chain; counters and chains are
+/// separate namespaces in nftables).
+pub fn staged_counter_name(
+    direction: Direction,
+    policy: &ObjectKey,
+    change: StagedChange,
+) -> String {
+    staged_chain_name(direction, policy, change)
+}
+
+/// The verdict a staged policy would change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StagedChange {
+    /// Allowed today, denied with the staged policy.
+    WouldDeny,
+    /// Denied today, allowed with the staged policy.
+    WouldAllow,
+}
+
+impl StagedChange {
+    /// `would-deny` / `would-allow`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StagedChange::WouldDeny => "would-deny",
+            StagedChange::WouldAllow => "would-allow",
+        }
+    }
 }
 
 /// `cnp/<name>/ingress`: the rules of one ClusterNetworkPolicy in one direction.
@@ -477,9 +522,32 @@ fn accept_rule(matches: &[&str], counter: &str, comment: &str) -> String {
     s
 }
 
+/// One rule from its match expressions ending in `verdict` (no per-rule counter).
+fn verdict_rule(matches: &[&str], verdict: &str, comment: &str) -> String {
+    let mut s = String::new();
+    for m in matches.iter().filter(|m| !m.is_empty()) {
+        s.push_str(m);
+        s.push(' ');
+    }
+    s.push_str(verdict);
+    s.push_str(" comment ");
+    s.push_str(&crate::engine::ruleset::quote_comment(comment));
+    s
+}
+
 /// Rules of one policy chain: per rule, per peer, per family, per kind of port match; and
 /// the named counter of each rule, which all of the rule's nft rules count into.
 fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> (Vec<String>, Vec<NamedCounter>) {
+    policy_rules_ending(sets, pr, None)
+}
+
+/// [`policy_rules`], or with `verdict` (e.g. `return`) ending each rule instead of the rule's
+/// hit counter and `accept`: a staged policy's matchers, which count nothing per rule.
+fn policy_rules_ending(
+    sets: &mut Sets,
+    pr: &PolicyRules,
+    verdict: Option<&str>,
+) -> (Vec<String>, Vec<NamedCounter>) {
     let d = pr.direction;
     let peers_key = match d {
         Direction::Ingress => "from",
@@ -491,16 +559,18 @@ fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> (Vec<String>, Vec<NamedCou
         let path = format!("spec.{d}[{}]", rule.index);
         let owner = format!("{} {path}", pr.policy);
         let counter = rule_counter_name(d, &pr.policy, rule.index);
-        counters.push(NamedCounter {
-            name: counter.clone(),
-            comment: format!("NetworkPolicy {owner}: new connections accepted"),
-            owner: CounterOwner::Policy {
-                namespace: pr.policy.namespace.clone(),
-                policy: pr.policy.name.clone(),
-                direction: d.as_str(),
-                rule: rule.index,
-            },
-        });
+        if verdict.is_none() {
+            counters.push(NamedCounter {
+                name: counter.clone(),
+                comment: format!("NetworkPolicy {owner}: new connections accepted"),
+                owner: CounterOwner::Policy {
+                    namespace: pr.policy.namespace.clone(),
+                    policy: pr.policy.name.clone(),
+                    direction: d.as_str(),
+                    rule: rule.index,
+                },
+            });
+        }
         let numeric = rule
             .ports
             .as_ref()
@@ -519,9 +589,15 @@ fn policy_rules(sets: &mut Sets, pr: &PolicyRules) -> (Vec<String>, Vec<NamedCou
             })
         };
         // Emit the rules for one peer matcher (empty = any peer).
-        let mut emit = |peer: &str, ports: Option<&str>, comment: &str| match ports {
-            Some(p) => out.push(accept_rule(&[peer, p], &counter, comment)),
-            None => out.push(accept_rule(&[peer], &counter, comment)),
+        let mut emit = |peer: &str, ports: Option<&str>, comment: &str| {
+            let matches = match ports {
+                Some(p) => vec![peer, p],
+                None => vec![peer],
+            };
+            out.push(match verdict {
+                None => accept_rule(&matches, &counter, comment),
+                Some(v) => verdict_rule(&matches, v, comment),
+            });
         };
         match &rule.peers {
             None => {
@@ -616,6 +692,9 @@ pub(crate) struct PolicyFacts {
     /// after jumping to it: one `… return` per matcher of each `Pass` rule (see
     /// [`cnp_chain`] for why).
     pub(crate) cnp_pass: CnpPass,
+    /// (pod, direction) → the staged policies selecting it there, and whether each can allow
+    /// anything (valid, with rules).
+    staged: BTreeMap<(ObjectKey, Direction), Vec<(ObjectKey, bool)>>,
 }
 
 impl PolicyFacts {
@@ -632,7 +711,27 @@ impl PolicyFacts {
                 .map(|p| (p.policy.clone(), p.invalid.is_some()))
                 .collect(),
             cnp_pass: BTreeMap::new(),
+            staged: {
+                let mut m: BTreeMap<(ObjectKey, Direction), Vec<(ObjectKey, bool)>> =
+                    BTreeMap::new();
+                for sr in &np.staged {
+                    let can_allow = sr.invalid.is_none() && !sr.rules.is_empty();
+                    for pod in &sr.selected {
+                        m.entry((pod.clone(), sr.direction))
+                            .or_default()
+                            .push((sr.policy.clone(), can_allow));
+                    }
+                }
+                m
+            },
         }
+    }
+
+    /// The staged policies selecting `pod` in `d`.
+    fn staged_on(&self, pod: &ObjectKey, d: Direction) -> &[(ObjectKey, bool)] {
+        self.staged
+            .get(&(pod.clone(), d))
+            .map_or(&[][..], Vec::as_slice)
     }
 }
 
@@ -686,8 +785,24 @@ pub(crate) fn pod_chains(
     opts: &CompileOptions,
 ) -> Option<PodChains> {
     let isolated = pod.isolated_by(d);
+    let staged = facts.staged_on(&pod.key, d);
     if isolated.is_none() && !pod.cnps.any(d) {
-        return None;
+        if staged.is_empty() {
+            return None;
+        }
+        // Only staged policies select the pod: a chain that measures them and changes no
+        // verdict (no `ct state invalid drop` either: today nothing drops here).
+        return Some(PodChains {
+            chain: Chain {
+                name: pod_chain_name(d, &pod.key),
+                role: ChainRole::Pod,
+                comment: format!("{d} of pod {}", pod.key),
+                rules: staged_jumps(staged, d, false),
+                counters: Vec::new(),
+            },
+            drop: None,
+            tiers: Vec::new(),
+        });
     }
     let chain = pod_chain_name(d, &pod.key);
     let drop = drop_chain_name(d, &pod.key);
@@ -698,6 +813,9 @@ pub(crate) fn pod_chains(
         tiers.push(admin);
     }
     let Some(policies) = isolated else {
+        // With a staged policy the pod would be isolated here, after the Admin tier (the
+        // Baseline tier would then not apply).
+        rules.extend(staged_jumps(staged, d, false));
         // NetworkPolicy does not isolate the pod: the Baseline tier decides, then allow.
         if let Some(baseline) = tier_chain(pod, Tier::Baseline, d, facts) {
             rules.push(format!(
@@ -739,6 +857,8 @@ pub(crate) fn pod_chains(
             p.to_string()
         });
     }
+    // Denied today from here on: what each staged policy would allow instead.
+    rules.extend(staged_jumps(staged, d, true));
     rules.push(format!(
         "goto {drop} comment {}",
         crate::engine::ruleset::quote_comment(&format!("isolated by {}", names.join(", ")))
@@ -779,6 +899,114 @@ pub(crate) fn pod_chains(
             counters: Vec::new(),
         }),
     })
+}
+
+/// The jumps of a pod chain to the staged policies' measuring chains: `isolated` = denied
+/// today at this point (the would-allow chains), else allowed today (the would-deny chains).
+/// A staged policy that allows nothing cannot change a denial, so it has no would-allow jump.
+fn staged_jumps(staged: &[(ObjectKey, bool)], d: Direction, isolated: bool) -> Vec<String> {
+    let change = if isolated {
+        StagedChange::WouldAllow
+    } else {
+        StagedChange::WouldDeny
+    };
+    staged
+        .iter()
+        .filter(|(_, can_allow)| !isolated || *can_allow)
+        .map(|(p, _)| {
+            format!(
+                "jump {} comment {}",
+                staged_chain_name(d, p, change),
+                crate::engine::ruleset::quote_comment(&format!("staged NetworkPolicy {p}"))
+            )
+        })
+        .collect()
+}
+
+/// The measuring chains of one staged policy in one direction: `would-allow` (its rules,
+/// each counting and returning) when it selects a pod isolated today, `would-deny` (its
+/// rules returning, then the count) when it selects a pod not isolated today. Only the
+/// chains some pod chain jumps to are made.
+pub(crate) fn staged_chains(
+    sets: &mut Sets,
+    sr: &PolicyRules,
+    np: &NodePolicy,
+    opts: &CompileOptions,
+) -> Vec<Chain> {
+    let d = sr.direction;
+    let pods: BTreeMap<&ObjectKey, &LocalPod> = np.pods.iter().map(|p| (&p.key, p)).collect();
+    let can_allow = sr.invalid.is_none() && !sr.rules.is_empty();
+    let (mut any_isolated, mut any_open) = (false, false);
+    for key in &sr.selected {
+        match pods.get(key).and_then(|p| p.isolated_by(d)) {
+            Some(_) => any_isolated = true,
+            None => any_open = true,
+        }
+    }
+    let mut out = Vec::new();
+    for (change, wanted) in [
+        (StagedChange::WouldAllow, any_isolated && can_allow),
+        (StagedChange::WouldDeny, any_open),
+    ] {
+        if !wanted {
+            continue;
+        }
+        let counter = staged_counter_name(d, &sr.policy, change);
+        let mut count = String::new();
+        if let Some(group) = opts.log_group {
+            count.push_str(&format!(
+                "log prefix \"{}\" group {group} ",
+                crate::engine::log_prefix::encode_staged_prefix(
+                    d,
+                    change == StagedChange::WouldAllow,
+                    &sr.policy.namespace,
+                    &sr.policy.name
+                )
+            ));
+        }
+        count.push_str(&format!("counter name \"{counter}\""));
+        let what = match change {
+            StagedChange::WouldAllow => "denied today, allowed with it",
+            StagedChange::WouldDeny => "allowed today, denied with it",
+        };
+        let rules = match change {
+            StagedChange::WouldAllow => {
+                policy_rules_ending(sets, sr, Some(&format!("{count} return"))).0
+            }
+            StagedChange::WouldDeny => {
+                let mut rules = policy_rules_ending(sets, sr, Some("return")).0;
+                rules.push(format!(
+                    "{count} comment {}",
+                    crate::engine::ruleset::quote_comment(&format!(
+                        "no rule of staged {} matches",
+                        sr.policy
+                    ))
+                ));
+                rules
+            }
+        };
+        out.push(Chain {
+            name: staged_chain_name(d, &sr.policy, change),
+            role: ChainRole::Policy,
+            comment: format!(
+                "staged NetworkPolicy {} {d}: {}",
+                sr.policy,
+                change.as_str()
+            ),
+            rules,
+            counters: vec![NamedCounter {
+                name: counter,
+                comment: format!("staged NetworkPolicy {} {d}: {what}", sr.policy),
+                owner: CounterOwner::Staged {
+                    namespace: sr.policy.namespace.clone(),
+                    policy: sr.policy.name.clone(),
+                    direction: d.as_str(),
+                    change: change.as_str(),
+                },
+            }],
+        });
+    }
+    out
 }
 
 /// The chain of one policy in one direction, registering the sets it uses; `None` when it
@@ -971,6 +1199,9 @@ pub(crate) fn compile_with_identities(
         if let Some(chain) = policy_chain(&mut sets, pr) {
             other_chains.push(chain);
         }
+    }
+    for sr in &np.staged {
+        other_chains.extend(staged_chains(&mut sets, sr, np, opts));
     }
     if !fail_closed.is_empty() {
         for d in Direction::ALL {

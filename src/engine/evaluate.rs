@@ -456,6 +456,73 @@ pub fn decide(np: &NodePolicy, direction: Direction, c: Connection) -> Decision 
     }
 }
 
+// ───────────────────────── staged policies: today against "with it" ─────────────────────────
+
+/// One staged policy's effect on one direction of a connection: the verdict today (staged
+/// policies ignored) and with that policy enforced, alone (other staged policies still
+/// ignored).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagedVerdict {
+    /// The staged NetworkPolicy.
+    pub policy: ObjectKey,
+    /// Its direction.
+    pub direction: Direction,
+    /// Allowed today?
+    pub today: bool,
+    /// Allowed with it enforced?
+    pub with_it: bool,
+}
+
+impl StagedVerdict {
+    /// Does it change the verdict?
+    pub fn changes(&self) -> bool {
+        self.today != self.with_it
+    }
+}
+
+/// `np` as if staged policy `staged` (one of `np.staged`) were enforced: it joins the
+/// policies and isolates the local pods it selects in its direction.
+pub fn with_staged(np: &NodePolicy, staged: &PolicyRules) -> NodePolicy {
+    let mut out = np.clone();
+    out.staged.retain(|s| s != staged);
+    for pod in out
+        .pods
+        .iter_mut()
+        .filter(|p| staged.selected.contains(&p.key))
+    {
+        let list = match staged.direction {
+            Direction::Ingress => &mut pod.ingress,
+            Direction::Egress => &mut pod.egress,
+        };
+        let list = list.get_or_insert_with(Vec::new);
+        list.push(staged.policy.clone());
+        list.sort();
+    }
+    out.policies.push(staged.clone());
+    out.policies
+        .sort_by(|a, b| (&a.policy, a.direction).cmp(&(&b.policy, b.direction)));
+    out
+}
+
+/// Every staged policy that selects the local pod of `c` in `direction`, each judged alone
+/// against today (the [`decide`] verdict without it and with it).
+pub fn judge_staged(np: &NodePolicy, direction: Direction, c: Connection) -> Vec<StagedVerdict> {
+    let Some(pod) = np.pods.iter().find(|p| p.ips.contains(&c.local)) else {
+        return Vec::new();
+    };
+    let today = decide(np, direction, c).allowed;
+    np.staged
+        .iter()
+        .filter(|s| s.direction == direction && s.selected.contains(&pod.key))
+        .map(|s| StagedVerdict {
+            policy: s.policy.clone(),
+            direction,
+            today,
+            with_it: decide(&with_staged(np, s), direction, c).allowed,
+        })
+        .collect()
+}
+
 /// An established flow as the policy sees it: who opened it, and where it went after
 /// Service DNAT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

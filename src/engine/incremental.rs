@@ -192,6 +192,12 @@ impl NodeCompiler {
         {
             return false;
         }
+        // Staged policies (measured, not enforced) are rare and short-lived; the edits do not
+        // know their chains. So: the full path while one selects a pod of this node, and for
+        // any change that may make one do so (see `touches_staged`).
+        if !self.np.staged.is_empty() || self.touches_staged(snapshot, changes) {
+            return false;
+        }
         // A pod edit reads its namespace's labels as they are now, for before and after.
         if !changes.namespaces.is_empty() && !changes.pods.is_empty() {
             return false;
@@ -222,6 +228,41 @@ impl NodeCompiler {
             return false;
         }
         true
+    }
+
+    /// Could `changes` give [`NodePolicy::staged`] an entry (it is empty now)? Only a staged
+    /// policy (or ClusterNetworkPolicy) that changes, or a local pod that a staged policy of
+    /// its namespace selects before or after: a staged policy's selection depends on nothing
+    /// else (namespace labels only move peers; node changes take the full path anyway).
+    fn touches_staged(&self, snapshot: &Snapshot, changes: &Changes) -> bool {
+        let staged_policy =
+            |s: &Snapshot, k: &ObjectKey| s.policies.get(k).is_some_and(|p| p.staged);
+        let staged_cnp = |s: &Snapshot, n: &String| s.cnps.get(n).is_some_and(|c| c.staged);
+        if changes
+            .policies
+            .iter()
+            .any(|k| staged_policy(&self.snapshot, k) || staged_policy(snapshot, k))
+            || changes
+                .cnps
+                .iter()
+                .any(|n| staged_cnp(&self.snapshot, n) || staged_cnp(snapshot, n))
+        {
+            return true;
+        }
+        let node = self.node.as_str();
+        let local = |p: &&Arc<PodInfo>| p.is_policy_target() && p.node.as_deref() == Some(node);
+        changes.pods.iter().any(|key| {
+            let pods: Vec<&Arc<PodInfo>> = [self.snapshot.pods.get(key), snapshot.pods.get(key)]
+                .into_iter()
+                .flatten()
+                .filter(local)
+                .collect();
+            !pods.is_empty()
+                && policies_in(snapshot, &key.namespace)
+                    .into_iter()
+                    .filter(|(_, p)| p.staged)
+                    .any(|(_, p)| pods.iter().any(|pod| p.pod_selector.matches(&pod.labels)))
+        })
     }
 
     fn rebuild(&mut self, snapshot: Snapshot) {

@@ -1,7 +1,8 @@
 //! The `log prefix` format that ties a kernel log message back to the isolated pod.
 //!
 //! The compiler writes it into every drop rule that logs (`knp:<direction>:<ns>/<pod>`, and
-//! `knpc:<direction>:<tier>:<index>:<name>` for a ClusterNetworkPolicy Deny rule) and the
+//! `knpc:<direction>:<tier>:<index>:<name>` for a ClusterNetworkPolicy Deny rule,
+//! `knps:<direction>:<would-allow|would-deny>:<ns>/<policy>` for a staged policy's count) and the
 //! agent's deny log parses it from each NFLOG packet, so both sides use this one module.
 //! It lives in the engine because the compiler must not depend on the agent. Pure: the prefix
 //! is bounded to what the kernel accepts, and names that do not fit are abbreviated with a
@@ -78,6 +79,8 @@ pub enum LogTarget {
     Pod(DenyTarget),
     /// A ClusterNetworkPolicy Deny rule.
     Cnp(CnpDenyTarget),
+    /// A staged policy's would-deny / would-allow count (nothing was dropped by it).
+    Staged(StagedTarget),
 }
 
 impl LogTarget {
@@ -86,6 +89,7 @@ impl LogTarget {
         match self {
             LogTarget::Pod(t) => t.direction,
             LogTarget::Cnp(t) => t.direction,
+            LogTarget::Staged(t) => t.direction,
         }
     }
 }
@@ -106,8 +110,75 @@ pub fn encode_cnp_prefix(
     format!("{head}{}", encode_name(policy, room))
 }
 
+/// First field of the prefix of a staged policy's would-deny / would-allow count.
+pub const STAGED_PREFIX_TAG: &str = "knps";
+
+/// What a staged policy's prefix says: the direction, the verdict change and the policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedTarget {
+    pub direction: DenyDirection,
+    /// `true`: denied today, allowed with the policy; `false`: the reverse.
+    pub would_allow: bool,
+    /// Namespace and name, encoded like a pod's.
+    pub namespace: String,
+    pub policy: String,
+}
+
+/// The `log prefix` of staged NetworkPolicy `namespace/policy`'s count in `direction`:
+/// `knps:<ingress|egress>:<would-allow|would-deny>:<namespace>/<policy>`, at most
+/// [`MAX_PREFIX_LEN`] bytes (names that do not fit are abbreviated as in [`encode_prefix`]).
+/// The pods come from the packet's addresses, as for a drop.
+pub fn encode_staged_prefix(
+    direction: DenyDirection,
+    would_allow: bool,
+    namespace: &str,
+    policy: &str,
+) -> String {
+    let change = if would_allow {
+        "would-allow"
+    } else {
+        "would-deny"
+    };
+    let head = format!("{STAGED_PREFIX_TAG}:{direction}:{change}:");
+    let room = MAX_PREFIX_LEN - head.len() - 1;
+    let namespace = encode_name(namespace, MAX_NAMESPACE_LEN.min(room - MIN_ENCODED_LEN));
+    let policy = encode_name(policy, room - namespace.len());
+    format!("{head}{namespace}/{policy}")
+}
+
+/// Read a prefix made by [`encode_staged_prefix`] back; `None` when it is not one.
+pub fn parse_staged_prefix(prefix: &str) -> Option<StagedTarget> {
+    let rest = prefix.strip_prefix(STAGED_PREFIX_TAG)?.strip_prefix(':')?;
+    let mut parts = rest.splitn(3, ':');
+    let direction = match parts.next()? {
+        "ingress" => DenyDirection::Ingress,
+        "egress" => DenyDirection::Egress,
+        _ => return None,
+    };
+    let would_allow = match parts.next()? {
+        "would-allow" => true,
+        "would-deny" => false,
+        _ => return None,
+    };
+    let (namespace, policy) = parts.next()?.split_once('/')?;
+    (is_encoded_name(namespace) && is_encoded_name(policy)).then(|| StagedTarget {
+        direction,
+        would_allow,
+        namespace: namespace.to_string(),
+        policy: policy.to_string(),
+    })
+}
+
 /// Read either kind of prefix back.
 pub fn parse_log_prefix(prefix: &str) -> Result<LogTarget, PrefixError> {
+    if prefix.starts_with(STAGED_PREFIX_TAG) && prefix[STAGED_PREFIX_TAG.len()..].starts_with(':') {
+        return parse_staged_prefix(prefix)
+            .map(LogTarget::Staged)
+            .ok_or_else(|| PrefixError::InvalidName {
+                prefix: prefix.to_string(),
+                what: "staged policy",
+            });
+    }
     let Some(rest) = prefix
         .strip_prefix(CNP_PREFIX_TAG)
         .and_then(|r| r.strip_prefix(':'))
@@ -532,5 +603,32 @@ mod tests {
         for (name, prefix, want) in cases {
             assert_eq!(parse_prefix(prefix), Err(want), "case {name:?}");
         }
+    }
+
+    #[test]
+    fn staged_prefixes_round_trip_and_fit() {
+        let cases = [
+            (DenyDirection::Ingress, true, "default", "allow-web"),
+            (DenyDirection::Egress, false, "prod", "lock-down"),
+            (
+                DenyDirection::Egress,
+                true,
+                &"n".repeat(63),
+                &"p".repeat(253),
+            ),
+        ];
+        for (d, would_allow, ns, policy) in cases {
+            let prefix = encode_staged_prefix(d, would_allow, ns, policy);
+            assert!(prefix.len() <= MAX_PREFIX_LEN, "{prefix}");
+            let Ok(LogTarget::Staged(t)) = parse_log_prefix(&prefix) else {
+                panic!("{prefix} parses as staged");
+            };
+            assert_eq!((t.direction, t.would_allow), (d, would_allow), "{prefix}");
+            if ns.len() + policy.len() < 90 {
+                assert_eq!((t.namespace.as_str(), t.policy.as_str()), (ns, policy));
+            }
+        }
+        assert!(parse_log_prefix("knps:ingress:would-maybe:a/b").is_err());
+        assert!(parse_log_prefix("knps:ingress:would-deny:ab").is_err());
     }
 }

@@ -37,6 +37,10 @@ pub struct NodePolicy {
     /// Every address of every local pod that takes part in policy (isolated or not): the
     /// addresses the fail-closed rule lets through.
     pub local_addrs: BTreeSet<IpAddr>,
+    /// Rules of each staged (not enforced) NetworkPolicy and direction that selects at least
+    /// one local pod, sorted like `policies`. Nothing else reads them as enforced: they only
+    /// feed the would-deny/would-allow counters and `explain`.
+    pub staged: Vec<PolicyRules>,
 }
 
 impl NodePolicy {
@@ -574,6 +578,10 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
 
     let mut isolation: BTreeMap<ObjectKey, [Option<Vec<ObjectKey>>; 2]> = BTreeMap::new();
     let mut policies = Vec::new();
+    let mut staged = Vec::new();
+    // Local pods some staged policy selects: they get pod chains even when nothing isolates
+    // them, for the would-deny check.
+    let mut staged_pods: BTreeSet<ObjectKey> = BTreeSet::new();
     for (key, policy) in snapshot.policies.iter() {
         let selected: Vec<&Arc<PodInfo>> = local
             .iter()
@@ -587,6 +595,11 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
             let Some(rules) = policy.rules(direction) else {
                 continue;
             };
+            if policy.staged {
+                staged_pods.extend(selected.iter().map(|p| p.key.clone()));
+                staged.push(resolve_policy(&mut r, policy, direction, rules, &selected));
+                continue;
+            }
             for pod in &selected {
                 isolation.entry(pod.key.clone()).or_default()[di]
                     .get_or_insert_with(Vec::new)
@@ -603,7 +616,11 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
         .filter_map(|p| {
             let cnps = membership.remove(&p.key).unwrap_or_default();
             let [ingress, egress] = isolation.remove(&p.key).unwrap_or_default();
-            if ingress.is_none() && egress.is_none() && cnps.is_empty() {
+            if ingress.is_none()
+                && egress.is_none()
+                && cnps.is_empty()
+                && !staged_pods.contains(&p.key)
+            {
                 return None;
             }
             Some(LocalPod {
@@ -627,6 +644,7 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
             .map(|n| n.pod_cidrs.clone())
             .unwrap_or_default(),
         local_addrs: local.iter().flat_map(|p| p.ips.iter().copied()).collect(),
+        staged,
     }
 }
 
@@ -657,7 +675,8 @@ fn resolve_cnps(
         .iter()
         .map(|p| namespace_labels(snapshot, &p.key.namespace))
         .collect();
-    for cnp in ordered {
+    // A staged ClusterNetworkPolicy is not enforced (and not measured yet: docs/semantics.md).
+    for cnp in ordered.into_iter().filter(|c| !c.staged) {
         let selected: Vec<&Arc<PodInfo>> = local
             .iter()
             .zip(&ns_labels)

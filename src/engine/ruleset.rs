@@ -155,6 +155,17 @@ pub enum CounterOwner {
         /// `Accept` or `Pass`.
         action: &'static str,
     },
+    /// The new connections whose verdict a staged NetworkPolicy would change.
+    Staged {
+        /// Policy namespace.
+        namespace: String,
+        /// Policy name.
+        policy: String,
+        /// `ingress` or `egress`.
+        direction: &'static str,
+        /// `would-deny` or `would-allow`.
+        change: &'static str,
+    },
 }
 
 impl Ruleset {

@@ -96,6 +96,10 @@ pub struct ClusterPolicy {
     pub egress: Vec<CnpRule>,
     /// What is wrong with the object; the rules concerned fail closed.
     pub problems: Vec<CnpError>,
+    /// Annotated `kube-nftpolicy.io/staged: "true"`: not enforced (see
+    /// [`crate::model::policy::STAGED_ANNOTATION`]; staged ClusterNetworkPolicies are not
+    /// measured in the kernel yet, docs/semantics.md).
+    pub staged: bool,
 }
 
 impl ClusterPolicy {
@@ -755,6 +759,7 @@ impl ClusterPolicy {
             ingress,
             egress,
             problems,
+            staged: crate::model::policy::is_staged(&cnp.metadata),
         })
     }
 }

@@ -73,6 +73,22 @@ pub struct Policy {
     pub egress: Option<Vec<Rule>>,
     /// Set when the spec is invalid: the policy then isolates its pods but allows nothing.
     pub invalid: Option<PolicyError>,
+    /// Annotated [`STAGED_ANNOTATION`]`: "true"`: not enforced; the kernel counts the new
+    /// connections whose verdict it would change instead (docs/semantics.md).
+    pub staged: bool,
+}
+
+/// The annotation that stages a policy (NetworkPolicy or ClusterNetworkPolicy): with value
+/// `"true"` the policy is not enforced, only measured.
+pub const STAGED_ANNOTATION: &str = "kube-nftpolicy.io/staged";
+
+/// Does this object carry [`STAGED_ANNOTATION`]`: "true"`? Any other value (or none) means
+/// enforced: a typo must not silently turn enforcement off, so only the exact value counts.
+pub fn is_staged(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(STAGED_ANNOTATION))
+        .is_some_and(|v| v.trim() == "true")
 }
 
 /// One ingress or egress rule.
@@ -395,6 +411,7 @@ impl Policy {
             ingress: has_ingress.then(Vec::new),
             egress: has_egress.then(Vec::new),
             invalid: None,
+            staged: is_staged(&np.metadata),
         };
         let converted = (|| -> Result<(Vec<Rule>, Vec<Rule>), PolicyError> {
             let mut ingress = Vec::new();
@@ -604,6 +621,50 @@ mod tests {
     }
 
     const HEAD: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: ns}\n";
+
+    #[test]
+    fn only_the_exact_value_true_stages_a_policy() {
+        let cases = [
+            ("no annotations", "", false),
+            (
+                "true",
+                "  annotations: {kube-nftpolicy.io/staged: \"true\"}\n",
+                true,
+            ),
+            (
+                "blanks around",
+                "  annotations: {kube-nftpolicy.io/staged: \" true \"}\n",
+                true,
+            ),
+            (
+                "capitalised",
+                "  annotations: {kube-nftpolicy.io/staged: \"True\"}\n",
+                false,
+            ),
+            (
+                "yes",
+                "  annotations: {kube-nftpolicy.io/staged: \"yes\"}\n",
+                false,
+            ),
+            (
+                "false",
+                "  annotations: {kube-nftpolicy.io/staged: \"false\"}\n",
+                false,
+            ),
+            (
+                "other key",
+                "  annotations: {example.com/staged: \"true\"}\n",
+                false,
+            ),
+        ];
+        for (name, annotations, want) in cases {
+            let yaml = format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: p\n  namespace: ns\n{annotations}spec: {{podSelector: {{}}}}\n"
+            );
+            let (p, _) = parse(&yaml);
+            assert_eq!(p.expect("valid").staged, want, "case {name}");
+        }
+    }
 
     #[test]
     fn policy_types_default() {

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::engine::compile::{CompileOptions, node_policy};
 use crate::engine::evaluate::{
     Assessment, Connection, Decision, PeerMatch, PolicyOutcome, RuleOutcome, TierOutcome, assess,
-    decide,
+    decide, judge_staged,
 };
 use crate::engine::index::Snapshot;
 use crate::engine::resolve::NodePolicy;
@@ -342,6 +342,26 @@ pub struct Explanation {
     pub egress: SideReport,
     /// Ingress at the destination.
     pub ingress: SideReport,
+    /// Each staged NetworkPolicy that selects the source (egress) or destination (ingress)
+    /// pod, judged alone: the connection's verdict today and with it enforced.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub staged: Vec<StagedReport>,
+}
+
+/// What one staged policy would do to the connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StagedReport {
+    /// `namespace/name`.
+    pub policy: String,
+    /// `egress` (it selects the source) or `ingress` (the destination).
+    pub direction: &'static str,
+    /// The connection's verdict today: `allowed` or `denied`.
+    pub today: &'static str,
+    /// Its verdict with this policy enforced (and no other staged one).
+    pub with_staged: &'static str,
+    /// `would-deny`, `would-allow`, or `none`: what the kernel counts for it on the node
+    /// that enforces this direction (a direction's own verdict, see docs/semantics.md).
+    pub change: &'static str,
 }
 
 struct Side<'a> {
@@ -530,6 +550,52 @@ impl<'a> Explainer<'a> {
             }
         }
         let allowed = egress.allowed && ingress.allowed;
+        let mut staged = Vec::new();
+        for (direction, pod, c, side_allowed, other_allowed) in [
+            (
+                Direction::Egress,
+                src.pod,
+                Connection {
+                    local: src_ip,
+                    peer: dst_ip,
+                    protocol: port.protocol,
+                    port: number,
+                },
+                egress.allowed,
+                ingress.allowed,
+            ),
+            (
+                Direction::Ingress,
+                dst.pod,
+                Connection {
+                    local: dst_ip,
+                    peer: src_ip,
+                    protocol: port.protocol,
+                    port: number,
+                },
+                ingress.allowed,
+                egress.allowed,
+            ),
+        ] {
+            let Some(node) = pod.and_then(|p| p.node.clone()) else {
+                continue;
+            };
+            for v in judge_staged(self.node(&node), direction, c) {
+                debug_assert_eq!(v.today, side_allowed);
+                let word = |a: bool| if a { "allowed" } else { "denied" };
+                staged.push(StagedReport {
+                    policy: v.policy.to_string(),
+                    direction: direction.as_str(),
+                    today: word(allowed),
+                    with_staged: word(v.with_it && other_allowed),
+                    change: match (v.today, v.with_it) {
+                        (true, false) => "would-deny",
+                        (false, true) => "would-allow",
+                        _ => "none",
+                    },
+                });
+            }
+        }
         let endpoint = |s: &Side<'_>, address: IpAddr| EndpointReport {
             name: s.name.clone(),
             address,
@@ -546,6 +612,7 @@ impl<'a> Explainer<'a> {
             named_port,
             egress,
             ingress,
+            staged,
         })
     }
 
@@ -821,6 +888,20 @@ impl Explanation {
             "verdict: {}",
             if self.allowed { "ALLOWED" } else { "DENIED" }
         );
+        for s in &self.staged {
+            let _ = match s.change {
+                "none" => writeln!(
+                    out,
+                    "staged {} ({}): today: {}; with staged {}: {} (no change in {})",
+                    s.policy, s.direction, s.today, s.policy, s.with_staged, s.direction
+                ),
+                change => writeln!(
+                    out,
+                    "staged {} ({}): today: {}; with staged {}: {} (counted as {change})",
+                    s.policy, s.direction, s.today, s.policy, s.with_staged
+                ),
+            };
+        }
         out
     }
 }

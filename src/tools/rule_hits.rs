@@ -68,13 +68,13 @@ impl RuleHits {
     pub fn from_counters<'a>(counters: impl IntoIterator<Item = (&'a CounterOwner, u64)>) -> Self {
         let mut rules: Vec<RuleHit> = counters
             .into_iter()
-            .map(|(owner, hits)| match owner {
+            .filter_map(|(owner, hits)| match owner {
                 CounterOwner::Policy {
                     namespace,
                     policy,
                     direction,
                     rule,
-                } => RuleHit {
+                } => Some(RuleHit {
                     kind: "NetworkPolicy".into(),
                     namespace: Some(namespace.clone()),
                     policy: policy.clone(),
@@ -83,14 +83,14 @@ impl RuleHits {
                     rule: format!("spec.{direction}[{rule}]"),
                     action: None,
                     hits,
-                },
+                }),
                 CounterOwner::Cnp {
                     policy,
                     tier,
                     direction,
                     rule,
                     action,
-                } => RuleHit {
+                } => Some(RuleHit {
                     kind: "ClusterNetworkPolicy".into(),
                     namespace: None,
                     policy: policy.clone(),
@@ -99,7 +99,9 @@ impl RuleHits {
                     rule: rule.clone(),
                     action: Some((*action).into()),
                     hits,
-                },
+                }),
+                // Not a rule: the staged counters have their own metrics.
+                CounterOwner::Staged { .. } => None,
             })
             .collect();
         rules.sort();
