@@ -267,6 +267,10 @@ fn main() {
         "the agent must see the same cluster the benchmark generated"
     );
     let hwm_ready = status_kb(pid, "VmHWM");
+    println!(
+        "agent memory after the first sync: VmHWM {hwm_ready} KiB, VmRSS {} KiB",
+        status_kb(pid, "VmRSS")
+    );
 
     // Every committed change in this namespace, time-stamped as it is read.
     let (_monitor, lines) = monitor();
@@ -302,8 +306,8 @@ fn main() {
     // A pod of node-7 itself: its address appears in the API → known in the kernel.
     let (mut local_adds, mut local_deletes) = (Vec::new(), Vec::new());
     for k in 0..samples {
-        // Pod i runs on node-(i % 91): pick the next index that lands on node-7.
-        let i = s.pods + 91 * k + (7 + 91 - s.pods % 91) % 91;
+        // Pod i runs on node-(i % nodes): pick the next index that lands on node-7.
+        let i = s.pods + s.nodes * k + (7 + s.nodes - s.pods % s.nodes) % s.nodes;
         let mut pod = synthetic::pod(i, &s, 0);
         assert_eq!(pod.node.as_deref(), Some(NODE));
         let ip: std::net::IpAddr = format!("10.200.7.{}", 2 + k % 250).parse().expect("ip");
