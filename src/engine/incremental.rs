@@ -41,7 +41,7 @@ use crate::engine::index::{Changes, Snapshot};
 use crate::engine::resolve::{
     CnpRules, LocalPod, NamedTarget, NamedTargets, NodePolicy, PeerPods, ResolvedCnpMatch,
     ResolvedCnpPeer, ResolvedPeer, Resolver, TierMembership, namespace_labels, pod_targets,
-    resolve_cnp_rule, resolve_policy, subject_matches,
+    resolve_cnp, resolve_policy, subject_matches,
 };
 use crate::engine::ruleset::{Chain, ChainRole, Element, Ruleset, Set};
 use crate::model::policy::Direction;
@@ -577,31 +577,7 @@ impl NodeCompiler {
                 let Some(cnp) = snapshot.cnps.get(name) else {
                     continue;
                 };
-                let selected: Vec<&Arc<PodInfo>> = local
-                    .iter()
-                    .zip(&ns_labels)
-                    .filter(|(p, ns)| subject_matches(&cnp.subject, ns, &p.labels))
-                    .map(|(p, _)| *p)
-                    .collect();
-                if selected.is_empty() {
-                    continue;
-                }
-                for d in Direction::ALL {
-                    let rules = cnp.rules(d);
-                    if rules.is_empty() {
-                        continue;
-                    }
-                    let cr = CnpRules {
-                        name: cnp.name.clone(),
-                        tier: cnp.tier,
-                        priority: cnp.priority,
-                        direction: d,
-                        selected: selected.iter().map(|p| p.key.clone()).collect(),
-                        rules: rules
-                            .iter()
-                            .map(|rule| resolve_cnp_rule(&mut resolver, d, rule, &selected))
-                            .collect(),
-                    };
+                for cr in resolve_cnp(&mut resolver, cnp, &local, &ns_labels) {
                     let at = self
                         .np
                         .cnps

@@ -676,41 +676,60 @@ fn resolve_cnps(
         .map(|p| namespace_labels(snapshot, &p.key.namespace))
         .collect();
     // A staged ClusterNetworkPolicy is not enforced (and not measured yet: docs/semantics.md).
-    for cnp in ordered.into_iter().filter(|c| !c.staged) {
-        let selected: Vec<&Arc<PodInfo>> = local
-            .iter()
-            .zip(&ns_labels)
-            .filter(|(p, ns)| subject_matches(&cnp.subject, ns, &p.labels))
-            .map(|(p, _)| *p)
-            .collect();
-        if selected.is_empty() {
-            continue;
-        }
-        for d in Direction::ALL {
-            let rules = cnp.rules(d);
-            if rules.is_empty() {
-                continue; // no rules for a direction: no effect on it
+    for cnp in ordered {
+        for cr in resolve_cnp(r, cnp, local, &ns_labels) {
+            for p in &cr.selected {
+                membership.entry(p.clone()).or_default().push(
+                    cnp.tier,
+                    cr.direction,
+                    cnp.name.clone(),
+                );
             }
-            for p in &selected {
-                membership
-                    .entry(p.key.clone())
-                    .or_default()
-                    .push(cnp.tier, d, cnp.name.clone());
-            }
-            out.push(CnpRules {
-                name: cnp.name.clone(),
-                tier: cnp.tier,
-                priority: cnp.priority,
-                direction: d,
-                selected: selected.iter().map(|p| p.key.clone()).collect(),
-                rules: rules
-                    .iter()
-                    .map(|rule| resolve_cnp_rule(r, d, rule, &selected))
-                    .collect(),
-            });
+            out.push(cr);
         }
     }
     (out, membership)
+}
+
+/// One ClusterNetworkPolicy for the local pods its subject takes in (`ns_labels`: each local
+/// pod's namespace labels), per direction it has rules for; nothing when it selects none of
+/// them or is staged (a staged ClusterNetworkPolicy is not enforced, and not measured yet:
+/// docs/semantics.md).
+pub(crate) fn resolve_cnp(
+    r: &mut Resolver<'_>,
+    cnp: &ClusterPolicy,
+    local: &[&Arc<PodInfo>],
+    ns_labels: &[Labels],
+) -> Vec<CnpRules> {
+    if cnp.staged {
+        return Vec::new();
+    }
+    let selected: Vec<&Arc<PodInfo>> = local
+        .iter()
+        .zip(ns_labels)
+        .filter(|(p, ns)| subject_matches(&cnp.subject, ns, &p.labels))
+        .map(|(p, _)| *p)
+        .collect();
+    if selected.is_empty() {
+        return Vec::new();
+    }
+    Direction::ALL
+        .into_iter()
+        // No rules for a direction: no effect on it.
+        .filter(|d| !cnp.rules(*d).is_empty())
+        .map(|d| CnpRules {
+            name: cnp.name.clone(),
+            tier: cnp.tier,
+            priority: cnp.priority,
+            direction: d,
+            selected: selected.iter().map(|p| p.key.clone()).collect(),
+            rules: cnp
+                .rules(d)
+                .iter()
+                .map(|rule| resolve_cnp_rule(r, d, rule, &selected))
+                .collect(),
+        })
+        .collect()
 }
 
 const ALL_PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
