@@ -112,26 +112,6 @@ fn report(name: &str, mut v: Vec<Duration>) {
     );
 }
 
-/// `policy` with `port` (TCP) allowed by its first ingress rule (a first rule is made if it
-/// has none): a change that rewrites its chain on every node it selects pods of.
-fn with_port(policy: &kube_nftpolicy::model::Policy, port: u16) -> kube_nftpolicy::model::Policy {
-    use kube_nftpolicy::model::policy::{PortMatch, PortSpec, Protocol, Rule};
-    let mut p = policy.clone();
-    let spec = PortSpec {
-        protocol: Protocol::Tcp,
-        port: PortMatch::Range(port, port),
-    };
-    let rules = p.ingress.get_or_insert_with(Vec::new);
-    match rules.first_mut() {
-        Some(rule) => rule.ports.get_or_insert_with(Vec::new).push(spec),
-        None => rules.push(Rule {
-            peers: None,
-            ports: Some(vec![spec]),
-        }),
-    }
-    p
-}
-
 /// `nft monitor` in this namespace: every committed change, time-stamped as it is read.
 fn monitor() -> (Guard, mpsc::Receiver<(Instant, String)>) {
     let mut monitor = Guard(
@@ -348,7 +328,7 @@ fn main() {
     let mut policy_changes = Vec::new();
     for k in 0..samples {
         port += 1;
-        let edited = with_port(&policy(&on_node[k % on_node.len()]), port);
+        let edited = toggle::with_port(&policy(&on_node[k % on_node.len()]), port);
         let t0 = Instant::now();
         server.apply(synthetic::policy_json(&edited));
         policy_changes.push(wait_for(&lines, "add rule", &format!(". {port}")).duration_since(t0));
@@ -364,7 +344,10 @@ fn main() {
             .take(100)
             .map(|key| {
                 port += 1;
-                (port, synthetic::policy_json(&with_port(&policy(key), port)))
+                (
+                    port,
+                    synthetic::policy_json(&toggle::with_port(&policy(key), port)),
+                )
             })
             .collect();
         let t0 = Instant::now();

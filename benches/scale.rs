@@ -10,7 +10,7 @@ mod synthetic;
 #[path = "support/toggle.rs"]
 mod toggle;
 
-use toggle::{peer_matches, toggle};
+use toggle::{peer_matches, toggle, with_port};
 
 use std::collections::BTreeSet;
 use std::hint::black_box;
@@ -24,7 +24,6 @@ use kube_nftpolicy::engine::resolve::ResolvedPeer;
 use kube_nftpolicy::engine::resolve::resolve;
 use kube_nftpolicy::engine::ruleset::render;
 use kube_nftpolicy::kernel::nft::transaction;
-use kube_nftpolicy::model::policy::{PortMatch, PortSpec, Protocol, Rule};
 use kube_nftpolicy::model::{Labels, NamespaceScope, PodInfo, Policy};
 
 const NODE: &str = "node-7";
@@ -65,25 +64,6 @@ fn toggle_pod(
         black_box(tx);
     }
     total
-}
-
-/// `policy` with one more allowed port in its first rule (or a first rule allowing it): the
-/// kind of edit GitOps applies.
-fn with_extra_port(policy: &Policy) -> Policy {
-    let mut p = policy.clone();
-    let extra = PortSpec {
-        protocol: Protocol::Tcp,
-        port: PortMatch::Range(9_999, 9_999),
-    };
-    let rules = p.ingress.get_or_insert_with(Vec::new);
-    match rules.first_mut() {
-        Some(rule) => rule.ports.get_or_insert_with(Vec::new).push(extra),
-        None => rules.push(Rule {
-            peers: None,
-            ports: Some(vec![extra]),
-        }),
-    }
-    p
 }
 
 fn bench_scale(c: &mut Criterion, label: &str, s: &synthetic::Scale) {
@@ -208,7 +188,7 @@ fn bench_scale(c: &mut Criterion, label: &str, s: &synthetic::Scale) {
         .map(|p| p.policy.clone())
         .expect("a policy selects a pod of this node");
     let original = (**snap_now.policies.get(&target).expect("policy")).clone();
-    let edited = with_extra_port(&original);
+    let edited = with_port(&original, 9_999);
     g.bench_function("incremental: one policy changed", |b| {
         b.iter_custom(|n| {
             toggle(
@@ -234,7 +214,7 @@ fn bench_scale(c: &mut Criterion, label: &str, s: &synthetic::Scale) {
         .step_by((s.policies / 100).max(1))
         .take(100)
         .collect();
-    let edits: Vec<Policy> = originals.iter().map(with_extra_port).collect();
+    let edits: Vec<Policy> = originals.iter().map(|p| with_port(p, 9_999)).collect();
     g.bench_function("incremental: a burst of 100 policies changed", |b| {
         b.iter_custom(|n| {
             toggle(

@@ -79,3 +79,26 @@ pub fn peer_matches(np: &NodePolicy, snap: &Snapshot, pod: &PodInfo) -> Vec<Stri
         .map(|pp| pp.describe())
         .collect()
 }
+
+/// `policy` with `port` (TCP) allowed by its first ingress rule (a first rule is made if it
+/// has none): a change that rewrites its chain on every node it selects pods of.
+pub fn with_port(
+    policy: &kube_nftpolicy::model::Policy,
+    port: u16,
+) -> kube_nftpolicy::model::Policy {
+    use kube_nftpolicy::model::policy::{PortMatch, PortSpec, Protocol, Rule};
+    let mut p = policy.clone();
+    let spec = PortSpec {
+        protocol: Protocol::Tcp,
+        port: PortMatch::Range(port, port),
+    };
+    let rules = p.ingress.get_or_insert_with(Vec::new);
+    match rules.first_mut() {
+        Some(rule) => rule.ports.get_or_insert_with(Vec::new).push(spec),
+        None => rules.push(Rule {
+            peers: None,
+            ports: Some(vec![spec]),
+        }),
+    }
+    p
+}

@@ -449,9 +449,10 @@ impl NodeCompiler {
         if before == after {
             return;
         }
-        let flipped: Vec<(PeerKey, bool)> = self
-            .peer_keys()
-            .into_iter()
+        let all_peers = self.peer_keys();
+        let flipped: Vec<(PeerKey, bool)> = all_peers
+            .iter()
+            .cloned()
             .filter_map(|peer| match &peer.0 {
                 NamespaceScope::Selector(sel) => {
                     let (was, now) = (sel.matches(&before), sel.matches(&after));
@@ -463,7 +464,6 @@ impl NodeCompiler {
         if flipped.is_empty() {
             return;
         }
-        let all_peers = self.peer_keys();
         let egress_named = self.np.policies.iter().any(|p| {
             p.direction == Direction::Egress
                 && p.rules
