@@ -22,6 +22,11 @@
 //! Run: `cargo bench --bench agent_latency` (as root). `AGENT_SAMPLES` sets the number of
 //! changes of each kind (default 200); `AGENT_SCALE=10` serves the 10× cluster (100,000 pods,
 //! 10,000 policies). Figures are recorded in docs/benchmarks.md.
+//!
+//! Where the memory goes: `AGENT_WRAPPER` is a command the agent is started under (for
+//! example `AGENT_WRAPPER="heaptrack -o /tmp/agent"`), and `AGENT_STOP_AFTER_READY=1` stops
+//! the agent right after the first sync, so the profile covers start-up and the first sync.
+//! Under a wrapper the VmHWM figures are the wrapper's, not the agent's.
 
 #[path = "../tests/support/fake_apiserver.rs"]
 mod fake_apiserver;
@@ -203,8 +208,19 @@ fn main() {
     let log = File::create(dir.join("agent.log")).expect("agent log");
 
     let started = Instant::now();
+    let wrapper: Vec<String> = std::env::var("AGENT_WRAPPER")
+        .map(|w| w.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
     let agent = Guard(
-        Command::new(BIN)
+        command
             .args(["run", "--node-name", NODE, "--metrics-addr", METRICS])
             .args(["--pod-cidr", LOCAL_RANGE])
             .arg("--kubeconfig")
@@ -251,6 +267,21 @@ fn main() {
         "agent memory after the first sync: VmHWM {hwm_ready} KiB, VmRSS {} KiB",
         status_kb(pid, "VmRSS")
     );
+    if std::env::var("AGENT_STOP_AFTER_READY").is_ok_and(|v| v == "1") {
+        // Stop the agent (the wrapper's child, if any) and let the wrapper write its report.
+        let _ = Command::new("pkill")
+            .args(["-TERM", "-P", &pid.to_string()])
+            .status();
+        let mut agent = agent;
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let until = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < until && matches!(agent.0.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        return;
+    }
 
     // Every committed change in this namespace, time-stamped as it is read.
     let (_monitor, lines) = monitor();
@@ -386,10 +417,10 @@ fn main() {
     let moves: Vec<(kube_nftpolicy::model::NamespaceInfo, String)> = (0..s.namespaces)
         .filter_map(|n| {
             let mut moved = synthetic::namespace(n);
-            let prod = moved.labels.get("env").map(String::as_str) == Some("prod");
+            let prod = moved.labels.get("env") == Some("prod");
             moved
                 .labels
-                .insert("env".into(), if prod { "staging" } else { "prod" }.into());
+                .insert("env", if prod { "staging" } else { "prod" });
             let mut idx = synthetic::index(&s);
             idx.apply_namespace(moved.clone());
             let after = kube_nftpolicy::engine::resolve::resolve(&idx.snapshot(), NODE);

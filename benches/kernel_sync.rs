@@ -159,7 +159,7 @@ fn main() {
     for i in 0..20 {
         // Move remote pods out of the `tier` peer sets that every node's egress rules use.
         let mut p = synthetic::pod(1 + i * 91, &s, 0);
-        p.labels.insert("tier".into(), "retired".into());
+        p.labels.insert("tier", "retired");
         relabelled.apply_pod(p);
     }
     let rs_rel = node_ruleset(&relabelled);

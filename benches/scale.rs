@@ -127,13 +127,13 @@ fn bench_scale(c: &mut Criterion, label: &str, s: &synthetic::Scale) {
     let snap_now = idx.snapshot();
     let relabelled = |p: &PodInfo, key: &str| {
         let mut q = p.clone();
-        let v = q.labels.get(key).cloned().unwrap_or_default();
+        let v = q.labels.get(key).unwrap_or_default().to_string();
         let next = match key {
             "tier" if v == "t0" => "t1".to_string(),
             "tier" => "t0".to_string(),
             _ => format!("{v}-x"),
         };
-        q.labels.insert(key.into(), next);
+        q.labels.insert(key, next);
         q
     };
     let relabel = (0..s.pods)
@@ -256,12 +256,12 @@ fn bench_scale(c: &mut Criterion, label: &str, s: &synthetic::Scale) {
         .map(synthetic::namespace)
         .map(|ns| {
             let mut moved = ns.clone();
-            let env = if ns.labels.get("env").map(String::as_str) == Some("prod") {
+            let env = if ns.labels.get("env") == Some("prod") {
                 "staging"
             } else {
                 "prod"
             };
-            moved.labels.insert("env".into(), env.into());
+            moved.labels.insert("env", env);
             (ns, moved)
         })
         .find(|(ns, moved)| flips(&ns.labels, &moved.labels))

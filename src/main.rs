@@ -237,6 +237,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 enforce_established: a.enforce_established && !a.audit,
                 audit: a.audit,
             };
+            agent::memory::limit_arenas();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

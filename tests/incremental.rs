@@ -35,7 +35,7 @@ fn sel(pairs: &[(&str, &str)]) -> Selector {
 fn pod(ns: &str, name: &str, node: &str, app: &str, ips: &[&str]) -> PodInfo {
     PodInfo {
         key: ObjectKey::new(ns, name),
-        node: Some(node.to_string()),
+        node: Some(node.into()),
         labels: labels(&[("app", app)]),
         ips: ips.iter().map(|s| s.parse().expect("test ip")).collect(),
         named_ports: vec![NamedPort {
@@ -430,7 +430,7 @@ fn random_pod(r: &mut Rng) -> PodInfo {
     }
     PodInfo {
         key: ObjectKey::new(ns, name),
-        node: Some(r.pick(NODES).to_string()),
+        node: Some(r.pick(NODES).into()),
         labels: labels(&[("app", r.pick(APPS)), ("tier", r.pick(&["1", "2"]))]),
         ips,
         named_ports,
@@ -780,7 +780,7 @@ fn random_walk_with_cluster_network_policies_matches_full_compile() {
                 23 => {
                     // A pod of this node: its tiers are redone in place.
                     let mut p = random_pod(&mut r);
-                    p.node = Some(NODE.to_string());
+                    p.node = Some(NODE.into());
                     idx.apply_pod(p);
                     "local pod applied"
                 }

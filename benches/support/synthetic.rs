@@ -108,7 +108,7 @@ pub fn pod(i: usize, s: &Scale, app_salt: usize) -> PodInfo {
     };
     PodInfo {
         key: ObjectKey::new(format!("ns-{ns}"), format!("pod-{i}")),
-        node: Some(format!("node-{node}")),
+        node: Some(format!("node-{node}").into()),
         labels: labels(&[
             ("app", format!("app-{}", (i / s.namespaces + app_salt) % 10)),
             ("tier", TIERS[i % 3].to_string()),
@@ -312,7 +312,7 @@ pub fn index(s: &Scale) -> Index {
 fn labels_json(l: &Labels) -> serde_json::Value {
     serde_json::Value::Object(
         l.iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
             .collect(),
     )
 }
@@ -351,7 +351,7 @@ pub fn pod_json(p: &PodInfo) -> serde_json::Value {
         .named_ports
         .iter()
         .map(|np| {
-            serde_json::json!({"name": np.name, "containerPort": np.port, "protocol": np.protocol.to_string()})
+            serde_json::json!({"name": np.name.as_str(), "containerPort": np.port, "protocol": np.protocol.to_string()})
         })
         .collect();
     let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
@@ -360,7 +360,7 @@ pub fn pod_json(p: &PodInfo) -> serde_json::Value {
         "kind": "Pod",
         "metadata": {"name": p.key.name, "namespace": p.key.namespace, "labels": labels_json(&p.labels)},
         "spec": {
-            "nodeName": p.node,
+            "nodeName": p.node.as_deref(),
             "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10", "ports": ports}],
         },
         "status": {

@@ -4,7 +4,8 @@
 //! denied-connection log. This module is the loop itself; its parts are
 //! - [`admin`]: the HTTP answers (`/healthz`, `/readyz`, `/metrics`, `/debug/explain`);
 //! - [`metrics`]: the Prometheus registry with bounded labels;
-//! - [`denylog`]: which logged packets become "denied connection" lines (dedup, rate limit).
+//! - [`denylog`]: which logged packets become "denied connection" lines (dedup, rate limit);
+//! - [`memory`]: the allocator tunables that keep resident memory near what is held.
 //!
 //! Safety rules this module enforces (DESIGN.md, "Programming the kernel"):
 //! - nothing is written before Pods, Namespaces, NetworkPolicies and Nodes have all been listed
@@ -18,6 +19,7 @@
 pub mod admin;
 pub mod denylog;
 pub mod established;
+pub mod memory;
 pub mod metrics;
 
 use std::collections::HashMap;
@@ -613,6 +615,10 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
                 }
                 _ => None,
             };
+            if update == UpdateKind::Full {
+                // A full compile freed the previous ruleset and its transient indexes.
+                memory::release_free_memory();
+            }
             let summary = SyncSummary::of(&nc, update, compile_time, generation);
             (summary, drift, out, established)
         })

@@ -1078,10 +1078,7 @@ mod tests {
         let m = parse("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: shop, labels: {team: a}}\n- apiVersion: v1\n  kind: Pod\n  metadata: {name: web}\n  spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}\n  status: {phase: Running, podIPs: [{ip: 10.0.0.2}, {ip: 'fd00::2'}]}\n").expect("parse");
         assert!(m.warnings.is_empty(), "{:?}", m.warnings);
         assert_eq!(
-            m.namespaces[0]
-                .labels
-                .get("kubernetes.io/metadata.name")
-                .map(String::as_str),
+            m.namespaces[0].labels.get("kubernetes.io/metadata.name"),
             Some("shop")
         );
         assert_eq!(m.pods[0].key.to_string(), "default/web");

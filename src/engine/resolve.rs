@@ -333,16 +333,13 @@ impl<'a> NamespacePods<'a> {
             let mut index: HashMap<(&'a str, &'a str), Vec<u32>> = HashMap::new();
             for (i, pod) in pods.iter().enumerate() {
                 for (lk, lv) in &pod.labels {
-                    index
-                        .entry((lk.as_str(), lv.as_str()))
-                        .or_default()
-                        .push(i as u32);
+                    index.entry((lk, lv)).or_default().push(i as u32);
                 }
             }
             index
         });
         // Every matching pod carries the first `matchLabels` pair; check the rest on those.
-        for i in index.get(&(k.as_str(), v.as_str())).into_iter().flatten() {
+        for i in index.get(&(k, v)).into_iter().flatten() {
             let pod = pods[*i as usize];
             if sel.matches(&pod.labels) {
                 f(pod);

@@ -8,6 +8,7 @@
 pub mod cidr;
 pub mod cnp;
 pub mod cnp_api;
+pub mod labels;
 pub mod node;
 pub mod policy;
 pub mod selector;
@@ -15,18 +16,20 @@ pub mod selector;
 use std::fmt;
 use std::net::IpAddr;
 
+use compact_str::CompactString;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 pub use cidr::{Cidr, Family};
 pub use cnp::{
     Action, ClusterPolicy, CnpError, CnpPeer, CnpPort, CnpRule, RuleMatch, Subject, Tier,
 };
+pub use labels::Labels;
 pub use node::NodeInfo;
 pub use policy::{
     IpBlock, NamespaceScope, Peer, Policy, PolicyError, PolicyWarning, PortMatch, PortSpec,
     Protocol, Rule,
 };
-pub use selector::{Labels, Selector};
+pub use selector::Selector;
 
 /// `namespace/name` of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -56,8 +59,8 @@ impl fmt::Display for ObjectKey {
 /// A container port with a name, the only kind a NetworkPolicy can refer to by name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NamedPort {
-    /// `ports[].name`.
-    pub name: String,
+    /// `ports[].name` (an IANA service name, at most 15 characters, so always inline).
+    pub name: CompactString,
     /// `ports[].protocol` (TCP when omitted).
     pub protocol: Protocol,
     /// `ports[].containerPort`.
@@ -69,8 +72,9 @@ pub struct NamedPort {
 pub struct PodInfo {
     /// Namespace and name.
     pub key: ObjectKey,
-    /// `spec.nodeName` (unset while the pod is pending scheduling).
-    pub node: Option<String>,
+    /// `spec.nodeName` (unset while the pod is pending scheduling). Inline up to 24 bytes:
+    /// one heap string fewer per pod.
+    pub node: Option<CompactString>,
     /// `metadata.labels`.
     pub labels: Labels,
     /// `status.podIPs` (or `status.podIP`), sorted, without duplicates.
@@ -160,7 +164,7 @@ impl PodInfo {
                     continue;
                 }
                 named_ports.push(NamedPort {
-                    name: name.to_string(),
+                    name: name.into(),
                     protocol,
                     port,
                 });
@@ -172,9 +176,15 @@ impl PodInfo {
         Ok(Self {
             key,
             node: spec
-                .and_then(|s| s.node_name.clone())
-                .filter(|n| !n.is_empty()),
-            labels: pod.metadata.labels.clone().unwrap_or_default(),
+                .and_then(|s| s.node_name.as_deref())
+                .filter(|n| !n.is_empty())
+                .map(CompactString::from),
+            labels: pod
+                .metadata
+                .labels
+                .as_ref()
+                .map(Labels::from)
+                .unwrap_or_default(),
             ips,
             named_ports,
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
@@ -204,8 +214,13 @@ impl NamespaceInfo {
             .clone()
             .filter(|n| !n.is_empty())
             .ok_or(ModelError::MissingName("Namespace"))?;
-        let mut labels = ns.metadata.labels.clone().unwrap_or_default();
-        labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
+        let mut labels = ns
+            .metadata
+            .labels
+            .as_ref()
+            .map(Labels::from)
+            .unwrap_or_default();
+        labels.insert(NAMESPACE_NAME_LABEL, &name);
         Ok(Self { name, labels })
     }
 }

@@ -80,7 +80,12 @@ impl NodeInfo {
 
         Ok(Self {
             name,
-            labels: node.metadata.labels.clone().unwrap_or_default(),
+            labels: node
+                .metadata
+                .labels
+                .as_ref()
+                .map(Labels::from)
+                .unwrap_or_default(),
             addresses,
             pod_cidrs,
         })

@@ -3,13 +3,12 @@
 //! The API server rejects selectors with unknown operators or with values on `Exists`; we do
 //! the same when reading manifests, so the resolver only ever sees well-formed selectors.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-/// Labels of a pod or namespace, sorted so everything derived from them is deterministic.
-pub type Labels = BTreeMap<String, String>;
+pub use crate::model::labels::Labels;
 
 /// A validated `metav1.LabelSelector`. The empty selector matches everything.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -128,7 +127,11 @@ impl Selector {
 
     /// Validate a Kubernetes selector.
     pub fn try_from_k8s(sel: &LabelSelector) -> Result<Self, SelectorError> {
-        let match_labels: Labels = sel.match_labels.clone().unwrap_or_default();
+        let match_labels: Labels = sel
+            .match_labels
+            .as_ref()
+            .map(Labels::from)
+            .unwrap_or_default();
         if match_labels.keys().any(|k| k.is_empty()) {
             return Err(SelectorError::EmptyKey("matchLabels"));
         }
@@ -218,6 +221,10 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs.iter().copied().collect()
+    }
+
+    fn k8s_labels(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -368,7 +375,7 @@ mod tests {
         ];
         for c in cases {
             let sel = LabelSelector {
-                match_labels: Some(labels(c.match_labels)),
+                match_labels: Some(k8s_labels(c.match_labels)),
                 match_expressions: Some(c.exprs),
             };
             let sel = Selector::try_from_k8s(&sel).expect(c.name);
@@ -419,7 +426,7 @@ mod tests {
     #[test]
     fn display_is_canonical() {
         let sel = LabelSelector {
-            match_labels: Some(labels(&[("tier", "fe"), ("app", "web")])),
+            match_labels: Some(k8s_labels(&[("tier", "fe"), ("app", "web")])),
             match_expressions: Some(vec![
                 expr("legacy", "DoesNotExist", &[]),
                 expr("env", "In", &["prod", "dev"]),

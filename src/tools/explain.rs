@@ -600,7 +600,7 @@ impl<'a> Explainer<'a> {
             name: s.name.clone(),
             address,
             pod: s.pod.map(|p| p.key.to_string()),
-            node: s.pod.and_then(|p| p.node.clone()),
+            node: s.pod.and_then(|p| p.node.as_deref().map(str::to_string)),
         };
         Ok(Explanation {
             allowed,
@@ -624,7 +624,7 @@ impl<'a> Explainer<'a> {
     ) -> SideReport {
         let snap = self.snap;
         let node = match pod {
-            Some(p) => p.node.clone(),
+            Some(p) => p.node.as_deref().map(str::to_string),
             // An address that is no pod may still be in a node's pod ranges (unknown there).
             None => self.node_of_address(&c.local),
         };

@@ -276,7 +276,7 @@ impl<'a> Context<'a> {
             .into_iter()
             .flatten()
             .copied()
-            .filter(|p| p.labels.get(DNS_LABEL.0).map(String::as_str) == Some(DNS_LABEL.1))
+            .filter(|p| p.labels.get(DNS_LABEL.0) == Some(DNS_LABEL.1))
             .collect();
         let mut target_addresses: Vec<(IpAddr, &PodInfo)> = m
             .pods

@@ -159,7 +159,7 @@ fn only_tabulated_pods_local(snap: &Snapshot, pods: &[ObjectKey]) -> Snapshot {
     if !shared_address {
         for pod in tabulated.iter().filter(|p| p.node.is_some()) {
             let mut moved = PodInfo::clone(pod);
-            moved.node = Some(TABULATED_NODE.to_string());
+            moved.node = Some(TABULATED_NODE.into());
             reduced.pods.apply(moved.key.clone(), moved);
         }
         return reduced;
