@@ -20,7 +20,9 @@ use crate::engine::resolve::{
     CnpRules, LocalPod, NamedTargets, NodePolicy, PeerPods, PolicyRules, ResolvedCnpMatch,
     ResolvedCnpPeer, ResolvedCnpRule, ResolvedPeer, ResolvedPorts,
 };
-use crate::engine::ruleset::{Chain, ChainRole, CounterOwner, Element, NamedCounter, Ruleset, Set};
+use crate::engine::ruleset::{
+    Chain, ChainRole, CounterOwner, Element, NamedCounter, Ruleset, Set, addr_element,
+};
 use crate::model::policy::Direction;
 use crate::model::{Action, Cidr, Family, NamespaceScope, ObjectKey, Protocol, Selector, Tier};
 use compact_str::{ToCompactString, format_compact};
@@ -110,7 +112,7 @@ pub fn local_pods_elements(np: &NodePolicy, family: Family) -> Vec<Element> {
     np.local_addrs
         .iter()
         .filter(|ip| Family::of(ip) == family)
-        .map(ToCompactString::to_compact_string)
+        .map(addr_element)
         .collect()
 }
 
@@ -325,9 +327,10 @@ pub(crate) struct Sets {
     pub(crate) origins: SetOrigins,
     /// Names registered since the current policy chain began.
     touched: Vec<String>,
-    /// Each address as text, formatted once: a pod's address is an element of every peer
-    /// set it belongs to, and formatting (IPv6 above all) is most of building a set.
-    addr_text: HashMap<IpAddr, Element>,
+    /// Each IPv6 address as text, formatted once: a pod's address is an element of every
+    /// peer set it belongs to, and IPv6 formatting costs more than a lookup (IPv4 text is
+    /// written directly, cheaper than any lookup).
+    addr_text: HashMap<IpAddr, Element, foldhash::fast::FixedState>,
     /// The set already named for a resolved peer (by address: one per selector pair) and
     /// family, so a peer used by many rules is formatted and hashed once.
     peer_names: HashMap<(usize, Family), String>,
@@ -396,7 +399,7 @@ pub fn peer_set_elements(peer: &PeerPods, family: Family) -> Vec<Element> {
     peer.addrs
         .iter()
         .filter(|ip| Family::of(ip) == family)
-        .map(ToCompactString::to_compact_string)
+        .map(addr_element)
         .collect()
 }
 
@@ -421,11 +424,12 @@ fn peer_set(sets: &mut Sets, peer: &PeerPods, family: Family) -> String {
                 .addrs
                 .iter()
                 .filter(|ip| Family::of(ip) == family)
-                .map(|ip| {
-                    addr_text
+                .map(|ip| match ip {
+                    IpAddr::V4(_) => addr_element(ip),
+                    IpAddr::V6(_) => addr_text
                         .entry(*ip)
-                        .or_insert_with(|| ip.to_compact_string())
-                        .clone()
+                        .or_insert_with(|| addr_element(ip))
+                        .clone(),
                 })
                 .collect(),
         }
@@ -1283,7 +1287,7 @@ fn nodes_set(
             elements: addrs
                 .iter()
                 .filter(|ip| Family::of(ip) == family)
-                .map(ToCompactString::to_compact_string)
+                .map(addr_element)
                 .collect(),
         }
     })

@@ -41,14 +41,14 @@ use crate::engine::index::{Changes, Snapshot};
 use crate::engine::resolve::{
     CnpRules, LocalPod, NamedTarget, NamedTargets, NodePolicy, PeerPods, ResolvedCnpMatch,
     ResolvedCnpPeer, ResolvedPeer, Resolver, TierMembership, namespace_labels, pod_targets,
-    resolve_cnp, resolve_policy, subject_matches,
+    policies_in, resolve_cnp, resolve_policy, subject_matches,
 };
-use crate::engine::ruleset::{Chain, ChainRole, Element, Ruleset, Set};
+use crate::engine::ruleset::{Chain, ChainRole, Element, Ruleset, Set, addr_element};
 use crate::model::policy::Direction;
 use crate::model::{
     Action, Family, Labels, NamespaceScope, ObjectKey, PodInfo, Policy, Protocol, Selector, Tier,
 };
-use compact_str::{ToCompactString, format_compact};
+use compact_str::format_compact;
 use smallvec::SmallVec;
 
 /// More pod and policy changes than this in one update are cheaper to redo from scratch.
@@ -905,7 +905,7 @@ impl NodeCompiler {
             }
             for ip in came.iter().filter(|ip| Family::of(ip) == f) {
                 if let Err(i) = set.elements.binary_search_by(|e| by_address(e, ip)) {
-                    set.elements.insert(i, ip.to_compact_string());
+                    set.elements.insert(i, addr_element(ip));
                 }
             }
         }
@@ -1194,15 +1194,6 @@ fn cnp_egress_named(np: &NodePolicy) -> bool {
                 matches!(&r.matches, ResolvedCnpMatch::Peers { ports: Some(p), .. } if p.named.is_some())
             })
     })
-}
-
-/// The NetworkPolicies of one namespace, in key order.
-fn policies_in<'s>(snapshot: &'s Snapshot, ns: &str) -> Vec<(&'s ObjectKey, &'s Arc<Policy>)> {
-    snapshot
-        .policies
-        .range(ObjectKey::new(ns, "")..)
-        .take_while(|(k, _)| k.namespace == ns)
-        .collect()
 }
 
 /// The pods of one namespace on `node` that policy applies to, in key order.

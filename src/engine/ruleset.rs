@@ -26,6 +26,40 @@ pub struct Ruleset {
 /// One set element as nft writes it.
 pub type Element = compact_str::CompactString;
 
+/// An address as a set element, in the text `Display` gives it.
+///
+/// A full compile at 100,000 pods writes 200,000 addresses, and through `fmt` an IPv4
+/// address took longer than anything else done to it; its dotted-decimal form is written
+/// here directly (always inline: at most 15 bytes). IPv6 keeps `Display`, whose zero-run
+/// compression is not worth repeating.
+pub fn addr_element(ip: &std::net::IpAddr) -> Element {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut buf = [0u8; 15];
+            let mut n = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                if octet >= 100 {
+                    buf[n] = b'0' + octet / 100;
+                    n += 1;
+                }
+                if octet >= 10 {
+                    buf[n] = b'0' + octet / 10 % 10;
+                    n += 1;
+                }
+                buf[n] = b'0' + octet % 10;
+                n += 1;
+            }
+            // Only ASCII digits and dots were written.
+            Element::new(std::str::from_utf8(&buf[..n]).unwrap_or_default())
+        }
+        std::net::IpAddr::V6(v6) => compact_str::ToCompactString::to_compact_string(v6),
+    }
+}
+
 /// A named set or verdict map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Set {
@@ -294,4 +328,34 @@ pub fn render(ruleset: &Ruleset, header: &str) -> String {
     }
     out.push_str("}\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::addr_element;
+    use std::net::IpAddr;
+
+    #[test]
+    fn addr_elements_are_display_text() {
+        let cases = [
+            "0.0.0.0",
+            "9.10.99.100",
+            "10.200.7.255",
+            "255.255.255.255",
+            "1.0.10.100",
+            "fd00::1",
+            "fd00:10:200:7::1a2b",
+            "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:10.0.0.1",
+        ];
+        for text in cases {
+            let ip: IpAddr = text.parse().expect("test address");
+            assert_eq!(addr_element(&ip), ip.to_string(), "{text}");
+        }
+        // Every octet value, in every position.
+        for o in 0..=255u8 {
+            let ip = IpAddr::from([o, 255 - o, o / 2, o.wrapping_mul(7)]);
+            assert_eq!(addr_element(&ip), ip.to_string());
+        }
+    }
 }
