@@ -78,5 +78,7 @@ USER 0:0
 # Exec form: the agent is PID 1 and gets the kubelet's SIGTERM itself (it then exits and leaves
 # the rules in force). deploy/daemonset.yaml replaces CMD with `run` and its flags;
 # tests/deploy.rs checks this stage and parses those arguments with the agent's own parser.
+# The allocator settings of deploy/daemonset.yaml, for the image run by itself.
+ENV MIMALLOC_PURGE_DELAY=0 MIMALLOC_ARENA_EAGER_COMMIT=0
 ENTRYPOINT ["/usr/local/bin/kube-nftpolicy"]
 CMD ["run"]

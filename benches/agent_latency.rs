@@ -226,6 +226,9 @@ fn main() {
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .env("RUST_LOG", "info")
+            // As deploy/daemonset.yaml starts it.
+            .env("MIMALLOC_PURGE_DELAY", "0")
+            .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

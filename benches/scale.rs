@@ -5,6 +5,10 @@
 //! Run: `cargo bench --bench scale` (`SCALES=1` for the target size only). Figures are
 //! recorded in docs/benchmarks.md.
 
+/// The allocator the agent runs with (`src/main.rs`), so the figures are the agent's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "support/synthetic.rs"]
 mod synthetic;
 #[path = "support/toggle.rs"]

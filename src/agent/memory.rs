@@ -1,33 +1,43 @@
 //! Keeping the agent's resident memory close to what it holds.
 //!
-//! At 100,000 pods a full compile allocates and frees tens of megabytes (the previous
-//! ruleset, the resolver's per-namespace indexes, the watchers' list pages), and glibc's
-//! allocator keeps freed memory mapped: in one arena per thread that allocated (up to eight
-//! per core), and in the middle of its heaps where `free` never returns it. Measured on the
-//! 10× model, that was a third of the agent's RSS. Two calls to glibc fix it, and no crate
-//! offers them (allocator crates replace malloc instead, a larger change for the same end):
-//! - [`limit_arenas`] before any thread starts: two arenas serve the agent's few busy threads
-//!   (the sync task, the watchers, the HTTP answers) without contention worth measuring;
-//! - [`release_free_memory`] after a full sync: `malloc_trim` gives every whole free page
-//!   back to the kernel, from all arenas.
+//! The binary allocates with mimalloc (`main.rs` sets it as the global allocator). glibc's
+//! malloc was measured slower and fatter for what this program does: the CLI decodes a dump
+//! of a large cluster into millions of small values on every core (57 MB of YAML at 100,000
+//! pods: 5.5–6.5 s with glibc, most of it in malloc and in frees across threads, against
+//! 2.6 s with mimalloc), and the agent frees its whole previous ruleset on every full
+//! compile, which glibc kept mapped in per-thread arenas (a third of the agent's RSS at
+//! 100,000 pods).
 //!
-//! On other C libraries both are no-ops.
+//! mimalloc by default keeps freed memory committed for a while and commits its arenas
+//! eagerly, which costs resident memory for speed the agent does not need (it compiles at
+//! most a few times a second). [`configure_for_agent`] makes it give freed pages back at
+//! once and commit on demand; [`release_free_memory`] after a full sync returns what the
+//! threads still cache. The figures are in docs/benchmarks.md ("Where the agent's memory
+//! goes").
 
-/// Cap the number of malloc arenas. Call before the async runtime starts its threads: the
-/// cap applies to arenas created from then on.
-pub fn limit_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tunables; M_ARENA_MAX takes any positive count.
+use libmimalloc_sys as mi;
+
+/// `mi_option_arena_eager_commit` and `mi_option_purge_delay` in the `mi_option_e` enum of
+/// the mimalloc 2.x that libmimalloc-sys builds (include/mimalloc.h); the crate names only
+/// some of the options.
+const ARENA_EAGER_COMMIT: mi::mi_option_t = 4;
+const PURGE_DELAY: mi::mi_option_t = 15;
+
+/// Trade a little allocation speed for resident memory. Call first thing in the agent: the
+/// options apply to memory allocated from then on.
+pub fn configure_for_agent() {
+    // SAFETY: mi_option_set only stores a tunable; both options accept these values.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        mi::mi_option_set(PURGE_DELAY, 0);
+        mi::mi_option_set(ARENA_EAGER_COMMIT, 0);
     }
 }
 
-/// Return the allocator's free pages to the kernel.
+/// Return the allocator's free pages to the kernel (after a full sync freed the previous
+/// ruleset and the resolver's indexes).
 pub fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim takes the allocator's own locks; 0 keeps no extra pad.
+    // SAFETY: mi_collect takes no pointers; `force` also frees the calling thread's caches.
     unsafe {
-        libc::malloc_trim(0);
+        mi::mi_collect(true);
     }
 }

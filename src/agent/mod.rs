@@ -5,7 +5,7 @@
 //! - [`admin`]: the HTTP answers (`/healthz`, `/readyz`, `/metrics`, `/debug/explain`);
 //! - [`metrics`]: the Prometheus registry with bounded labels;
 //! - [`denylog`]: which logged packets become "denied connection" lines (dedup, rate limit);
-//! - [`memory`]: the allocator tunables that keep resident memory near what is held.
+//! - [`memory`]: the allocator settings that keep resident memory near what is held.
 //!
 //! Safety rules this module enforces (DESIGN.md, "Programming the kernel"):
 //! - nothing is written before Pods, Namespaces, NetworkPolicies and Nodes have all been listed
