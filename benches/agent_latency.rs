@@ -136,7 +136,25 @@ fn monitor() -> (Guard, mpsc::Receiver<(Instant, String)>) {
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // `nft monitor` reads the whole ruleset before it prints anything (at 100,000 pods, the
+    // agent's 200,000 elements take seconds), and misses what is committed meanwhile: wait
+    // until it reports a table of our own coming and going.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let nft = |args: &[&str]| {
+            let _ = Command::new("nft").args(args).status();
+        };
+        nft(&["add", "table", "inet", "bench_monitor_probe"]);
+        nft(&["delete", "table", "inet", "bench_monitor_probe"]);
+        let seen = std::iter::from_fn(|| lines.recv_timeout(Duration::from_millis(500)).ok())
+            .any(|(_, line)| line.contains("bench_monitor_probe"));
+        if seen {
+            // Drain the probe's other line.
+            while lines.recv_timeout(Duration::from_millis(100)).is_ok() {}
+            break;
+        }
+        assert!(Instant::now() < deadline, "nft monitor printed nothing in 120 s");
+    }
     (monitor, lines)
 }
 
@@ -152,12 +170,17 @@ fn mentions(line: &str, item: &str) -> bool {
 /// Wait for a line of `nft monitor` that mentions `needle`, returning when it was read.
 fn wait_for(lines: &mpsc::Receiver<(Instant, String)>, verb: &str, needle: &str) -> Instant {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen: Vec<String> = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
             Ok((at, line)) if line.starts_with(verb) && mentions(&line, needle) => return at,
-            Ok(_) => {}
-            Err(_) => panic!("the kernel never showed `{verb} … {needle}` within 10 s"),
+            Ok((_, line)) => seen.push(line.chars().take(200).collect()),
+            Err(_) => panic!(
+                "the kernel never showed `{verb} … {needle}` within 10 s; it showed {} lines, the last: {:#?}",
+                seen.len(),
+                &seen[seen.len().saturating_sub(8)..]
+            ),
         }
     }
 }
@@ -455,7 +478,9 @@ fn main() {
         .take(if s.namespaces > 100 { 3 } else { 10 })
         .collect();
     // A fresh monitor: `nft monitor` keeps a cache of sets from its start and cannot print
-    // elements of sets it lost track of during the policy bursts.
+    // elements of sets it lost track of during the policy bursts. (At 10× this phase used
+    // to time out: the relabel was committed while the new monitor was still reading the
+    // ruleset; `monitor` now waits until the monitor is live.)
     let (_monitor, lines) = monitor();
     let mut relabels = Vec::new();
     for k in 0..samples.min(100) {
