@@ -236,6 +236,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 // Audit mode removes nothing: an established flow is never cut.
                 enforce_established: a.enforce_established && !a.audit,
                 audit: a.audit,
+                staged_mark: compile::StagedMarkMask::new(a.staged_mark_mask)
+                    .context("--staged-mark-mask")?,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

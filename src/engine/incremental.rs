@@ -138,6 +138,11 @@ impl NodeCompiler {
         &self.rs
     }
 
+    /// The options it compiles with.
+    pub fn options(&self) -> &CompileOptions {
+        &self.opts
+    }
+
     /// The resolved policy for the last snapshot.
     pub fn node_policy(&self) -> &NodePolicy {
         &self.np
@@ -196,6 +201,16 @@ impl NodeCompiler {
         // know their chains. So: the full path while one selects a pod of this node, and for
         // any change that may make one do so (see `touches_staged`).
         if !self.np.staged.is_empty() || self.touches_staged(snapshot, changes) {
+            return false;
+        }
+        // Staged ClusterNetworkPolicies are measured through the mark field, whose rules sit
+        // in many chains (tier chains, Deny rules, drops): the full path while one selects a
+        // pod of this node, and for a pod or namespace change while one exists at all (the
+        // change may make its subject take in a local pod).
+        if !self.np.staged_cnps.is_empty()
+            || ((!changes.pods.is_empty() || !changes.namespaces.is_empty())
+                && snapshot.cnps.iter().any(|(_, c)| c.staged))
+        {
             return false;
         }
         // A pod edit reads its namespace's labels as they are now, for before and after.
