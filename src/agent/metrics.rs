@@ -730,11 +730,7 @@ impl Metrics {
                     direction,
                     change,
                 } if *change == wanted => Some((
-                    vec![
-                        (*direction).to_owned(),
-                        policy.clone(),
-                        (*tier).to_owned(),
-                    ],
+                    vec![(*direction).to_owned(), policy.clone(), (*tier).to_owned()],
                     h.packets,
                     0,
                 )),

@@ -593,12 +593,9 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
                 shared2
                     .metrics
                     .set_policy_states(&policy_states(nc.node_policy(), nc.snapshot()));
-                shared2
-                    .metrics
-                    .set_cnp_staged_unmeasured(&crate::engine::compile::unmeasured_staged_cnps(
-                        nc.node_policy(),
-                        nc.options(),
-                    ));
+                shared2.metrics.set_cnp_staged_unmeasured(
+                    &crate::engine::compile::unmeasured_staged_cnps(nc.node_policy(), nc.options()),
+                );
             }
             if out.is_ok() && log_denied {
                 // Only the denied-connection log reads the attribution tables.

@@ -1681,7 +1681,9 @@ fn staged_cnp_objects(
         };
         out.maps.push(map(
             staged_cnp_allow_map_name(d),
-            &format!("staged ClusterNetworkPolicies, {d}: recorded Accept → would-allow (at drops)"),
+            &format!(
+                "staged ClusterNetworkPolicies, {d}: recorded Accept → would-allow (at drops)"
+            ),
             allow.remove(&d).unwrap_or_default(),
         ));
         out.maps.push(map(

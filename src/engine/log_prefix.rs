@@ -720,9 +720,27 @@ mod tests {
         use crate::model::Tier;
         let long = "c".repeat(253);
         let cases = [
-            ("admin ingress", DenyDirection::Ingress, true, Tier::Admin, "no-other"),
-            ("baseline egress", DenyDirection::Egress, false, Tier::Baseline, "base"),
-            ("long name", DenyDirection::Egress, true, Tier::Admin, long.as_str()),
+            (
+                "admin ingress",
+                DenyDirection::Ingress,
+                true,
+                Tier::Admin,
+                "no-other",
+            ),
+            (
+                "baseline egress",
+                DenyDirection::Egress,
+                false,
+                Tier::Baseline,
+                "base",
+            ),
+            (
+                "long name",
+                DenyDirection::Egress,
+                true,
+                Tier::Admin,
+                long.as_str(),
+            ),
         ];
         for (name, d, would_allow, tier, policy) in cases {
             let prefix = encode_staged_cnp_prefix(d, would_allow, tier, policy);
@@ -730,7 +748,11 @@ mod tests {
             let Ok(LogTarget::StagedCnp(t)) = parse_log_prefix(&prefix) else {
                 panic!("case {name}: {prefix} parses as staged ClusterNetworkPolicy");
             };
-            assert_eq!((t.direction, t.would_allow, t.tier), (d, would_allow, tier), "case {name}");
+            assert_eq!(
+                (t.direction, t.would_allow, t.tier),
+                (d, would_allow, tier),
+                "case {name}"
+            );
             if policy.len() < 90 {
                 assert_eq!(t.policy, policy, "case {name}");
             } else {
