@@ -1550,13 +1550,18 @@ fn staged_cnp_objects(
             if matchers.is_empty() {
                 continue;
             }
-            actions.insert(rule.action);
+            // A Baseline Pass leaves the verdict to the end of the tiers: allow, as Accept.
+            let recorded = match (cr.tier, rule.action) {
+                (Tier::Baseline, Action::Pass) => Action::Accept,
+                (_, a) => a,
+            };
+            actions.insert(recorded);
             let label = rule.label(d);
             for (m, what) in &matchers {
                 let sep = if m.is_empty() { "" } else { " " };
                 rules.push(format!(
                     "{m}{sep}{} return comment {}",
-                    mask.set(mask.value(slot, rule.action)),
+                    mask.set(mask.value(slot, recorded)),
                     crate::engine::ruleset::quote_comment(&format!(
                         "{} {label} {what}: {} (staged, slot {slot})",
                         cr.name, rule.action
