@@ -1874,7 +1874,7 @@ fn cnp_matchers(sets: &mut Sets, cr: &CnpRules, rule: &ResolvedCnpRule) -> Vec<(
 /// itself. The tier chain therefore repeats the policy's `Pass` matchers with `return` right
 /// after jumping to it: a packet back from the policy chain matched no `Accept` or `Deny`
 /// before any rule it matches, so if it matches a `Pass` rule, the first rule it matched was a
-/// `Pass`. No packet mark is needed (the agent uses none).
+/// `Pass`. No packet mark is needed (only staged ClusterNetworkPolicies use one).
 pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -> CnpChains {
     cnp_chain_measured(sets, cr, opts, None)
 }
