@@ -736,7 +736,7 @@ fn random_cnp(r: &mut Rng) -> ClusterPolicy {
 fn random_walk_with_staged_cluster_network_policies_matches_full_compile() {
     for seed in [5u64, 23] {
         let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-        let mut staged_cnp = |r: &mut Rng| {
+        let staged_cnp = |r: &mut Rng| {
             let mut c = random_cnp(r);
             c.staged = r.below(3) == 0;
             c

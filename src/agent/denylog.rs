@@ -84,7 +84,7 @@ pub struct DeniedConnection {
     /// The ClusterNetworkPolicy Deny rule that dropped it; `None` for a pod's isolation.
     /// `namespace`/`pod` are then the local pod the rule applies to (the destination for
     /// ingress, the source for egress), or `unknown` when the address is not a known pod.
-    pub cnp: Option<CnpDenyTarget>,
+    pub cnp: Option<Box<CnpDenyTarget>>,
     /// The staged policy that would change this connection's verdict (nothing was dropped
     /// by it: the connection went on as today); `namespace`/`pod` are the local pod as for
     /// `cnp`.
@@ -212,7 +212,7 @@ impl DenyLogger {
             LogTarget::Pod(t) => (t.direction, t.namespace, t.pod, None, None),
             LogTarget::Cnp(t) => {
                 let (ns, name) = local_pod(t.direction);
-                (t.direction, ns, name, Some(t), None)
+                (t.direction, ns, name, Some(Box::new(t)), None)
             }
             LogTarget::Staged(t) => {
                 let (ns, name) = local_pod(t.direction);
