@@ -593,6 +593,13 @@ fn staged_cluster_network_policies_count_exactly_the_changes_in_both_directions(
         "one counter per staged policy, direction and change it can make"
     );
     assert_eq!(
+        planes
+            .with(&c, "node-1", |dp| dp.check_drift())
+            .expect("drift check"),
+        None,
+        "the read-back agrees with the settle and mark chains"
+    );
+    assert_eq!(
         run_cnp_probes(&c),
         want,
         "staged policies change no verdict"
