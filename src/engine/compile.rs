@@ -1996,3 +1996,77 @@ fn cnp_chain_measured(
         pass,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_mark_masks() {
+        let cases: [(&str, u32, Result<usize, MarkMaskError>); 6] = [
+            ("default: top byte, 64 slots", 0xff00_0000, Ok(64)),
+            ("three bits: two slots", 0x0000_0700, Ok(2)),
+            ("low bits", 0x0000_00ff, Ok(64)),
+            (
+                "two bits: too narrow",
+                0x0000_3000,
+                Err(MarkMaskError::TooNarrow(0x3000)),
+            ),
+            ("zero", 0, Err(MarkMaskError::TooNarrow(0))),
+            (
+                "a hole",
+                0x0f0f_0000,
+                Err(MarkMaskError::NotContiguous(0x0f0f_0000)),
+            ),
+        ];
+        for (name, mask, want) in cases {
+            assert_eq!(
+                StagedMarkMask::new(mask).map(StagedMarkMask::slots),
+                want,
+                "case {name}"
+            );
+        }
+        let m = StagedMarkMask::default();
+        // Every value stays inside the field, is never zero, and each (slot, action) differs.
+        let mut seen = std::collections::BTreeSet::new();
+        for slot in 0..m.slots() {
+            for a in [Action::Accept, Action::Deny, Action::Pass] {
+                let v = m.value(slot, a);
+                assert_eq!(v & !m.mask(), 0, "slot {slot} {a}");
+                assert_ne!(v, 0);
+                assert!(seen.insert(v), "slot {slot} {a} is unique");
+            }
+        }
+        assert_eq!(m.value(1, Action::Accept), 0x0500_0000);
+        assert_eq!(
+            m.set(0x0500_0000),
+            "meta mark set meta mark & 0x00ffffff | 0x05000000"
+        );
+    }
+
+    #[test]
+    fn staged_cnps_beyond_the_slots_are_not_measured() {
+        let cr = |name: &str| CnpRules {
+            name: name.into(),
+            tier: Tier::Admin,
+            priority: 1,
+            direction: Direction::Ingress,
+            selected: vec![ObjectKey::new("a", "p")],
+            rules: Vec::new(),
+        };
+        let np = NodePolicy {
+            staged_cnps: vec![cr("c"), cr("a"), cr("b")],
+            ..NodePolicy::default()
+        };
+        let opts = CompileOptions {
+            staged_mark: StagedMarkMask::new(0x7).expect("3 bits"),
+            ..CompileOptions::default()
+        };
+        // Slots go by name: a and b are measured, c is not.
+        assert_eq!(unmeasured_staged_cnps(&np, &opts), vec!["c".to_string()]);
+        let plan = StagedCnpPlan::of(&np, &opts);
+        assert_eq!(plan.slots.get("a"), Some(&0));
+        assert_eq!(plan.slots.get("b"), Some(&1));
+        assert!(unmeasured_staged_cnps(&np, &CompileOptions::default()).is_empty());
+    }
+}
