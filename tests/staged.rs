@@ -24,6 +24,7 @@ use kernel::{NodeDataplanes, labels, list_table, pod_yaml, serial};
 use kube_nftpolicy::engine::ruleset::CounterOwner;
 use kube_nftpolicy::kernel::nft::transaction::Kind;
 use manifest_yaml::namespace_yaml;
+use netns::KUBELET_PORT;
 use netns::{Cluster, ClusterSpec, Endpoint, Family, Layout, Probe};
 
 /// Shorter than the first SYN retransmission (1 s): a denied probe sends one SYN.
@@ -489,6 +490,14 @@ fn staged_cnps() -> String {
     .concat()
 }
 
+/// A staged Admin Deny of client → its node (`node_ip`): allowed today, so would-deny, settled
+/// on the input hook after `egress-to-node`.
+fn staged_to_node(node_ip: IpAddr) -> String {
+    format!(
+        "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata:\n  name: s-client-to-node\n  annotations: {{kube-nftpolicy.io/staged: \"true\"}}\nspec:\n  tier: Admin\n  priority: 45\n  subject: {{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: client}}}}}}}}\n  egress:\n  - {{name: node, action: Deny, to: [{{networks: [\"{node_ip}/32\"]}}]}}\n"
+    )
+}
+
 /// The probes of that test: (from, to, family, port, times, allowed today).
 const CNP_PROBES: [(&str, &str, Family, u16, usize, bool); 7] = [
     ("client", "web", Family::V4, 80, 2, true),
@@ -565,6 +574,8 @@ fn staged_cluster_network_policies_count_exactly_the_changes_in_both_directions(
     let _g = serial();
     let c = cluster();
     let mut planes = NodeDataplanes::new(&c);
+    let node = c.node_ip("node-1", Family::V4);
+    let to_node = || connect(&c, "client", node, KUBELET_PORT, 1);
 
     // Today's verdicts without staged policies.
     planes.sync_text(&c, &manifests(&c, &enforced_for_staged_cnps()));
@@ -576,13 +587,20 @@ fn staged_cluster_network_policies_count_exactly_the_changes_in_both_directions(
     let drops_today = drops(&mut planes, &c);
 
     // The same with the staged ClusterNetworkPolicies, watched by a table of our own.
-    let all = format!("{}{}", enforced_for_staged_cnps(), staged_cnps());
+    assert_eq!(to_node(), 1, "client reaches its node today");
+    let all = format!(
+        "{}{}{}",
+        enforced_for_staged_cnps(),
+        staged_cnps(),
+        staged_to_node(node)
+    );
     planes.sync_text(&c, &manifests(&c, &all));
     mark_watch(&c, false);
     let zero = BTreeMap::from([
         (key("s-allow-other", "ingress", "would-allow"), 0),
         (key("s-base-other", "ingress", "would-deny"), 0),
         (key("s-base-web", "ingress", "would-deny"), 0),
+        (key("s-client-to-node", "egress", "would-deny"), 0),
         (key("s-client-egress", "egress", "would-allow"), 0),
         (key("s-client-egress", "egress", "would-deny"), 0),
         (key("s-deny-client", "ingress", "would-deny"), 0),
@@ -604,6 +622,7 @@ fn staged_cluster_network_policies_count_exactly_the_changes_in_both_directions(
         want,
         "staged policies change no verdict"
     );
+    assert_eq!(to_node(), 1, "client still reaches its node");
     let doubled: BTreeMap<String, u64> = drops_today
         .iter()
         .map(|(k, v)| (k.clone(), v * 2))
@@ -618,6 +637,8 @@ fn staged_cluster_network_policies_count_exactly_the_changes_in_both_directions(
         (key("s-base-other", "ingress", "would-deny"), 3),
         // web is isolated by a NetworkPolicy: its Baseline tier is never reached.
         (key("s-base-web", "ingress", "would-deny"), 0),
+        // client → its node: accepted by egress-to-node (input), settled after it.
+        (key("s-client-to-node", "egress", "would-deny"), 1),
         // client → web:8080, denied today by the Baseline Deny on client's egress.
         (key("s-client-egress", "egress", "would-allow"), 1),
         // client → other, allowed today.
