@@ -7,7 +7,11 @@
 //! - per-pod chains that drop invalid packets, jump to each isolating policy's chain, and end
 //!   in a per-pod terminal chain holding the counted drop;
 //! - per-policy chains with one rule per (rule, peer, family, port kind) that `accept`s;
-//! - sets shared by content: one per peer selector, one per ipBlock, one per named-port rule.
+//! - sets shared by content: one per peer selector, one per ipBlock, one per named-port rule;
+//! - while a staged ClusterNetworkPolicy concerns a local pod, a field of the packet mark that
+//!   carries its verdict from its place in the tier chain to where today's verdict happens
+//!   (drop points and settle base chains), because nftables' `accept`/`drop` end a chain and
+//!   today's verdict is only known after the staged policy's place.
 //!
 //! Every name is deterministic (sorted input, FNV-1a hashes), so the same cluster state
 //! always renders byte-identical text.
