@@ -24,7 +24,9 @@
 //! loop per measurement, default 5), `DATAPLANE_IPERF_SECS` (iperf3 `-t`, default 5; 0 skips
 //! throughput), `DATAPLANE_REPEATS` (default 3, the median is reported), `DATAPLANE_CLIENTS`
 //! (concurrent connecting threads, default 2), `DATAPLANE_CONFIGS` (default
-//! `none,conntrack,base,ours,naive`; `audit` is `ours` as `run --audit` compiles it), `DATAPLANE_CNPS` (ClusterNetworkPolicies added to the
+//! `none,conntrack,base,ours,naive`; `audit` is `ours` as `run --audit` compiles it; `staged` is
+//! `ours` plus a staged NetworkPolicy on the client's egress and a staged Admin
+//! ClusterNetworkPolicy on the server's ingress, both met by the measured connection), `DATAPLANE_CNPS` (ClusterNetworkPolicies added to the
 //! cluster, none of them applying to the measured pods; default 0). Results are in docs/benchmarks.md.
 
 #[path = "support/naive.rs"]
@@ -130,16 +132,21 @@ enum Config {
     Ours,
     /// `ours` compiled for `run --audit` (terminal chains count and accept).
     Audit,
+    /// `ours` with a staged NetworkPolicy and a staged ClusterNetworkPolicy that the measured
+    /// connection passes through (the would-deny chain of the client's egress; the mark field
+    /// set in the server's Admin tier and settled after our accept).
+    Staged,
     Naive,
 }
 
 impl Config {
-    const ALL: [Config; 6] = [
+    const ALL: [Config; 7] = [
         Config::None,
         Config::Conntrack,
         Config::Base,
         Config::Ours,
         Config::Audit,
+        Config::Staged,
         Config::Naive,
     ];
 
@@ -149,7 +156,7 @@ impl Config {
 
     /// Whether this config enforces the policies (so denied probes must be dropped).
     fn enforces(self) -> bool {
-        matches!(self, Config::Ours | Config::Naive)
+        matches!(self, Config::Ours | Config::Staged | Config::Naive)
     }
 }
 
@@ -162,6 +169,7 @@ impl fmt::Display for Config {
             Config::Base => "base",
             Config::Ours => "ours",
             Config::Audit => "audit",
+            Config::Staged => "staged",
             Config::Naive => "naive",
         })
     }
@@ -213,7 +221,7 @@ impl Settings {
             .map(|s| {
                 Config::parse(s.trim()).ok_or_else(|| {
                     format!(
-                        "DATAPLANE_CONFIGS: {s:?} is not one of none, conntrack, base, ours, audit, naive"
+                        "DATAPLANE_CONFIGS: {s:?} is not one of none, conntrack, base, ours, audit, staged, naive"
                     )
                 })
             })
@@ -423,10 +431,48 @@ fn cluster_index(c: &Cluster, n: usize, cnps: usize) -> Result<Index, String> {
     Ok(idx)
 }
 
+/// The `staged` config's policies: a staged NetworkPolicy that would isolate the client's
+/// egress (the measured connection matches its rule: counted by nothing, but it walks the
+/// would-deny chain), and a staged Admin ClusterNetworkPolicy that would deny the client at
+/// the server (recorded in the mark field, counted as would-deny after our accept).
+fn staged_manifests() -> String {
+    format!(
+        r#"---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: staged-client-egress
+  namespace: {CLIENT_NS}
+  annotations: {{kube-nftpolicy.io/staged: "true"}}
+spec:
+  podSelector: {{matchLabels: {{app: client}}}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: server}}}}}}]
+    ports: [{{port: {CONN_PORT}}}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata:
+  name: staged-guard-server
+  annotations: {{kube-nftpolicy.io/staged: "true"}}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: server}}}}}}}}
+  ingress:
+  - name: not-the-client
+    action: Deny
+    from: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: client}}}}}}}}]
+"#
+    )
+}
+
 /// Everything measured at one size.
 struct Size {
     ours: Ruleset,
     audit: Ruleset,
+    staged: Ruleset,
     base: Ruleset,
     naive_script: String,
     summary: Vec<String>,
@@ -463,6 +509,23 @@ fn prepare(c: &Cluster, n: usize, cnps: usize) -> Result<Size, String> {
             ..opts.clone()
         },
     );
+    let staged = {
+        let mut idx = cluster_index(c, n, cnps)?;
+        let m = parse_sources(&[("staged.yaml".into(), staged_manifests())])
+            .map_err(|e| format!("staged policies: {e}"))?;
+        for p in m.policies {
+            idx.apply_policy(p);
+        }
+        for p in m.cnps {
+            idx.apply_cnp(p);
+        }
+        let mut np = resolve(&idx.snapshot(), NODE);
+        kube_nftpolicy::engine::compile::apply_pod_cidrs(&mut np, &opts);
+        if np.staged_cnps.is_empty() || np.staged.is_empty() {
+            return Err("the staged policies select no pod of the node".into());
+        }
+        compile(&np, &opts)
+    };
     let naive = naive::expand(&np);
     check_naive(&np, &naive, c)?;
     let server = c.pod_ip(SERVER_NS, "server", Family::V4);
@@ -516,6 +579,7 @@ fn prepare(c: &Cluster, n: usize, cnps: usize) -> Result<Size, String> {
     Ok(Size {
         ours,
         audit,
+        staged,
         base,
         naive_script: naive::render(&naive),
         summary,
@@ -679,10 +743,11 @@ fn apply(c: &Cluster, config: Config, size: &Size) -> Result<Duration, String> {
         Config::Conntrack => {
             node_nft(c, &["-f", "-"], Some(CT_ONLY.to_string()))?;
         }
-        Config::Base | Config::Ours | Config::Audit => {
+        Config::Base | Config::Ours | Config::Audit | Config::Staged => {
             let rs = match config {
                 Config::Base => size.base.clone(),
                 Config::Audit => size.audit.clone(),
+                Config::Staged => size.staged.clone(),
                 _ => size.ours.clone(),
             };
             c.run_in_node(NODE, move || {
@@ -706,7 +771,7 @@ fn remove(c: &Cluster, config: Config) -> Result<(), String> {
         Config::Conntrack => {
             node_nft(c, &["delete", "table", "inet", "knp-bench-ct"], None)?;
         }
-        Config::Base | Config::Ours | Config::Audit => {
+        Config::Base | Config::Ours | Config::Audit | Config::Staged => {
             c.run_in_node(NODE, || dataplane::cleanup(&Nft::default()))
                 .map_err(|e| format!("removing our table: {e}"))?;
         }

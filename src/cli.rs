@@ -222,6 +222,12 @@ pub struct RunArgs {
     /// --log-denied as "would deny", and accepted. Established flows are never removed.
     #[arg(long)]
     pub audit: bool,
+    /// The bits of the packet mark (`meta mark`) that measure staged ClusterNetworkPolicies
+    /// (one contiguous run of at least 3 bits, hex or decimal). They are set only on new
+    /// connections of pods a staged ClusterNetworkPolicy selects, only when zero, and cleared
+    /// before masquerade; 2^(bits-2) staged ClusterNetworkPolicies per node are measured.
+    #[arg(long, value_name = "MASK", default_value = "0xff000000", value_parser = parse_mark_mask)]
+    pub staged_mark_mask: u32,
     /// The nft binary.
     #[arg(long, default_value = "nft")]
     pub nft: PathBuf,
@@ -234,4 +240,14 @@ pub enum UnknownAddresses {
     Drop,
     /// Let it through.
     Allow,
+}
+
+/// `--staged-mark-mask`: `0x…` hex or decimal (the agent checks that it is contiguous).
+fn parse_mark_mask(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => t.parse::<u32>(),
+    }
+    .map_err(|e| format!("{s:?} is not a 32-bit number: {e}"))
 }

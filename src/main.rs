@@ -241,6 +241,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 // Audit mode removes nothing: an established flow is never cut.
                 enforce_established: a.enforce_established && !a.audit,
                 audit: a.audit,
+                staged_mark: compile::StagedMarkMask::new(a.staged_mark_mask)
+                    .context("--staged-mark-mask")?,
             };
             agent::memory::configure_for_agent();
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -741,3 +741,79 @@ fn staged_policies_are_judged_against_today() {
     assert!(e.staged.is_empty());
     assert!(!e.to_text().contains("staged"));
 }
+
+/// Staged ClusterNetworkPolicies: the first one reached with a matching rule, judged against
+/// today, named with its rule (example 19).
+#[test]
+fn staged_cluster_network_policies_are_judged_against_today() {
+    let snap = snapshot(&example("19-staged-cluster-network-policy"));
+    // (from, to, port, today, Some((policy, direction, with it, change, rule)) or None)
+    type Want = Option<(
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static str,
+    )>;
+    let cases: [(&str, &str, &str, bool, Want, &str); 4] = [
+        (
+            "team-b/app",
+            "team-a/db",
+            "8080",
+            false,
+            Some((
+                "team-b-to-db",
+                "ingress",
+                "allowed",
+                "would-allow",
+                "spec.ingress[0] (team-b-app): Accept",
+            )),
+            "staged Admin ClusterNetworkPolicy team-b-to-db (ingress): today: denied; with staged Admin ClusterNetworkPolicy team-b-to-db: allowed by its rule spec.ingress[0] (team-b-app): Accept (counted as would-allow)",
+        ),
+        (
+            "team-a/db",
+            "team-b/app",
+            "8080",
+            true,
+            Some((
+                "quarantine-db",
+                "egress",
+                "denied",
+                "would-deny",
+                "spec.egress[0] (no-team-b): Deny",
+            )),
+            "staged Admin ClusterNetworkPolicy quarantine-db (egress): today: allowed; with staged Admin ClusterNetworkPolicy quarantine-db: denied by its rule spec.egress[0] (no-team-b): Deny (counted as would-deny)",
+        ),
+        // Port 9090 from team-b: team-b-to-db's rule is 8080 only.
+        ("team-b/app", "team-a/db", "9090", false, None, ""),
+        // monitoring → db:9090: allow-monitoring (priority 10) accepts before team-b-to-db.
+        ("monitoring/prometheus", "team-a/db", "9090", true, None, ""),
+    ];
+    for (from, to, p, today, want, line) in cases {
+        let e = explain(&snap, &ep(from), &ep(to), &port(p), None).expect("explains");
+        let name = format!("{from} -> {to}:{p}");
+        assert_eq!(
+            e.allowed, today,
+            "{name}: today's verdict ignores staged policies"
+        );
+        let got = e.staged.first().map(|s| {
+            (
+                s.policy.as_str(),
+                s.direction,
+                s.with_staged,
+                s.change,
+                s.rule.as_deref().unwrap_or(""),
+            )
+        });
+        assert_eq!(got, want, "{name}");
+        assert_eq!(e.staged.len(), usize::from(want.is_some()), "{name}");
+        let text = e.to_text();
+        if want.is_some() {
+            assert!(text.contains(line), "{name}: {line:?} in\n{text}");
+            let json = serde_json::to_value(&e).expect("json");
+            assert_eq!(json["staged"][0]["tier"], "admin", "{name}");
+        } else {
+            assert!(!text.contains("staged"), "{name}:\n{text}");
+        }
+    }
+}

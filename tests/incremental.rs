@@ -728,6 +728,86 @@ fn random_cnp(r: &mut Rng) -> ClusterPolicy {
     }
 }
 
+/// Staged ClusterNetworkPolicies among the random ones: measured through the mark field,
+/// they take the full path while one concerns a local pod (and for a change that could make
+/// one do so); every step must still agree with a full compile, and the other steps stay
+/// incremental.
+#[test]
+fn random_walk_with_staged_cluster_network_policies_matches_full_compile() {
+    for seed in [5u64, 23] {
+        let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let staged_cnp = |r: &mut Rng| {
+            let mut c = random_cnp(r);
+            c.staged = r.below(3) == 0;
+            c
+        };
+        let mut idx = Index::new();
+        idx.reset_namespaces(NAMESPACES.iter().map(|n| namespace(n, "x")).collect());
+        idx.reset_pods((0..12).map(|_| random_pod(&mut r)).collect());
+        idx.reset_policies((0..4).map(|_| random_policy(&mut r)).collect());
+        idx.reset_cnps((0..4).map(|_| staged_cnp(&mut r)).collect());
+        let opts = CompileOptions::default();
+        let mut c = NodeCompiler::new(NODE, opts.clone());
+        step(&mut c, &mut idx, &opts, &format!("seed {seed}: initial"));
+        let (mut incremental, mut with_staged) = (0, 0);
+        for i in 0..300 {
+            let what = match r.below(10) {
+                0 | 1 => {
+                    idx.apply_cnp(staged_cnp(&mut r));
+                    "cluster network policy applied"
+                }
+                2 => {
+                    idx.delete_cnp(&format!("cnp{}", r.below(6)));
+                    "cluster network policy deleted"
+                }
+                3 => {
+                    let ns = r.pick(NAMESPACES);
+                    idx.apply_namespace(namespace(ns, r.pick(&["x", "y"])));
+                    "namespace relabelled"
+                }
+                4 => {
+                    let mut p = random_pod(&mut r);
+                    p.node = Some(NODE.to_string());
+                    idx.apply_pod(p);
+                    "local pod applied"
+                }
+                5 => {
+                    idx.apply_policy(random_policy(&mut r));
+                    "policy applied"
+                }
+                _ => {
+                    idx.apply_pod(random_pod(&mut r));
+                    "pod applied"
+                }
+            };
+            if step(
+                &mut c,
+                &mut idx,
+                &opts,
+                &format!("seed {seed} step {i}: {what}"),
+            ) == UpdateKind::Incremental
+            {
+                incremental += 1;
+            }
+            if !c.node_policy().staged_cnps.is_empty() {
+                with_staged += 1;
+            }
+        }
+        assert!(
+            with_staged > 50,
+            "seed {seed}: staged ClusterNetworkPolicies rarely concerned the node ({with_staged})"
+        );
+        assert!(
+            with_staged < 300,
+            "seed {seed}: never without a staged ClusterNetworkPolicy"
+        );
+        assert!(
+            incremental > 20,
+            "seed {seed}: only {incremental} incremental updates"
+        );
+    }
+}
+
 #[test]
 fn random_walk_with_cluster_network_policies_matches_full_compile() {
     for seed in [3u64, 11, 99] {

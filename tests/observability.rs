@@ -87,7 +87,16 @@ const AUDIT_ONLY: [&str; 3] = [
 ];
 /// Families with series only while a staged policy selects a pod of the node, checked by
 /// `staged_policies_count_and_log_the_connections_they_would_change`.
-const STAGED_ONLY: [&str; 2] = [STAGED_WOULD_DENY, STAGED_WOULD_ALLOW];
+const STAGED_ONLY: [&str; 5] = [
+    STAGED_WOULD_DENY,
+    STAGED_WOULD_ALLOW,
+    CNP_STAGED_WOULD_DENY,
+    CNP_STAGED_WOULD_ALLOW,
+    CNP_STAGED_UNMEASURED,
+];
+const CNP_STAGED_WOULD_DENY: &str = "kube_nftpolicy_cnp_staged_would_deny_total";
+const CNP_STAGED_WOULD_ALLOW: &str = "kube_nftpolicy_cnp_staged_would_allow_total";
+const CNP_STAGED_UNMEASURED: &str = "kube_nftpolicy_cnp_staged_unmeasured";
 const STAGED_WOULD_DENY: &str = "kube_nftpolicy_staged_would_deny_total";
 const STAGED_WOULD_ALLOW: &str = "kube_nftpolicy_staged_would_allow_total";
 const WOULD_DROP: &str = "kube_nftpolicy_would_drop_packets_total";
@@ -2318,7 +2327,7 @@ fn staged_policies_count_and_log_the_connections_they_would_change() {
     );
     let documented = documented_metrics();
     let labels = scrape.label_names();
-    for name in STAGED_ONLY {
+    for name in [STAGED_WOULD_DENY, STAGED_WOULD_ALLOW] {
         let doc = documented
             .get(name)
             .unwrap_or_else(|| panic!("{name} is not documented in {DOC}"));
@@ -2390,6 +2399,165 @@ fn staged_policies_count_and_log_the_connections_they_would_change() {
                 ("src", "default/client"),
                 ("dst", "default/other"),
                 ("staged_policy", "default/client-to-web-only"),
+            ],
+        ),
+    ] {
+        for (k, v) in want {
+            assert_eq!(line.get(k).map(String::as_str), Some(v), "{k} in {line:?}");
+        }
+    }
+    assert_eq!(deny_lines(&log).len(), 1, "the denied flow's own line");
+}
+
+/// A staged ClusterNetworkPolicy on this node's pods, staged (not enforced).
+fn staged_cnp(name: &str, subject_app: &str, direction: &str, rule: &str) -> String {
+    format!(
+        "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata:\n  name: {name}\n  annotations: {{kube-nftpolicy.io/staged: \"true\"}}\nspec:\n  tier: Admin\n  priority: 10\n  subject: {{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: {subject_app}}}}}}}}}\n  {direction}:\n  - {rule}\n"
+    )
+}
+
+#[test]
+fn staged_cluster_network_policies_count_and_log_the_connections_they_would_change() {
+    let _g = serial();
+    let c = cluster();
+    let staged = [
+        // other → web:80, denied today (web-allows-client): would-allow.
+        staged_cnp("s-guard", "web", "ingress", "{name: other-in, action: Accept, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: other}}}}]}"),
+        // client → other, allowed today: would-deny.
+        staged_cnp("s-client-out", "client", "egress", "{name: not-other, action: Deny, to: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: other}}}}]}"),
+        // A third one: the 3-bit field below has two slots, taken by the names before it.
+        staged_cnp("z-extra", "client", "egress", "{action: Deny, to: [{namespaces: {}}]}"),
+    ]
+    .concat();
+    let agent = Agent::start(
+        &c,
+        Some(&manifests(
+            &c,
+            ALL_PODS,
+            &format!("{WEB_ALLOWS_CLIENT}{staged}"),
+        )),
+        &[
+            "--log-denied",
+            "--nflog-group",
+            "7",
+            "--staged-mark-mask",
+            "0x00e00000",
+        ],
+    );
+    agent.wait_ready();
+    let w = web(&c, Family::V4);
+    let o = c.pod_ip("default", "other", Family::V4);
+    assert_eq!(
+        c.probe_all(
+            &[
+                Probe::tcp(pod("other"), w, 80),
+                Probe::tcp(pod("other"), w, 80),
+                Probe::tcp(pod("client"), o, 80),
+                Probe::tcp(pod("client"), w, 80),
+            ],
+            T
+        ),
+        vec![false, false, true, true],
+        "staged ClusterNetworkPolicies change no verdict"
+    );
+    let guard = [
+        ("direction", "ingress"),
+        ("policy", "s-guard"),
+        ("tier", "admin"),
+    ];
+    let client_out = [
+        ("direction", "egress"),
+        ("policy", "s-client-out"),
+        ("tier", "admin"),
+    ];
+    agent.wait_scrape("the staged counts", |s| {
+        match (
+            s.get(CNP_STAGED_WOULD_ALLOW, &guard),
+            s.get(CNP_STAGED_WOULD_DENY, &client_out),
+        ) {
+            (Some(2.0), Some(1.0)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    std::thread::sleep(SETTLE);
+    let scrape = agent.scrape();
+    assert_eq!(scrape.value(CNP_STAGED_WOULD_ALLOW, &guard), 2.0);
+    assert_eq!(
+        scrape.value(CNP_STAGED_WOULD_DENY, &client_out),
+        1.0,
+        "client → other only"
+    );
+    assert_eq!(scrape.series(CNP_STAGED_WOULD_ALLOW).len(), 1);
+    assert_eq!(
+        scrape.series(CNP_STAGED_WOULD_DENY).len(),
+        1,
+        "z-extra is not measured"
+    );
+    assert_eq!(
+        scrape.value(CNP_STAGED_UNMEASURED, &[("policy", "z-extra")]),
+        1.0,
+        "the field has no slot left for z-extra"
+    );
+    assert_eq!(scrape.series(CNP_STAGED_UNMEASURED).len(), 1);
+    assert_eq!(
+        scrape.value(DROPPED_PACKETS, &WEB_INGRESS),
+        2.0,
+        "the drops as today"
+    );
+    let documented = documented_metrics();
+    let labels = scrape.label_names();
+    for name in [
+        CNP_STAGED_WOULD_DENY,
+        CNP_STAGED_WOULD_ALLOW,
+        CNP_STAGED_UNMEASURED,
+    ] {
+        let doc = documented
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is not documented in {DOC}"));
+        assert_eq!(scrape.types.get(name), Some(&doc.kind), "{name}: type");
+        assert_eq!(
+            labels.get(name).cloned().unwrap_or_default(),
+            doc.labels,
+            "{name}: labels"
+        );
+    }
+    agent.wait_log("staged would-deny");
+    agent.wait_log("staged would-allow");
+    let log = agent.stderr();
+    let staged_lines = |msg: &str| -> Vec<BTreeMap<String, String>> {
+        log.lines()
+            .filter_map(|l| l.split_once(msg).map(|(_, f)| parse_fields(f)))
+            .collect()
+    };
+    let allow = staged_lines("staged would-allow (connection denied today)");
+    let deny = staged_lines("staged would-deny (connection allowed today)");
+    eprintln!(
+        "--- staged lines ---\n{}",
+        log.lines()
+            .filter(|l| l.contains("staged would-"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!((allow.len(), deny.len()), (1, 1), "{allow:?} {deny:?}");
+    for (line, want) in [
+        (
+            &allow[0],
+            [
+                ("direction", "ingress"),
+                ("pod", "default/web"),
+                ("src", "default/other"),
+                ("dst", "default/web"),
+                ("staged_policy", "Admin ClusterNetworkPolicy s-guard"),
+            ],
+        ),
+        (
+            &deny[0],
+            [
+                ("direction", "egress"),
+                ("pod", "default/client"),
+                ("src", "default/client"),
+                ("dst", "default/other"),
+                ("staged_policy", "Admin ClusterNetworkPolicy s-client-out"),
             ],
         ),
     ] {

@@ -90,6 +90,12 @@ fn hits(planes: &mut NodeDataplanes, c: &Cluster) -> BTreeMap<(String, String, S
                     direction.to_string(),
                     change.to_string(),
                 ),
+                CounterOwner::StagedCnp {
+                    policy,
+                    direction,
+                    change,
+                    ..
+                } => (policy, direction.to_string(), change.to_string()),
             };
             (key, h.counter.packets)
         })

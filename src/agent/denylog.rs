@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::kernel::nflog::LoggedPacket;
 
 use crate::engine::log_prefix::{
-    CnpDenyTarget, DenyDirection, LogTarget, StagedTarget, parse_log_prefix,
+    CnpDenyTarget, DenyDirection, LogTarget, StagedCnpTarget, StagedTarget, parse_log_prefix,
 };
 
 /// Limits on what [`DenyLogger`] lets through and remembers.
@@ -84,11 +84,14 @@ pub struct DeniedConnection {
     /// The ClusterNetworkPolicy Deny rule that dropped it; `None` for a pod's isolation.
     /// `namespace`/`pod` are then the local pod the rule applies to (the destination for
     /// ingress, the source for egress), or `unknown` when the address is not a known pod.
-    pub cnp: Option<CnpDenyTarget>,
+    pub cnp: Option<Box<CnpDenyTarget>>,
     /// The staged policy that would change this connection's verdict (nothing was dropped
     /// by it: the connection went on as today); `namespace`/`pod` are the local pod as for
     /// `cnp`.
     pub staged: Option<Box<StagedTarget>>,
+    /// The staged ClusterNetworkPolicy that would change this connection's verdict (as
+    /// `staged`, for a ClusterNetworkPolicy).
+    pub staged_cnp: Option<Box<StagedCnpTarget>>,
 }
 
 /// What makes two packets the same denied connection. The source port is left out on
@@ -96,8 +99,9 @@ pub struct DeniedConnection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct FlowKey {
     direction: DenyDirection,
-    /// A staged policy's count (`Some(would_allow)`) is another line than the flow's drop.
-    staged: Option<bool>,
+    /// A staged policy's count (`Some((cluster policy?, would_allow))`) is another line than
+    /// the flow's drop.
+    staged: Option<(bool, bool)>,
     src: IpAddr,
     dst: IpAddr,
     protocol: u8,
@@ -170,7 +174,8 @@ impl DenyLogger {
         let key = FlowKey {
             direction: target.direction(),
             staged: match &target {
-                LogTarget::Staged(t) => Some(t.would_allow),
+                LogTarget::Staged(t) => Some((false, t.would_allow)),
+                LogTarget::StagedCnp(t) => Some((true, t.would_allow)),
                 _ => None,
             },
             src: pkt.src,
@@ -202,15 +207,22 @@ impl DenyLogger {
                 })
                 .unwrap_or_else(|| ("unknown".to_string(), "unknown".to_string()))
         };
+        let mut staged_cnp = None;
         let (direction, namespace, pod, cnp, staged) = match target {
             LogTarget::Pod(t) => (t.direction, t.namespace, t.pod, None, None),
             LogTarget::Cnp(t) => {
                 let (ns, name) = local_pod(t.direction);
-                (t.direction, ns, name, Some(t), None)
+                (t.direction, ns, name, Some(Box::new(t)), None)
             }
             LogTarget::Staged(t) => {
                 let (ns, name) = local_pod(t.direction);
                 (t.direction, ns, name, None, Some(Box::new(t)))
+            }
+            LogTarget::StagedCnp(t) => {
+                let (ns, name) = local_pod(t.direction);
+                let d = t.direction;
+                staged_cnp = Some(Box::new(t));
+                (d, ns, name, None, None)
             }
         };
         Verdict::Log(DeniedConnection {
@@ -219,6 +231,7 @@ impl DenyLogger {
             pod,
             cnp,
             staged,
+            staged_cnp,
             src: describe(pkt.src),
             dst: describe(pkt.dst),
             src_ip: pkt.src,
@@ -576,6 +589,7 @@ mod tests {
             dst_port: Some(443),
             cnp: None,
             staged: None,
+            staged_cnp: None,
         };
         assert_eq!(logger.observe(now, &v4, &resolve), Verdict::Log(want));
 

@@ -192,6 +192,9 @@ pub struct Metrics {
     cnp_rule_hits: DropCollector,
     staged_would_deny: DropCollector,
     staged_would_allow: DropCollector,
+    cnp_staged_would_deny: DropCollector,
+    cnp_staged_would_allow: DropCollector,
+    cnp_staged_unmeasured: DropCollector,
     /// Audit mode: the terminal counters count would-drops, exported under their own names.
     audit: std::sync::atomic::AtomicBool,
     would_drops: DropCollector,
@@ -291,6 +294,31 @@ impl Metrics {
         registry
             .register(Box::new(staged_would_allow.clone()))
             .map_err(define("staged_would_allow_total"))?;
+        let cnp_staged_would_deny = DropCollector::single(
+            "cnp_staged_would_deny_total",
+            "New connections of pods of this node that a staged ClusterNetworkPolicy would deny (allowed today), by staged policy, tier and direction.",
+            &CNP_STAGED_LABELS,
+        )?;
+        registry
+            .register(Box::new(cnp_staged_would_deny.clone()))
+            .map_err(define("cnp_staged_would_deny_total"))?;
+        let cnp_staged_would_allow = DropCollector::single(
+            "cnp_staged_would_allow_total",
+            "New connections of pods of this node that a staged ClusterNetworkPolicy would allow (denied today), by staged policy, tier and direction.",
+            &CNP_STAGED_LABELS,
+        )?;
+        registry
+            .register(Box::new(cnp_staged_would_allow.clone()))
+            .map_err(define("cnp_staged_would_allow_total"))?;
+        let mut cnp_staged_unmeasured = DropCollector::single(
+            "cnp_staged_unmeasured",
+            "Staged ClusterNetworkPolicies selecting a pod of this node that are not measured because the mark field (--staged-mark-mask) has no slot left: 1 per policy.",
+            &["policy"],
+        )?;
+        cnp_staged_unmeasured.gauge = true;
+        registry
+            .register(Box::new(cnp_staged_unmeasured.clone()))
+            .map_err(define("cnp_staged_unmeasured"))?;
         registry
             .register(Box::new(drops.clone()))
             .map_err(define("dropped_packets_total"))?;
@@ -502,6 +530,9 @@ impl Metrics {
             cnp_rule_hits,
             staged_would_deny,
             staged_would_allow,
+            cnp_staged_would_deny,
+            cnp_staged_would_allow,
+            cnp_staged_unmeasured,
             policy_states,
             rule_hits_seen: Mutex::default(),
             audit: std::sync::atomic::AtomicBool::new(false),
@@ -643,7 +674,9 @@ impl Metrics {
                     h.packets,
                     0,
                 )),
-                CounterOwner::Cnp { .. } | CounterOwner::Staged { .. } => None,
+                CounterOwner::Cnp { .. }
+                | CounterOwner::Staged { .. }
+                | CounterOwner::StagedCnp { .. } => None,
             }));
         self.cnp_rule_hits
             .replace(hits.iter().filter_map(|h| match &h.owner {
@@ -664,7 +697,9 @@ impl Metrics {
                     h.packets,
                     0,
                 )),
-                CounterOwner::Policy { .. } | CounterOwner::Staged { .. } => None,
+                CounterOwner::Policy { .. }
+                | CounterOwner::Staged { .. }
+                | CounterOwner::StagedCnp { .. } => None,
             }));
         for (collector, wanted) in [
             (&self.staged_would_deny, "would-deny"),
@@ -684,10 +719,35 @@ impl Metrics {
                 _ => None,
             }));
         }
+        for (collector, wanted) in [
+            (&self.cnp_staged_would_deny, "would-deny"),
+            (&self.cnp_staged_would_allow, "would-allow"),
+        ] {
+            collector.replace(hits.iter().filter_map(|h| match &h.owner {
+                CounterOwner::StagedCnp {
+                    policy,
+                    tier,
+                    direction,
+                    change,
+                } if *change == wanted => Some((
+                    vec![(*direction).to_owned(), policy.clone(), (*tier).to_owned()],
+                    h.packets,
+                    0,
+                )),
+                _ => None,
+            }));
+        }
         *self
             .rule_hits_seen
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = hits;
+    }
+
+    /// Replace the staged ClusterNetworkPolicies that have no slot in the mark field (after
+    /// each compile).
+    pub fn set_cnp_staged_unmeasured(&self, names: &[String]) {
+        self.cnp_staged_unmeasured
+            .replace(names.iter().map(|n| (vec![n.clone()], 1, 0)));
     }
 
     /// Replace the policy states (after each compile): one series per policy, at 1.
@@ -865,6 +925,7 @@ const CNP_DENY_LABELS: [&str; 4] = ["direction", "policy", "rule", "tier"];
 /// Labels of the NetworkPolicy rule hit counters, in name order (`rule` is the rule's path,
 /// `spec.ingress[i]`: a bare number would read like a port).
 const STAGED_LABELS: [&str; 3] = ["direction", "namespace", "policy"];
+const CNP_STAGED_LABELS: [&str; 3] = ["direction", "policy", "tier"];
 const RULE_HIT_LABELS: [&str; 4] = ["direction", "namespace", "policy", "rule"];
 /// Labels of the policy state gauge, in name order (`namespace` is empty for a
 /// ClusterNetworkPolicy).

@@ -87,6 +87,8 @@ pub struct Config {
     pub enforce_established: bool,
     /// Audit mode: nothing is dropped; every drop is counted (and logged) as a would-drop.
     pub audit: bool,
+    /// The `meta mark` bits that measure staged ClusterNetworkPolicies (`--staged-mark-mask`).
+    pub staged_mark: crate::engine::compile::StagedMarkMask,
 }
 
 /// Where cluster state comes from.
@@ -477,6 +479,7 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
         pod_cidrs: config.pod_cidrs.clone(),
         unknown_addresses: config.unknown_addresses,
         audit: config.audit,
+        staged_mark: config.staged_mark,
     };
     // The compiled state lives across syncs so most changes redo only what they touch.
     let compiler = Arc::new(Mutex::new(NodeCompiler::new(
@@ -592,6 +595,9 @@ async fn sync_loop(config: Config, dataplane: Arc<Mutex<Dataplane>>, shared: Arc
                 shared2
                     .metrics
                     .set_policy_states(&policy_states(nc.node_policy(), nc.snapshot()));
+                shared2.metrics.set_cnp_staged_unmeasured(
+                    &crate::engine::compile::unmeasured_staged_cnps(nc.node_policy(), nc.options()),
+                );
             }
             if out.is_ok() && log_denied {
                 // Only the denied-connection log reads the attribution tables.
@@ -819,6 +825,31 @@ fn deny_log(group: u16, shared: Arc<Shared>, audit: bool) {
                 .and_then(|m| m.get(&ip).cloned())
         };
         match logger.observe(Instant::now(), &pkt, &resolve_ip) {
+            Verdict::Log(line) if line.staged_cnp.is_some() => {
+                // A staged ClusterNetworkPolicy's count: as for a staged NetworkPolicy.
+                let Some(t) = &line.staged_cnp else { continue };
+                macro_rules! staged_cnp_line {
+                    ($msg:literal) => {
+                        tracing::info!(
+                            direction = line.direction.as_str(),
+                            pod = format!("{}/{}", line.namespace, line.pod),
+                            src = %line.src,
+                            dst = %line.dst,
+                            src_ip = %line.src_ip,
+                            dst_ip = %line.dst_ip,
+                            protocol = line.protocol,
+                            dst_port = line.dst_port,
+                            staged_policy = format!("{} ClusterNetworkPolicy {}", t.tier, t.policy),
+                            $msg
+                        )
+                    };
+                }
+                if t.would_allow {
+                    staged_cnp_line!("staged would-allow (connection denied today)");
+                } else {
+                    staged_cnp_line!("staged would-deny (connection allowed today)");
+                }
+            }
             Verdict::Log(line) if line.staged.is_some() => {
                 // A staged policy's count: nothing was dropped by it, the connection went on
                 // with today's verdict; the staged counters count it.

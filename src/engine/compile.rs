@@ -7,7 +7,11 @@
 //! - per-pod chains that drop invalid packets, jump to each isolating policy's chain, and end
 //!   in a per-pod terminal chain holding the counted drop;
 //! - per-policy chains with one rule per (rule, peer, family, port kind) that `accept`s;
-//! - sets shared by content: one per peer selector, one per ipBlock, one per named-port rule.
+//! - sets shared by content: one per peer selector, one per ipBlock, one per named-port rule;
+//! - while a staged ClusterNetworkPolicy concerns a local pod, a field of the packet mark that
+//!   carries its verdict from its place in the tier chain to where today's verdict happens
+//!   (drop points and settle base chains), because nftables' `accept`/`drop` end a chain and
+//!   today's verdict is only known after the staged policy's place.
 //!
 //! Every name is deterministic (sorted input, FNV-1a hashes), so the same cluster state
 //! always renders byte-identical text.
@@ -40,6 +44,86 @@ pub struct CompileOptions {
     /// Audit mode (`--audit`): every terminal chain (a pod's drop, a ClusterNetworkPolicy
     /// Deny rule, an unknown address) counts, logs if asked, and accepts instead of dropping.
     pub audit: bool,
+    /// The bits of `meta mark` that measure staged ClusterNetworkPolicies
+    /// (`--staged-mark-mask`).
+    pub staged_mark: StagedMarkMask,
+}
+
+/// The default `--staged-mark-mask`: the top byte. Of the marks other node components use
+/// (kube-proxy 0x4000/0x8000, Istio 0x539, Weave 0x20000/0x40000, kube-router 0x10000/0x20000,
+/// Tailscale 0xff0000, AWS VPC CNI 0x80, Cilium 0x0f00), only Calico (0xffff0000) and Cilium's
+/// identity bits use it, and both enforce NetworkPolicy themselves, so they are not expected
+/// beside this agent. Eight bits give 64 staged ClusterNetworkPolicies per node.
+pub const DEFAULT_STAGED_MARK_MASK: u32 = 0xff00_0000;
+
+/// A contiguous run of `meta mark` bits holding one staged ClusterNetworkPolicy verdict per
+/// packet: the low two bits of the field are the action (1 Accept, 2 Deny, 3 Pass), the rest
+/// the staged policy's slot on this node; zero means "nothing recorded".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StagedMarkMask(u32);
+
+impl Default for StagedMarkMask {
+    fn default() -> Self {
+        Self(DEFAULT_STAGED_MARK_MASK)
+    }
+}
+
+/// Why a `--staged-mark-mask` cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MarkMaskError {
+    /// Not one run of set bits.
+    #[error("staged mark mask {0:#010x} is not one contiguous run of bits")]
+    NotContiguous(u32),
+    /// Too narrow for one slot and an action.
+    #[error("staged mark mask {0:#010x} has fewer than 3 bits (2 for the action, 1 for the slot)")]
+    TooNarrow(u32),
+}
+
+impl StagedMarkMask {
+    /// Check a mask: contiguous, at least 3 bits.
+    pub fn new(mask: u32) -> Result<Self, MarkMaskError> {
+        if mask.count_ones() < 3 {
+            return Err(MarkMaskError::TooNarrow(mask));
+        }
+        let shifted = mask >> mask.trailing_zeros();
+        if shifted & (shifted + 1) != 0 {
+            return Err(MarkMaskError::NotContiguous(mask));
+        }
+        Ok(Self(mask))
+    }
+
+    /// The mask.
+    pub fn mask(self) -> u32 {
+        self.0
+    }
+
+    /// How many staged ClusterNetworkPolicies one node can measure.
+    pub fn slots(self) -> usize {
+        1usize << (self.0.count_ones() - 2)
+    }
+
+    /// The field value of `slot` recording `action`.
+    pub fn value(self, slot: usize, action: Action) -> u32 {
+        let a: u32 = match action {
+            Action::Accept => 1,
+            Action::Deny => 2,
+            Action::Pass => 3,
+        };
+        ((slot as u32) << 2 | a) << self.0.trailing_zeros()
+    }
+
+    /// `meta mark & MASK`, the key of the staged verdict maps.
+    fn field(self) -> String {
+        format!("meta mark & {:#010x}", self.0)
+    }
+
+    /// `meta mark set meta mark & ~MASK | value`: sets the field, keeps every other bit.
+    fn set(self, value: u32) -> String {
+        format!(
+            "meta mark set meta mark & {:#010x} | {value:#010x}",
+            !self.0
+        )
+    }
 }
 
 impl CompileOptions {
@@ -209,6 +293,35 @@ pub fn is_policy_chain_name(name: &str) -> bool {
         || name.starts_with("cnp/")
         || name.starts_with("tier/")
         || name.starts_with("staged/")
+        || name.starts_with("staged-cnp/")
+}
+
+/// `staged-cnp/<name>/ingress`: the chain that records a staged ClusterNetworkPolicy's first
+/// matching rule in the mark field.
+pub fn staged_cnp_chain_name(direction: Direction, name: &str) -> String {
+    fit_name(format!("staged-cnp/{name}/{direction}"))
+}
+
+/// `staged-cnp/<name>/ingress/would-deny` (or `would-allow`): the chain that counts (and logs)
+/// one verdict change of a staged ClusterNetworkPolicy and clears the mark field; also the
+/// name of its counter.
+pub fn staged_cnp_count_name(direction: Direction, name: &str, change: StagedChange) -> String {
+    fit_name(format!("staged-cnp/{name}/{direction}/{}", change.as_str()))
+}
+
+/// The chain that only clears the mark field (a recorded verdict that changes nothing).
+pub const STAGED_CNP_CLEAR_CHAIN: &str = "staged-cnp/clear";
+
+/// `staged-cnp-would-allow-ingress`: mark field value → the would-allow count, looked up
+/// where a packet of a local pod is dropped.
+pub fn staged_cnp_allow_map_name(direction: Direction) -> String {
+    format!("staged-cnp-would-allow-{direction}")
+}
+
+/// `staged-cnp-settle-ingress`: mark field value → the would-deny count or the clear, looked
+/// up by the settle base chains after our accept.
+pub fn staged_cnp_settle_map_name(direction: Direction) -> String {
+    format!("staged-cnp-settle-{direction}")
 }
 
 /// `staged/<ns>/<name>/ingress/would-allow` or `…/would-deny`: the chain that measures one
@@ -699,6 +812,92 @@ pub(crate) struct PolicyFacts {
     /// (pod, direction) → the staged policies selecting it there, and whether each can allow
     /// anything (valid, with rules).
     staged: BTreeMap<(ObjectKey, Direction), Vec<(ObjectKey, bool)>>,
+    /// The staged ClusterNetworkPolicies measured on this node (see [`StagedCnpPlan`]).
+    pub(crate) staged_cnp: StagedCnpPlan,
+}
+
+/// Which staged ClusterNetworkPolicies this node measures, in which slot of the mark field,
+/// and where each sits in its pods' tier chains.
+#[derive(Debug, Default)]
+pub(crate) struct StagedCnpPlan {
+    /// The mark field.
+    mask: StagedMarkMask,
+    /// Measured staged policy → its slot (by name, so the same state gives the same slots).
+    slots: BTreeMap<String, usize>,
+    /// Staged policies selecting a local pod that got no slot (the field is full).
+    unmeasured: Vec<String>,
+    /// (pod, tier, direction) → the measured staged policies there: (priority, name).
+    on_pod: BTreeMap<(ObjectKey, Tier, Direction), Vec<(u16, String)>>,
+    /// Is anything measured in this direction (index: ingress 0, egress 1)?
+    directions: [bool; 2],
+}
+
+fn dir_index(d: Direction) -> usize {
+    match d {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
+}
+
+impl StagedCnpPlan {
+    pub(crate) fn of(np: &NodePolicy, opts: &CompileOptions) -> Self {
+        let mask = opts.staged_mark;
+        let names: std::collections::BTreeSet<&String> =
+            np.staged_cnps.iter().map(|c| &c.name).collect();
+        let mut plan = Self {
+            mask,
+            ..Self::default()
+        };
+        for (slot, name) in names.into_iter().enumerate() {
+            if slot < mask.slots() {
+                plan.slots.insert(name.clone(), slot);
+            } else {
+                plan.unmeasured.push(name.clone());
+            }
+        }
+        for cr in &np.staged_cnps {
+            if !plan.slots.contains_key(&cr.name) {
+                continue;
+            }
+            plan.directions[dir_index(cr.direction)] = true;
+            for pod in &cr.selected {
+                plan.on_pod
+                    .entry((pod.clone(), cr.tier, cr.direction))
+                    .or_default()
+                    .push((cr.priority, cr.name.clone()));
+            }
+        }
+        plan
+    }
+
+    fn on(&self, pod: &ObjectKey, tier: Tier, d: Direction) -> &[(u16, String)] {
+        self.on_pod
+            .get(&(pod.clone(), tier, d))
+            .map_or(&[][..], Vec::as_slice)
+    }
+
+    fn any_on(&self, pod: &ObjectKey, d: Direction) -> bool {
+        !self.on(pod, Tier::Admin, d).is_empty() || !self.on(pod, Tier::Baseline, d).is_empty()
+    }
+
+    fn measures(&self, d: Direction) -> bool {
+        self.directions[dir_index(d)]
+    }
+
+    /// The drop-point rule: count a recorded staged `Accept` as would-allow.
+    fn would_allow_lookup(&self, d: Direction) -> String {
+        format!(
+            "{} vmap @{}",
+            self.mask.field(),
+            staged_cnp_allow_map_name(d)
+        )
+    }
+}
+
+/// The staged ClusterNetworkPolicies that select a pod of this node but are not measured,
+/// because the mark field (`--staged-mark-mask`) has no slot left for them.
+pub fn unmeasured_staged_cnps(np: &NodePolicy, opts: &CompileOptions) -> Vec<String> {
+    StagedCnpPlan::of(np, opts).unmeasured
 }
 
 impl PolicyFacts {
@@ -715,6 +914,7 @@ impl PolicyFacts {
                 .map(|p| (p.policy.clone(), p.invalid.is_some()))
                 .collect(),
             cnp_pass: BTreeMap::new(),
+            staged_cnp: StagedCnpPlan::default(),
             staged: {
                 let mut m: BTreeMap<(ObjectKey, Direction), Vec<(ObjectKey, bool)>> =
                     BTreeMap::new();
@@ -754,15 +954,44 @@ pub(crate) struct PodChains {
 /// its `Pass` matchers with `return` (back to the pod chain: the next tier).
 fn tier_chain(pod: &LocalPod, tier: Tier, d: Direction, facts: &PolicyFacts) -> Option<Chain> {
     let names = pod.cnps.get(tier, d);
-    if names.is_empty() {
+    let staged = facts.staged_cnp.on(&pod.key, tier, d);
+    if names.is_empty() && staged.is_empty() {
         return None;
     }
+    // (priority, name, staged): enforced ones are in evaluation order already; a staged one
+    // takes its place among them by priority, then name, as if it were enforced.
+    let mut entries: Vec<(u16, &str, bool)> = names
+        .iter()
+        .map(|name| {
+            let priority = facts
+                .cnp_pass
+                .get(&(name.clone(), d))
+                .map_or(0, |(p, _)| *p);
+            (priority, name.as_str(), false)
+        })
+        .collect();
+    if !staged.is_empty() {
+        entries.extend(staged.iter().map(|(p, n)| (*p, n.as_str(), true)));
+        entries.sort();
+    }
     let mut rules = Vec::new();
-    for name in names {
-        let (priority, pass) = facts
+    for (priority, name, is_staged) in entries {
+        if is_staged {
+            // Only the first staged policy that matches records: the field is empty.
+            rules.push(format!(
+                "{} == 0x00000000 jump {} comment {}",
+                facts.staged_cnp.mask.field(),
+                staged_cnp_chain_name(d, name),
+                crate::engine::ruleset::quote_comment(&format!(
+                    "staged {tier} ClusterNetworkPolicy {name} priority {priority}"
+                ))
+            ));
+            continue;
+        }
+        let pass = facts
             .cnp_pass
-            .get(&(name.clone(), d))
-            .map_or((0, &[][..]), |(p, pass)| (*p, pass.as_slice()));
+            .get(&(name.to_string(), d))
+            .map_or(&[][..], |(_, pass)| pass.as_slice());
         rules.push(format!(
             "jump {} comment {}",
             cnp_chain_name(d, name),
@@ -790,7 +1019,9 @@ pub(crate) fn pod_chains(
 ) -> Option<PodChains> {
     let isolated = pod.isolated_by(d);
     let staged = facts.staged_on(&pod.key, d);
-    if isolated.is_none() && !pod.cnps.any(d) {
+    let staged_cnp = facts.staged_cnp.any_on(&pod.key, d);
+    let enforced = isolated.is_some() || pod.cnps.any(d);
+    if !enforced && !staged_cnp {
         if staged.is_empty() {
             return None;
         }
@@ -810,7 +1041,12 @@ pub(crate) fn pod_chains(
     }
     let chain = pod_chain_name(d, &pod.key);
     let drop = drop_chain_name(d, &pod.key);
-    let mut rules = vec!["ct state invalid drop".to_string()];
+    // A pod that only staged policies concern keeps today's verdicts: no invalid drop.
+    let mut rules = if enforced {
+        vec!["ct state invalid drop".to_string()]
+    } else {
+        Vec::new()
+    };
     let mut tiers = Vec::new();
     if let Some(admin) = tier_chain(pod, Tier::Admin, d, facts) {
         rules.push(format!("jump {} comment \"Admin tier\"", admin.name));
@@ -863,6 +1099,12 @@ pub(crate) fn pod_chains(
     }
     // Denied today from here on: what each staged policy would allow instead.
     rules.extend(staged_jumps(staged, d, true));
+    if !facts.staged_cnp.on(&pod.key, Tier::Admin, d).is_empty() {
+        rules.push(format!(
+            "{} comment \"staged ClusterNetworkPolicy Accept, denied here\"",
+            facts.staged_cnp.would_allow_lookup(d)
+        ));
+    }
     rules.push(format!(
         "goto {drop} comment {}",
         crate::engine::ruleset::quote_comment(&format!("isolated by {}", names.join(", ")))
@@ -1174,8 +1416,13 @@ pub(crate) fn compile_with_identities(
     let mut other_chains = Vec::new();
 
     let mut facts = PolicyFacts::of(np);
+    facts.staged_cnp = StagedCnpPlan::of(np, opts);
     for cr in &np.cnps {
-        let compiled = cnp_chain(&mut sets, cr, opts);
+        let lookup = facts
+            .staged_cnp
+            .measures(cr.direction)
+            .then(|| facts.staged_cnp.would_allow_lookup(cr.direction));
+        let compiled = cnp_chain_measured(&mut sets, cr, opts, lookup.as_deref());
         facts.cnp_pass.insert(
             (cr.name.clone(), cr.direction),
             (cr.priority, compiled.pass),
@@ -1207,6 +1454,9 @@ pub(crate) fn compile_with_identities(
     for sr in &np.staged {
         other_chains.extend(staged_chains(&mut sets, sr, np, opts));
     }
+    let staged_cnp = staged_cnp_objects(&mut sets, np, &facts.staged_cnp, opts);
+    chains.extend(staged_cnp.base);
+    other_chains.extend(staged_cnp.chains);
     if !fail_closed.is_empty() {
         for d in Direction::ALL {
             other_chains.push(unknown_drop_chain(d, opts));
@@ -1242,6 +1492,7 @@ pub(crate) fn compile_with_identities(
     for f in &fail_closed {
         all_sets.extend(fail_closed_sets(np, *f));
     }
+    all_sets.extend(staged_cnp.maps);
     // Content sets are in name order (the incremental compiler inserts by name).
     all_sets[first_content..].sort_by(|a, b| a.name.cmp(&b.name));
 
@@ -1255,6 +1506,236 @@ pub(crate) fn compile_with_identities(
     };
     (ruleset, sets.origins, identities, facts.cnp_pass)
 }
+
+/// What measuring the staged ClusterNetworkPolicies adds to a node's table.
+struct StagedCnpObjects {
+    /// The settle base chains, one per hook where a measured direction ends in `accept`.
+    base: Vec<Chain>,
+    /// Recording, counting and clearing chains.
+    chains: Vec<Chain>,
+    /// The would-allow and settle verdict maps.
+    maps: Vec<Set>,
+}
+
+/// The chains and maps that measure staged ClusterNetworkPolicies (see docs/ruleset.md,
+/// "Staged ClusterNetworkPolicies: the mark field"). Nothing when none is measured, so the
+/// table of a node without one is the same as before.
+///
+/// At its place in the tier chain a staged policy records its first matching rule's action in
+/// the mark field; the verdict is compared where it happens: a drop point looks the field up
+/// in the would-allow map (a recorded Accept counts would-allow), and after our `accept` a
+/// settle base chain on the same hook looks it up in the settle map (a recorded Deny counts
+/// would-deny) and clears it, before masquerade (srcnat) and before the ingress chain reads
+/// the field again.
+fn staged_cnp_objects(
+    sets: &mut Sets,
+    np: &NodePolicy,
+    plan: &StagedCnpPlan,
+    opts: &CompileOptions,
+) -> StagedCnpObjects {
+    let mut out = StagedCnpObjects {
+        base: Vec::new(),
+        chains: Vec::new(),
+        maps: Vec::new(),
+    };
+    if plan.slots.is_empty() {
+        return out;
+    }
+    let mask = plan.mask;
+    let clear = format!("meta mark set meta mark & {:#010x}", !mask.mask());
+    let mut allow: BTreeMap<Direction, Vec<(u32, String)>> = BTreeMap::new();
+    let mut settle: BTreeMap<Direction, Vec<(u32, String)>> = BTreeMap::new();
+    for cr in &np.staged_cnps {
+        let Some(&slot) = plan.slots.get(&cr.name) else {
+            continue;
+        };
+        let d = cr.direction;
+        sets.touched.clear();
+        let mut rules = Vec::new();
+        let mut actions = std::collections::BTreeSet::new();
+        for rule in &cr.rules {
+            let matchers = cnp_matchers(sets, cr, rule);
+            if matchers.is_empty() {
+                continue;
+            }
+            // A Baseline Pass leaves the verdict to the end of the tiers: allow, as Accept.
+            let recorded = match (cr.tier, rule.action) {
+                (Tier::Baseline, Action::Pass) => Action::Accept,
+                (_, a) => a,
+            };
+            actions.insert(recorded);
+            let label = rule.label(d);
+            for (m, what) in &matchers {
+                let sep = if m.is_empty() { "" } else { " " };
+                rules.push(format!(
+                    "{m}{sep}{} return comment {}",
+                    mask.set(mask.value(slot, recorded)),
+                    crate::engine::ruleset::quote_comment(&format!(
+                        "{} {label} {what}: {} (staged, slot {slot})",
+                        cr.name, rule.action
+                    ))
+                ));
+            }
+        }
+        let mut used = std::mem::take(&mut sets.touched);
+        used.sort();
+        used.dedup();
+        sets.origins.by_cnp.insert((cr.name.clone(), d), used);
+        out.chains.push(Chain {
+            name: staged_cnp_chain_name(d, &cr.name),
+            role: ChainRole::Policy,
+            comment: format!(
+                "staged {} ClusterNetworkPolicy {} (priority {}) {d}: records its first matching rule",
+                cr.tier, cr.name, cr.priority
+            ),
+            rules,
+            counters: Vec::new(),
+        });
+        for (action, change) in [
+            (Action::Accept, StagedChange::WouldAllow),
+            (Action::Deny, StagedChange::WouldDeny),
+        ] {
+            if !actions.contains(&action) {
+                continue;
+            }
+            let name = staged_cnp_count_name(d, &cr.name, change);
+            let mut count = String::new();
+            if let Some(group) = opts.log_group {
+                count.push_str(&format!(
+                    "log prefix \"{}\" group {group} ",
+                    crate::engine::log_prefix::encode_staged_cnp_prefix(
+                        d,
+                        change == StagedChange::WouldAllow,
+                        cr.tier,
+                        &cr.name
+                    )
+                ));
+            }
+            count.push_str(&format!("counter name \"{name}\" {clear}"));
+            let what = match change {
+                StagedChange::WouldAllow => "denied today, allowed with it",
+                StagedChange::WouldDeny => "allowed today, denied with it",
+            };
+            out.chains.push(Chain {
+                name: name.clone(),
+                role: ChainRole::Policy,
+                comment: format!(
+                    "staged {} ClusterNetworkPolicy {} {d}: {}",
+                    cr.tier,
+                    cr.name,
+                    change.as_str()
+                ),
+                rules: vec![count],
+                counters: vec![NamedCounter {
+                    name: name.clone(),
+                    comment: format!(
+                        "staged {} ClusterNetworkPolicy {} {d}: {what}",
+                        cr.tier, cr.name
+                    ),
+                    owner: CounterOwner::StagedCnp {
+                        policy: cr.name.clone(),
+                        tier: cr.tier.as_str(),
+                        direction: d.as_str(),
+                        change: change.as_str(),
+                    },
+                }],
+            });
+            let value = mask.value(slot, action);
+            match change {
+                StagedChange::WouldAllow => {
+                    allow
+                        .entry(d)
+                        .or_default()
+                        .push((value, format!("jump {name}")));
+                    settle
+                        .entry(d)
+                        .or_default()
+                        .push((value, format!("goto {STAGED_CNP_CLEAR_CHAIN}")));
+                }
+                StagedChange::WouldDeny => {
+                    settle
+                        .entry(d)
+                        .or_default()
+                        .push((value, format!("goto {name}")));
+                }
+            }
+        }
+        if actions.contains(&Action::Pass) {
+            settle.entry(d).or_default().push((
+                mask.value(slot, Action::Pass),
+                format!("goto {STAGED_CNP_CLEAR_CHAIN}"),
+            ));
+        }
+    }
+    out.chains.push(Chain {
+        name: STAGED_CNP_CLEAR_CHAIN.into(),
+        role: ChainRole::Policy,
+        comment: "staged ClusterNetworkPolicies: a recorded verdict that changes nothing".into(),
+        rules: vec![clear],
+        counters: Vec::new(),
+    });
+    for d in Direction::ALL {
+        if !plan.measures(d) {
+            continue;
+        }
+        let map = |name: String, comment: &str, mut elems: Vec<(u32, String)>| {
+            elems.sort();
+            Set {
+                name,
+                key_type: "mark".into(),
+                verdict_map: true,
+                interval: false,
+                comment: comment.into(),
+                elements: elems
+                    .into_iter()
+                    .map(|(v, verdict)| format_compact!("{v:#010x} : {verdict}"))
+                    .collect(),
+            }
+        };
+        out.maps.push(map(
+            staged_cnp_allow_map_name(d),
+            &format!(
+                "staged ClusterNetworkPolicies, {d}: recorded Accept → would-allow (at drops)"
+            ),
+            allow.remove(&d).unwrap_or_default(),
+        ));
+        out.maps.push(map(
+            staged_cnp_settle_map_name(d),
+            &format!("staged ClusterNetworkPolicies, {d}: recorded verdict → would-deny or clear (after accept)"),
+            settle.remove(&d).unwrap_or_default(),
+        ));
+        let lookup = format!("{} vmap @{}", mask.field(), staged_cnp_settle_map_name(d));
+        let hooks: &[(&str, &'static str, &'static str)] = match d {
+            // After `egress` (90), before `ingress` (95) reads the field again.
+            Direction::Egress => &[
+                (STAGED_CNP_SETTLE_EGRESS, "postrouting", "srcnat - 7"),
+                (STAGED_CNP_SETTLE_EGRESS_TO_NODE, "input", "102"),
+            ],
+            // After `ingress` (95), before masquerade (srcnat, 100) could read the field.
+            Direction::Ingress => &[(STAGED_CNP_SETTLE_INGRESS, "postrouting", "srcnat - 2")],
+        };
+        for (name, hook, priority) in hooks {
+            out.base.push(Chain {
+                name: (*name).into(),
+                role: ChainRole::Base { hook, priority },
+                comment: format!(
+                    "staged ClusterNetworkPolicies, {d}: count a recorded Deny that we accepted, clear the mark"
+                ),
+                rules: vec![lookup.clone()],
+                counters: Vec::new(),
+            });
+        }
+    }
+    out
+}
+
+/// Settle base chains of the staged ClusterNetworkPolicies (postrouting `srcnat - 7`, input
+/// 102, postrouting `srcnat - 2`).
+pub const STAGED_CNP_SETTLE_EGRESS: &str = "staged-cnp-settle-egress";
+/// See [`STAGED_CNP_SETTLE_EGRESS`].
+pub const STAGED_CNP_SETTLE_EGRESS_TO_NODE: &str = "staged-cnp-settle-egress-to-node";
+/// See [`STAGED_CNP_SETTLE_EGRESS`].
+pub const STAGED_CNP_SETTLE_INGRESS: &str = "staged-cnp-settle-ingress";
 
 /// One ClusterNetworkPolicy direction compiled.
 pub(crate) struct CnpChains {
@@ -1401,8 +1882,20 @@ fn cnp_matchers(sets: &mut Sets, cr: &CnpRules, rule: &ResolvedCnpRule) -> Vec<(
 /// itself. The tier chain therefore repeats the policy's `Pass` matchers with `return` right
 /// after jumping to it: a packet back from the policy chain matched no `Accept` or `Deny`
 /// before any rule it matches, so if it matches a `Pass` rule, the first rule it matched was a
-/// `Pass`. No packet mark is needed (the agent uses none).
+/// `Pass`. No packet mark is needed (only staged ClusterNetworkPolicies use one).
 pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -> CnpChains {
+    cnp_chain_measured(sets, cr, opts, None)
+}
+
+/// [`cnp_chain`]; `would_allow`: the lookup that counts a recorded staged `Accept` as
+/// would-allow, put before each `Deny` rule while staged ClusterNetworkPolicies are measured
+/// in this direction (a Deny's terminal chain is never rewritten, so the check sits here).
+fn cnp_chain_measured(
+    sets: &mut Sets,
+    cr: &CnpRules,
+    opts: &CompileOptions,
+    would_allow: Option<&str>,
+) -> CnpChains {
     let d = cr.direction;
     sets.touched.clear();
     let mut rules = Vec::new();
@@ -1483,6 +1976,15 @@ pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -
             if rule.action == Action::Pass {
                 pass.push(format!("{m}{sep}{verdict} comment {comment}"));
             }
+            if let (Action::Deny, Some(lookup)) = (rule.action, would_allow) {
+                rules.push(format!(
+                    "{m}{sep}{lookup} comment {}",
+                    crate::engine::ruleset::quote_comment(&format!(
+                        "{} {label} {what}: Deny; staged Accept here would allow",
+                        cr.name
+                    ))
+                ));
+            }
             rules.push(format!("{m}{sep}{counter}{verdict} comment {comment}"));
         }
     }
@@ -1500,5 +2002,79 @@ pub(crate) fn cnp_chain(sets: &mut Sets, cr: &CnpRules, opts: &CompileOptions) -
         },
         denies,
         pass,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_mark_masks() {
+        let cases: [(&str, u32, Result<usize, MarkMaskError>); 6] = [
+            ("default: top byte, 64 slots", 0xff00_0000, Ok(64)),
+            ("three bits: two slots", 0x0000_0700, Ok(2)),
+            ("low bits", 0x0000_00ff, Ok(64)),
+            (
+                "two bits: too narrow",
+                0x0000_3000,
+                Err(MarkMaskError::TooNarrow(0x3000)),
+            ),
+            ("zero", 0, Err(MarkMaskError::TooNarrow(0))),
+            (
+                "a hole",
+                0x0f0f_0000,
+                Err(MarkMaskError::NotContiguous(0x0f0f_0000)),
+            ),
+        ];
+        for (name, mask, want) in cases {
+            assert_eq!(
+                StagedMarkMask::new(mask).map(StagedMarkMask::slots),
+                want,
+                "case {name}"
+            );
+        }
+        let m = StagedMarkMask::default();
+        // Every value stays inside the field, is never zero, and each (slot, action) differs.
+        let mut seen = std::collections::BTreeSet::new();
+        for slot in 0..m.slots() {
+            for a in [Action::Accept, Action::Deny, Action::Pass] {
+                let v = m.value(slot, a);
+                assert_eq!(v & !m.mask(), 0, "slot {slot} {a}");
+                assert_ne!(v, 0);
+                assert!(seen.insert(v), "slot {slot} {a} is unique");
+            }
+        }
+        assert_eq!(m.value(1, Action::Accept), 0x0500_0000);
+        assert_eq!(
+            m.set(0x0500_0000),
+            "meta mark set meta mark & 0x00ffffff | 0x05000000"
+        );
+    }
+
+    #[test]
+    fn staged_cnps_beyond_the_slots_are_not_measured() {
+        let cr = |name: &str| CnpRules {
+            name: name.into(),
+            tier: Tier::Admin,
+            priority: 1,
+            direction: Direction::Ingress,
+            selected: vec![ObjectKey::new("a", "p")],
+            rules: Vec::new(),
+        };
+        let np = NodePolicy {
+            staged_cnps: vec![cr("c"), cr("a"), cr("b")],
+            ..NodePolicy::default()
+        };
+        let opts = CompileOptions {
+            staged_mark: StagedMarkMask::new(0x7).expect("3 bits"),
+            ..CompileOptions::default()
+        };
+        // Slots go by name: a and b are measured, c is not.
+        assert_eq!(unmeasured_staged_cnps(&np, &opts), vec!["c".to_string()]);
+        let plan = StagedCnpPlan::of(&np, &opts);
+        assert_eq!(plan.slots.get("a"), Some(&0));
+        assert_eq!(plan.slots.get("b"), Some(&1));
+        assert!(unmeasured_staged_cnps(&np, &CompileOptions::default()).is_empty());
     }
 }

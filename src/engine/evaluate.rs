@@ -523,6 +523,125 @@ pub fn judge_staged(np: &NodePolicy, direction: Direction, c: Connection) -> Vec
         .collect()
 }
 
+/// The staged ClusterNetworkPolicy that would change (or, through a `Pass`, might change) a
+/// connection in one direction, judged as the kernel measures it: staged ClusterNetworkPolicies
+/// are taken together in evaluation order (tier, priority, name), and the first one whose rule
+/// is reached and matches is the one judged, against today's enforced policies (the packet's
+/// mark field holds one verdict).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagedCnpVerdict {
+    /// The staged ClusterNetworkPolicy.
+    pub policy: String,
+    /// Its tier.
+    pub tier: Tier,
+    /// Its rule that matched first.
+    pub hit: CnpHit,
+    /// Allowed today?
+    pub today: bool,
+    /// Allowed with it enforced (its `Pass` leaves the verdict to the next tiers).
+    pub with_it: bool,
+    /// Decided today by a lower-priority Admin ClusterNetworkPolicy while the staged rule is
+    /// a `Pass`: the kernel cannot tell the would-be verdict and counts nothing.
+    pub undetermined: bool,
+}
+
+impl StagedCnpVerdict {
+    /// What the kernel counts: `would-deny`, `would-allow` or `none`.
+    pub fn change(&self) -> &'static str {
+        match (self.undetermined, self.today, self.with_it) {
+            (true, ..) => "none",
+            (false, true, false) => "would-deny",
+            (false, false, true) => "would-allow",
+            _ => "none",
+        }
+    }
+}
+
+/// `np` as if staged ClusterNetworkPolicy `staged` (one of `np.staged_cnps`) were enforced in
+/// its direction: it joins the node's policies at its place in evaluation order and applies to
+/// the local pods it selects.
+pub fn with_staged_cnp(np: &NodePolicy, staged: &crate::engine::resolve::CnpRules) -> NodePolicy {
+    let mut out = np.clone();
+    out.staged_cnps.retain(|s| s != staged);
+    let order = |c: &crate::engine::resolve::CnpRules| (c.tier, c.priority, c.name.clone());
+    let at = out
+        .cnps
+        .partition_point(|c| (order(c), c.direction) < (order(staged), staged.direction));
+    out.cnps.insert(at, staged.clone());
+    for pod in out
+        .pods
+        .iter_mut()
+        .filter(|p| staged.selected.contains(&p.key))
+    {
+        let mut membership = crate::engine::resolve::TierMembership::default();
+        for tier in [Tier::Admin, Tier::Baseline] {
+            for d in Direction::ALL {
+                let mut names: Vec<String> = pod.cnps.get(tier, d).to_vec();
+                if tier == staged.tier && d == staged.direction {
+                    names.push(staged.name.clone());
+                    names.sort_by_key(|n| {
+                        let priority = out
+                            .cnps
+                            .iter()
+                            .find(|c| &c.name == n && c.direction == d)
+                            .map_or(0, |c| c.priority);
+                        (priority, n.clone())
+                    });
+                }
+                for n in names {
+                    membership.push(tier, d, n);
+                }
+            }
+        }
+        pod.cnps = membership;
+    }
+    out
+}
+
+/// The first staged ClusterNetworkPolicy (in evaluation order) whose rule decides `c` in
+/// `direction` at its place in the tiers, with today's verdict and the verdict with it;
+/// `None` when no staged ClusterNetworkPolicy is reached with a matching rule.
+pub fn judge_staged_cnps(
+    np: &NodePolicy,
+    direction: Direction,
+    c: Connection,
+) -> Option<StagedCnpVerdict> {
+    let pod = np.pods.iter().find(|p| p.ips.contains(&c.local))?;
+    if c.local == c.peer {
+        return None;
+    }
+    let today = decide(np, direction, c);
+    for s in np
+        .staged_cnps
+        .iter()
+        .filter(|s| s.direction == direction && s.selected.contains(&pod.key))
+    {
+        let with = decide(&with_staged_cnp(np, s), direction, c);
+        let outcome = match s.tier {
+            Tier::Admin => Some(&with.admin),
+            Tier::Baseline => with.baseline.as_ref(),
+        };
+        let Some(TierOutcome::Matched(hit)) = outcome else {
+            continue;
+        };
+        if hit.policy != s.name {
+            continue;
+        }
+        let undetermined = hit.action == Action::Pass
+            && s.tier == Tier::Admin
+            && matches!(today.admin.action(), Some(Action::Accept | Action::Deny));
+        return Some(StagedCnpVerdict {
+            policy: s.name.clone(),
+            tier: s.tier,
+            hit: hit.clone(),
+            today: today.allowed,
+            with_it: with.allowed,
+            undetermined,
+        });
+    }
+    None
+}
+
 /// An established flow as the policy sees it: who opened it, and where it went after
 /// Service DNAT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

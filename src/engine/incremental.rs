@@ -142,6 +142,11 @@ impl NodeCompiler {
         &self.rs
     }
 
+    /// The options it compiles with.
+    pub fn options(&self) -> &CompileOptions {
+        &self.opts
+    }
+
     /// The resolved policy for the last snapshot.
     pub fn node_policy(&self) -> &NodePolicy {
         &self.np
@@ -200,6 +205,13 @@ impl NodeCompiler {
         // know their chains. So: the full path while one selects a pod of this node, and for
         // any change that may make one do so (see `touches_staged`).
         if !self.np.staged.is_empty() || self.touches_staged(snapshot, changes) {
+            return false;
+        }
+        // Staged ClusterNetworkPolicies are measured through the mark field, whose rules sit
+        // in many chains (tier chains, Deny rules, drops): the full path while one selects a
+        // pod of this node, and for a pod or namespace change while one exists at all (the
+        // change may make its subject take in a local pod).
+        if !self.np.staged_cnps.is_empty() || self.touches_staged_cnp(snapshot, changes) {
             return false;
         }
         // A pod edit reads its namespace's labels as they are now, for before and after.
@@ -266,6 +278,45 @@ impl NodeCompiler {
                     .into_iter()
                     .filter(|(_, p)| p.staged)
                     .any(|(_, p)| pods.iter().any(|pod| p.pod_selector.matches(&pod.labels)))
+        })
+    }
+
+    /// Could `changes` make a staged ClusterNetworkPolicy (none concerns a local pod now)
+    /// take in a local pod? Only a local pod its subject matches before or after (with its
+    /// namespace's labels before or after), or a namespace with local pods it could match.
+    fn touches_staged_cnp(&self, snapshot: &Snapshot, changes: &Changes) -> bool {
+        let staged: Vec<&Arc<crate::model::ClusterPolicy>> = snapshot
+            .cnps
+            .iter()
+            .map(|(_, c)| c)
+            .filter(|c| c.staged)
+            .collect();
+        if staged.is_empty() {
+            return false;
+        }
+        let node = self.node.as_str();
+        let local = |p: &&Arc<PodInfo>| p.is_policy_target() && p.node.as_deref() == Some(node);
+        let pod_matches = |ns: &str, pod: &PodInfo| {
+            let labels = [
+                namespace_labels(&self.snapshot, ns),
+                namespace_labels(snapshot, ns),
+            ];
+            staged.iter().any(|c| {
+                labels
+                    .iter()
+                    .any(|l| subject_matches(&c.subject, l, &pod.labels))
+            })
+        };
+        changes.pods.iter().any(|key| {
+            [self.snapshot.pods.get(key), snapshot.pods.get(key)]
+                .into_iter()
+                .flatten()
+                .filter(local)
+                .any(|p| pod_matches(&key.namespace, p))
+        }) || changes.namespaces.iter().any(|ns| {
+            local_pods_in(snapshot, &self.node, ns)
+                .iter()
+                .any(|p| pod_matches(ns, p))
         })
     }
 

@@ -2,7 +2,9 @@
 //!
 //! The compiler writes it into every drop rule that logs (`knp:<direction>:<ns>/<pod>`, and
 //! `knpc:<direction>:<tier>:<index>:<name>` for a ClusterNetworkPolicy Deny rule,
-//! `knps:<direction>:<would-allow|would-deny>:<ns>/<policy>` for a staged policy's count) and the
+//! `knps:<direction>:<would-allow|would-deny>:<ns>/<policy>` for a staged policy's count,
+//! `knpsc:<direction>:<would-allow|would-deny>:<tier>:<name>` for a staged
+//! ClusterNetworkPolicy's) and the
 //! agent's deny log parses it from each NFLOG packet, so both sides use this one module.
 //! It lives in the engine because the compiler must not depend on the agent. Pure: the prefix
 //! is bounded to what the kernel accepts, and names that do not fit are abbreviated with a
@@ -81,6 +83,8 @@ pub enum LogTarget {
     Cnp(CnpDenyTarget),
     /// A staged policy's would-deny / would-allow count (nothing was dropped by it).
     Staged(StagedTarget),
+    /// A staged ClusterNetworkPolicy's would-deny / would-allow count.
+    StagedCnp(StagedCnpTarget),
 }
 
 impl LogTarget {
@@ -90,6 +94,7 @@ impl LogTarget {
             LogTarget::Pod(t) => t.direction,
             LogTarget::Cnp(t) => t.direction,
             LogTarget::Staged(t) => t.direction,
+            LogTarget::StagedCnp(t) => t.direction,
         }
     }
 }
@@ -169,8 +174,86 @@ pub fn parse_staged_prefix(prefix: &str) -> Option<StagedTarget> {
     })
 }
 
+/// First field of the prefix of a staged ClusterNetworkPolicy's would-deny / would-allow count.
+pub const STAGED_CNP_PREFIX_TAG: &str = "knpsc";
+
+/// What a staged ClusterNetworkPolicy's prefix says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedCnpTarget {
+    pub direction: DenyDirection,
+    /// `true`: denied today, allowed with the policy; `false`: the reverse.
+    pub would_allow: bool,
+    pub tier: crate::model::Tier,
+    /// The policy, encoded like a pod name.
+    pub policy: String,
+}
+
+/// The `log prefix` of staged ClusterNetworkPolicy `policy`'s count in `direction`:
+/// `knpsc:<ingress|egress>:<would-allow|would-deny>:<admin|baseline>:<policy>`, at most
+/// [`MAX_PREFIX_LEN`] bytes (a name that does not fit is abbreviated as in [`encode_prefix`]).
+pub fn encode_staged_cnp_prefix(
+    direction: DenyDirection,
+    would_allow: bool,
+    tier: crate::model::Tier,
+    policy: &str,
+) -> String {
+    let change = if would_allow {
+        "would-allow"
+    } else {
+        "would-deny"
+    };
+    let head = format!(
+        "{STAGED_CNP_PREFIX_TAG}:{direction}:{change}:{}:",
+        tier.as_str()
+    );
+    let room = MAX_PREFIX_LEN
+        .saturating_sub(head.len())
+        .max(MIN_ENCODED_LEN);
+    format!("{head}{}", encode_name(policy, room))
+}
+
+/// Read a prefix made by [`encode_staged_cnp_prefix`] back; `None` when it is not one.
+pub fn parse_staged_cnp_prefix(prefix: &str) -> Option<StagedCnpTarget> {
+    let rest = prefix
+        .strip_prefix(STAGED_CNP_PREFIX_TAG)?
+        .strip_prefix(':')?;
+    let mut parts = rest.splitn(4, ':');
+    let direction = match parts.next()? {
+        "ingress" => DenyDirection::Ingress,
+        "egress" => DenyDirection::Egress,
+        _ => return None,
+    };
+    let would_allow = match parts.next()? {
+        "would-allow" => true,
+        "would-deny" => false,
+        _ => return None,
+    };
+    let tier = match parts.next()? {
+        "admin" => crate::model::Tier::Admin,
+        "baseline" => crate::model::Tier::Baseline,
+        _ => return None,
+    };
+    let policy = parts.next().filter(|p| is_encoded_name(p))?;
+    Some(StagedCnpTarget {
+        direction,
+        would_allow,
+        tier,
+        policy: policy.to_string(),
+    })
+}
+
 /// Read either kind of prefix back.
 pub fn parse_log_prefix(prefix: &str) -> Result<LogTarget, PrefixError> {
+    if prefix.starts_with(STAGED_CNP_PREFIX_TAG)
+        && prefix[STAGED_CNP_PREFIX_TAG.len()..].starts_with(':')
+    {
+        return parse_staged_cnp_prefix(prefix)
+            .map(LogTarget::StagedCnp)
+            .ok_or_else(|| PrefixError::InvalidName {
+                prefix: prefix.to_string(),
+                what: "staged ClusterNetworkPolicy",
+            });
+    }
     if prefix.starts_with(STAGED_PREFIX_TAG) && prefix[STAGED_PREFIX_TAG.len()..].starts_with(':') {
         return parse_staged_prefix(prefix)
             .map(LogTarget::Staged)
@@ -630,5 +713,59 @@ mod tests {
         }
         assert!(parse_log_prefix("knps:ingress:would-maybe:a/b").is_err());
         assert!(parse_log_prefix("knps:ingress:would-deny:ab").is_err());
+    }
+
+    #[test]
+    fn staged_cnp_prefixes_round_trip_and_fit() {
+        use crate::model::Tier;
+        let long = "c".repeat(253);
+        let cases = [
+            (
+                "admin ingress",
+                DenyDirection::Ingress,
+                true,
+                Tier::Admin,
+                "no-other",
+            ),
+            (
+                "baseline egress",
+                DenyDirection::Egress,
+                false,
+                Tier::Baseline,
+                "base",
+            ),
+            (
+                "long name",
+                DenyDirection::Egress,
+                true,
+                Tier::Admin,
+                long.as_str(),
+            ),
+        ];
+        for (name, d, would_allow, tier, policy) in cases {
+            let prefix = encode_staged_cnp_prefix(d, would_allow, tier, policy);
+            assert!(prefix.len() <= MAX_PREFIX_LEN, "case {name}: {prefix}");
+            let Ok(LogTarget::StagedCnp(t)) = parse_log_prefix(&prefix) else {
+                panic!("case {name}: {prefix} parses as staged ClusterNetworkPolicy");
+            };
+            assert_eq!(
+                (t.direction, t.would_allow, t.tier),
+                (d, would_allow, tier),
+                "case {name}"
+            );
+            if policy.len() < 90 {
+                assert_eq!(t.policy, policy, "case {name}");
+            } else {
+                assert!(t.policy.contains('~'), "case {name}: abbreviated");
+            }
+        }
+        for bad in [
+            "knpsc:ingress:would-maybe:admin:a",
+            "knpsc:ingress:would-deny:middle:a",
+            "knpsc:ingress:would-deny:admin:",
+            "knpsc:sideways:would-deny:admin:a",
+        ] {
+            assert!(parse_log_prefix(bad).is_err(), "{bad}");
+        }
     }
 }

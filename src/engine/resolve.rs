@@ -42,6 +42,10 @@ pub struct NodePolicy {
     /// one local pod, sorted like `policies`. Nothing else reads them as enforced: they only
     /// feed the would-deny/would-allow counters and `explain`.
     pub staged: Vec<PolicyRules>,
+    /// Rules of each staged ClusterNetworkPolicy and direction whose subject includes at
+    /// least one local pod, in evaluation order like `cnps`. Not enforced: they only feed the
+    /// staged counters (through a packet mark, see compile.rs) and `explain`.
+    pub staged_cnps: Vec<CnpRules>,
 }
 
 impl NodePolicy {
@@ -663,7 +667,8 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
         }
     }
 
-    let (cnps, mut membership) = resolve_cnps(&mut r, snapshot, &local);
+    let (cnps, staged_cnps, mut membership) = resolve_cnps(&mut r, snapshot, &local);
+    staged_pods.extend(staged_cnps.iter().flat_map(|c| c.selected.iter().cloned()));
 
     let pods = local
         .iter()
@@ -699,6 +704,7 @@ pub fn resolve(snapshot: &Snapshot, node: &str) -> NodePolicy {
             .unwrap_or_default(),
         local_addrs: local.iter().flat_map(|p| p.ips.iter().copied()).collect(),
         staged,
+        staged_cnps,
     }
 }
 
@@ -714,12 +720,16 @@ pub(crate) fn subject_matches(subject: &crate::model::Subject, ns: &Labels, pod:
 }
 
 /// Every ClusterNetworkPolicy that applies to a local pod, in evaluation order, with the
-/// pods it applies to per tier and direction.
+/// pods it applies to per tier and direction; and the staged ones, apart.
 fn resolve_cnps(
     r: &mut Resolver<'_>,
     snapshot: &Snapshot,
     local: &[&Arc<PodInfo>],
-) -> (Vec<CnpRules>, BTreeMap<ObjectKey, TierMembership>) {
+) -> (
+    Vec<CnpRules>,
+    Vec<CnpRules>,
+    BTreeMap<ObjectKey, TierMembership>,
+) {
     let mut ordered: Vec<&Arc<ClusterPolicy>> = snapshot.cnps.iter().map(|(_, c)| c).collect();
     ordered.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
     let mut out = Vec::new();
@@ -729,8 +739,13 @@ fn resolve_cnps(
         .iter()
         .map(|p| namespace_labels(snapshot, &p.key.namespace))
         .collect();
-    // A staged ClusterNetworkPolicy is not enforced (and not measured yet: docs/semantics.md).
+    let mut staged = Vec::new();
     for cnp in ordered {
+        // A staged ClusterNetworkPolicy is not enforced, only measured (docs/semantics.md).
+        if cnp.staged {
+            staged.extend(resolve_cnp_rules(r, cnp, local, &ns_labels));
+            continue;
+        }
         for cr in resolve_cnp(r, cnp, local, &ns_labels) {
             for p in &cr.selected {
                 membership.entry(p.clone()).or_default().push(
@@ -742,12 +757,12 @@ fn resolve_cnps(
             out.push(cr);
         }
     }
-    (out, membership)
+    (out, staged, membership)
 }
 
 /// One ClusterNetworkPolicy for the local pods its subject takes in (`ns_labels`: each local
 /// pod's namespace labels), per direction it has rules for; nothing when it selects none of
-/// them or is staged (a staged ClusterNetworkPolicy is not enforced, and not measured yet:
+/// them or is staged (a staged ClusterNetworkPolicy is not enforced, only measured:
 /// docs/semantics.md).
 pub(crate) fn resolve_cnp(
     r: &mut Resolver<'_>,
@@ -758,6 +773,16 @@ pub(crate) fn resolve_cnp(
     if cnp.staged {
         return Vec::new();
     }
+    resolve_cnp_rules(r, cnp, local, ns_labels)
+}
+
+/// [`resolve_cnp`] whether staged or not.
+fn resolve_cnp_rules(
+    r: &mut Resolver<'_>,
+    cnp: &ClusterPolicy,
+    local: &[&Arc<PodInfo>],
+    ns_labels: &[Labels],
+) -> Vec<CnpRules> {
     let selected: Vec<&Arc<PodInfo>> = local
         .iter()
         .zip(ns_labels)

@@ -200,6 +200,17 @@ pub enum CounterOwner {
         /// `would-deny` or `would-allow`.
         change: &'static str,
     },
+    /// The new connections whose verdict a staged ClusterNetworkPolicy would change.
+    StagedCnp {
+        /// The staged ClusterNetworkPolicy.
+        policy: String,
+        /// `admin` or `baseline`.
+        tier: &'static str,
+        /// `ingress` or `egress`.
+        direction: &'static str,
+        /// `would-deny` or `would-allow`.
+        change: &'static str,
+    },
 }
 
 impl Ruleset {

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::engine::compile::{CompileOptions, node_policy};
 use crate::engine::evaluate::{
     Assessment, Connection, Decision, PeerMatch, PolicyOutcome, RuleOutcome, TierOutcome, assess,
-    decide, judge_staged,
+    decide, judge_staged, judge_staged_cnps,
 };
 use crate::engine::index::Snapshot;
 use crate::engine::resolve::NodePolicy;
@@ -362,6 +362,16 @@ pub struct StagedReport {
     /// `would-deny`, `would-allow`, or `none`: what the kernel counts for it on the node
     /// that enforces this direction (a direction's own verdict, see docs/semantics.md).
     pub change: &'static str,
+    /// For a staged ClusterNetworkPolicy: its tier (`policy` is then its name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<&'static str>,
+    /// For a staged ClusterNetworkPolicy: its rule that matched first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// A staged `Pass` over a lower-priority Admin decision: the kernel cannot tell the
+    /// verdict it would lead to and counts nothing (`with_staged` is the evaluator's answer).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub undetermined: bool,
 }
 
 struct Side<'a> {
@@ -593,6 +603,28 @@ impl<'a> Explainer<'a> {
                         (false, true) => "would-allow",
                         _ => "none",
                     },
+                    tier: None,
+                    rule: None,
+                    undetermined: false,
+                });
+            }
+            // The staged ClusterNetworkPolicies, judged together as the kernel does.
+            if let Some(v) = judge_staged_cnps(self.node(&node), direction, c) {
+                let word = |a: bool| if a { "allowed" } else { "denied" };
+                let rule = if v.hit.name.is_empty() {
+                    format!("spec.{direction}[{}]", v.hit.index)
+                } else {
+                    format!("spec.{direction}[{}] ({})", v.hit.index, v.hit.name)
+                };
+                staged.push(StagedReport {
+                    policy: v.policy.clone(),
+                    direction: direction.as_str(),
+                    today: word(allowed),
+                    with_staged: word(v.with_it && other_allowed),
+                    change: v.change(),
+                    tier: Some(v.tier.as_str()),
+                    rule: Some(format!("{rule}: {}", v.hit.action)),
+                    undetermined: v.undetermined,
                 });
             }
         }
@@ -889,6 +921,28 @@ impl Explanation {
             if self.allowed { "ALLOWED" } else { "DENIED" }
         );
         for s in &self.staged {
+            if let (Some(tier), Some(rule)) = (s.tier, &s.rule) {
+                let tier = if tier == "admin" { "Admin" } else { "Baseline" };
+                let what = format!("{tier} ClusterNetworkPolicy {}", s.policy);
+                let by = if s.with_staged == s.today {
+                    String::new()
+                } else {
+                    format!(" by its rule {rule}")
+                };
+                let note = if s.undetermined {
+                    " (not counted: a Pass over a lower-priority Admin decision)".to_string()
+                } else if s.change == "none" {
+                    format!(" (no change in {}; its rule {rule})", s.direction)
+                } else {
+                    format!(" (counted as {})", s.change)
+                };
+                let _ = writeln!(
+                    out,
+                    "staged {what} ({}): today: {}; with staged {what}: {}{by}{note}",
+                    s.direction, s.today, s.with_staged
+                );
+                continue;
+            }
             let _ = match s.change {
                 "none" => writeln!(
                     out,

@@ -101,7 +101,7 @@ impl RuleHits {
                     hits,
                 }),
                 // Not a rule: the staged counters have their own metrics.
-                CounterOwner::Staged { .. } => None,
+                CounterOwner::Staged { .. } | CounterOwner::StagedCnp { .. } => None,
             })
             .collect();
         rules.sort();
