@@ -153,7 +153,10 @@ fn monitor() -> (Guard, mpsc::Receiver<(Instant, String)>) {
             while lines.recv_timeout(Duration::from_millis(100)).is_ok() {}
             break;
         }
-        assert!(Instant::now() < deadline, "nft monitor printed nothing in 120 s");
+        assert!(
+            Instant::now() < deadline,
+            "nft monitor printed nothing in 120 s"
+        );
     }
     (monitor, lines)
 }

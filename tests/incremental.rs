@@ -767,7 +767,7 @@ fn random_walk_with_staged_cluster_network_policies_matches_full_compile() {
                 }
                 4 => {
                     let mut p = random_pod(&mut r);
-                    p.node = Some(NODE.to_string());
+                    p.node = Some(NODE.into());
                     idx.apply_pod(p);
                     "local pod applied"
                 }
