@@ -291,9 +291,18 @@ fn decode_chunk(chunk: &str) -> DecodedChunk {
 /// stops everything.
 fn decode_yaml<E>(
     chunks: &[(usize, &str)],
-    mut each: impl FnMut(usize, DecodedChunk) -> Result<(), E>,
+    each: impl FnMut(usize, DecodedChunk) -> Result<(), E>,
 ) -> Result<(), E> {
     let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    decode_yaml_on(threads, chunks, each)
+}
+
+/// [`decode_yaml`] on `threads` threads.
+fn decode_yaml_on<E>(
+    threads: usize,
+    chunks: &[(usize, &str)],
+    mut each: impl FnMut(usize, DecodedChunk) -> Result<(), E>,
+) -> Result<(), E> {
     let groups: Vec<&[(usize, &str)]> = chunks.chunks(YAML_GROUP).collect();
     if threads < 2 || groups.len() < 2 {
         for (line, chunk) in chunks {
@@ -1331,5 +1340,93 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("the document starts at line 4"), "{err}");
+    }
+
+    /// A stream long enough to take the threaded path of `decode_yaml` (more than one group
+    /// of chunks) reads exactly as its documents read one at a time: same objects, same
+    /// problems in the same order, same document numbers, and an error names the document it
+    /// is in. Regression test for the threaded decoder.
+    #[test]
+    fn long_streams_read_as_their_documents_do() {
+        let doc = |i: usize| match i % 4 {
+            0 => format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{i}, labels: {{team: t{}}}}}\n",
+                i % 3
+            ),
+            1 => format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p-{i}, namespace: ns-0}}\nspec: {{nodeName: n1, bogus: 1}}\nstatus: {{podIPs: [{{ip: 10.0.{}.{}}}]}}\n",
+                i / 250,
+                i % 250
+            ),
+            // The same namespace again and again: a duplicate problem each time.
+            2 => "apiVersion: v1\nkind: Namespace\nmetadata: {name: dup}\n".to_string(),
+            // A chunk with no document in it: the numbering must not count it.
+            _ => "# only a comment\n".to_string(),
+        };
+        let docs: Vec<String> = (0..400).map(doc).collect();
+        let stream = docs.join("---\n");
+        assert!(
+            stream.matches("---").count() > YAML_GROUP * 4,
+            "long enough to thread"
+        );
+        let whole = parse(&stream).expect("stream");
+        // The same documents, read one chunk at a time (never threaded), then numbered as
+        // the stream numbers them.
+        let mut one_by_one = Collector::default();
+        let mut document = 0;
+        for (_, chunk) in yaml_documents(&stream) {
+            for value in decode_chunk(chunk) {
+                document += 1;
+                let origin = Origin {
+                    path: Path::new("test.yaml"),
+                    document,
+                    item: None,
+                };
+                one_by_one.document(&origin, value.expect("valid document"));
+            }
+        }
+        let one_by_one = one_by_one.finish();
+        assert_eq!(whole.namespaces, one_by_one.namespaces);
+        assert_eq!(whole.pods, one_by_one.pods);
+        assert_eq!(whole.warnings, one_by_one.warnings);
+        assert_eq!(whole.origins, one_by_one.origins);
+        assert!(
+            whole.warnings.iter().any(|w| w.contains("duplicates")),
+            "the repeated namespace is reported: {:?}",
+            &whole.warnings[..3]
+        );
+
+        // Whatever the number of threads, the chunks come back in order, each as decoding it
+        // alone gives.
+        let chunks: Vec<(usize, &str)> = yaml_documents(&stream).collect();
+        let alone: Vec<(usize, DecodedChunk)> =
+            chunks.iter().map(|(l, c)| (*l, decode_chunk(c))).collect();
+        for threads in [1, 2, 3, 7] {
+            let mut got = Vec::new();
+            decode_yaml_on(threads, &chunks, |line, values| {
+                got.push((line, values));
+                Ok::<(), ()>(())
+            })
+            .expect("no error");
+            assert_eq!(got, alone, "{threads} threads");
+        }
+
+        // An error late in the stream names its document.
+        let mut broken = docs.clone();
+        broken[301] = "kind: [unclosed\n".to_string();
+        let broken = broken.join("---\n");
+        let err = parse(&broken).expect_err("syntax").to_string();
+        let before: usize = yaml_documents(&broken)
+            .take(301)
+            .map(|(_, chunk)| decode_chunk(chunk).len())
+            .sum();
+        assert!(before > 250, "the chunks before hold documents: {before}");
+        assert!(
+            err.starts_with(&format!(
+                "test.yaml: document {}: malformed YAML",
+                before + 1
+            )),
+            "{err}"
+        );
     }
 }
