@@ -375,7 +375,12 @@ impl<'a> NamespacePods<'a> {
         // on those (in position order: the index is sorted by hash, then position).
         let h = label_hash(k, v);
         let from = index.partition_point(|(x, _)| *x < h);
+        let mut last = None;
         for (_, i) in index[from..].iter().take_while(|(x, _)| *x == h) {
+            // Two labels of one pod sharing the hash would list it twice, side by side.
+            if last.replace(*i) == Some(*i) {
+                continue;
+            }
             let pod = pods[*i as usize];
             if sel.matches(&pod.labels) {
                 f(pod);
