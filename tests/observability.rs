@@ -2208,20 +2208,10 @@ fn audit_mode_counts_would_drops_and_logs_would_deny() {
         scrape.excerpt(&[DENIED])
     );
     // The audit-only families are as documented.
-    let documented = documented_metrics();
-    let labels = scrape.label_names();
     for name in AUDIT_ONLY {
-        let doc = documented
-            .get(name)
-            .unwrap_or_else(|| panic!("{name} is not documented in {DOC}"));
-        assert_eq!(scrape.types.get(name), Some(&doc.kind), "{name}: type");
         assert!(!scrape.series(name).is_empty(), "{name}: no series");
-        assert_eq!(
-            labels.get(name).cloned().unwrap_or_default(),
-            doc.labels,
-            "{name}: labels"
-        );
     }
+    assert_as_documented(&scrape, &AUDIT_ONLY);
     // One "would deny" line for the flow (the three connections are one deduplicated flow).
     agent.wait_log("would deny connection");
     let log = agent.stderr();
@@ -2261,6 +2251,87 @@ fn audit_mode_counts_would_drops_and_logs_would_deny() {
 const STAGED_WEB: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: web-allows-other\n  namespace: default\n  annotations: {kube-nftpolicy.io/staged: \"true\"}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: other}}}]\n    ports: [{port: 80}]\n";
 const STAGED_CLIENT: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: client-to-web-only\n  namespace: default\n  annotations: {kube-nftpolicy.io/staged: \"true\"}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: web}}}]\n";
 
+/// Each family is exported with the type and labels docs/metrics.md gives it.
+fn assert_as_documented(scrape: &Scrape, names: &[&str]) {
+    let documented = documented_metrics();
+    let labels = scrape.label_names();
+    for name in names {
+        let doc = documented
+            .get(*name)
+            .unwrap_or_else(|| panic!("{name} is not documented in {DOC}"));
+        assert_eq!(scrape.types.get(*name), Some(&doc.kind), "{name}: type");
+        assert_eq!(
+            labels.get(*name).cloned().unwrap_or_default(),
+            doc.labels,
+            "{name}: labels"
+        );
+    }
+}
+
+/// The flows both staged tests probe, with today's verdicts, which staging must not change:
+/// other → web is denied (twice: one flow), client reaches other and web.
+fn probe_staged_flows(c: &Cluster, what: &str) {
+    let w = web(c, Family::V4);
+    let o = c.pod_ip("default", "other", Family::V4);
+    assert_eq!(
+        c.probe_all(
+            &[
+                Probe::tcp(pod("other"), w, 80),
+                Probe::tcp(pod("other"), w, 80),
+                Probe::tcp(pod("client"), o, 80),
+                Probe::tcp(pod("client"), w, 80),
+            ],
+            T
+        ),
+        vec![false, false, true, true],
+        "{what}"
+    );
+}
+
+/// One would-allow line (other → web, by `allow_policy`) and one would-deny line (client →
+/// other, by `deny_policy`), naming both pods; the denied flow also has its own "denied
+/// connection" line.
+fn assert_staged_lines(agent: &Agent<'_>, allow_policy: &str, deny_policy: &str) {
+    agent.wait_log("staged would-deny");
+    agent.wait_log("staged would-allow");
+    let log = agent.stderr();
+    let staged_lines = |msg: &str| -> Vec<BTreeMap<String, String>> {
+        log.lines()
+            .filter_map(|l| l.split_once(msg).map(|(_, f)| parse_fields(f)))
+            .collect()
+    };
+    let allow = staged_lines("staged would-allow (connection denied today)");
+    let deny = staged_lines("staged would-deny (connection allowed today)");
+    assert_eq!((allow.len(), deny.len()), (1, 1), "{allow:?} {deny:?}");
+    for (line, want) in [
+        (
+            &allow[0],
+            [
+                ("direction", "ingress"),
+                ("pod", "default/web"),
+                ("src", "default/other"),
+                ("dst", "default/web"),
+                ("staged_policy", allow_policy),
+            ],
+        ),
+        (
+            &deny[0],
+            [
+                ("direction", "egress"),
+                ("pod", "default/client"),
+                ("src", "default/client"),
+                ("dst", "default/other"),
+                ("staged_policy", deny_policy),
+            ],
+        ),
+    ] {
+        for (k, v) in want {
+            assert_eq!(line.get(k).map(String::as_str), Some(v), "{k} in {line:?}");
+        }
+    }
+    assert_eq!(deny_lines(&log).len(), 1, "the denied flow's own line");
+}
+
 #[test]
 fn staged_policies_count_and_log_the_connections_they_would_change() {
     let _g = serial();
@@ -2275,22 +2346,7 @@ fn staged_policies_count_and_log_the_connections_they_would_change() {
         &["--log-denied", "--nflog-group", "7"],
     );
     agent.wait_ready();
-    let w = web(&c, Family::V4);
-    let o = c.pod_ip("default", "other", Family::V4);
-    // Verdicts as today: other is still denied (twice: one flow), client still reaches other.
-    assert_eq!(
-        c.probe_all(
-            &[
-                Probe::tcp(pod("other"), w, 80),
-                Probe::tcp(pod("other"), w, 80),
-                Probe::tcp(pod("client"), o, 80),
-                Probe::tcp(pod("client"), w, 80),
-            ],
-            T
-        ),
-        vec![false, false, true, true],
-        "staged policies change no verdict"
-    );
+    probe_staged_flows(&c, "staged policies change no verdict");
     let web_allow = [
         ("direction", "ingress"),
         ("namespace", "default"),
@@ -2325,19 +2381,7 @@ fn staged_policies_count_and_log_the_connections_they_would_change() {
         2.0,
         "the drops as today"
     );
-    let documented = documented_metrics();
-    let labels = scrape.label_names();
-    for name in [STAGED_WOULD_DENY, STAGED_WOULD_ALLOW] {
-        let doc = documented
-            .get(name)
-            .unwrap_or_else(|| panic!("{name} is not documented in {DOC}"));
-        assert_eq!(scrape.types.get(name), Some(&doc.kind), "{name}: type");
-        assert_eq!(
-            labels.get(name).cloned().unwrap_or_default(),
-            doc.labels,
-            "{name}: labels"
-        );
-    }
+    assert_as_documented(&scrape, &[STAGED_WOULD_DENY, STAGED_WOULD_ALLOW]);
     let states: BTreeMap<String, String> = scrape
         .series("kube_nftpolicy_policy_state")
         .iter()
@@ -2360,53 +2404,11 @@ fn staged_policies_count_and_log_the_connections_they_would_change() {
             ),
         ])
     );
-    // One line per flow and change, naming both pods and the staged policy; the denied flow
-    // also has its own "denied connection" line.
-    agent.wait_log("staged would-deny");
-    agent.wait_log("staged would-allow");
-    let log = agent.stderr();
-    let staged_lines = |msg: &str| -> Vec<BTreeMap<String, String>> {
-        log.lines()
-            .filter_map(|l| l.split_once(msg).map(|(_, f)| parse_fields(f)))
-            .collect()
-    };
-    let allow = staged_lines("staged would-allow (connection denied today)");
-    let deny = staged_lines("staged would-deny (connection allowed today)");
-    eprintln!(
-        "--- staged lines ---\n{}",
-        log.lines()
-            .filter(|l| l.contains("staged would-"))
-            .collect::<Vec<_>>()
-            .join("\n")
+    assert_staged_lines(
+        &agent,
+        "default/web-allows-other",
+        "default/client-to-web-only",
     );
-    assert_eq!((allow.len(), deny.len()), (1, 1), "{allow:?} {deny:?}");
-    for (line, want) in [
-        (
-            &allow[0],
-            [
-                ("direction", "ingress"),
-                ("pod", "default/web"),
-                ("src", "default/other"),
-                ("dst", "default/web"),
-                ("staged_policy", "default/web-allows-other"),
-            ],
-        ),
-        (
-            &deny[0],
-            [
-                ("direction", "egress"),
-                ("pod", "default/client"),
-                ("src", "default/client"),
-                ("dst", "default/other"),
-                ("staged_policy", "default/client-to-web-only"),
-            ],
-        ),
-    ] {
-        for (k, v) in want {
-            assert_eq!(line.get(k).map(String::as_str), Some(v), "{k} in {line:?}");
-        }
-    }
-    assert_eq!(deny_lines(&log).len(), 1, "the denied flow's own line");
 }
 
 /// A staged ClusterNetworkPolicy on this node's pods, staged (not enforced).
@@ -2445,21 +2447,7 @@ fn staged_cluster_network_policies_count_and_log_the_connections_they_would_chan
         ],
     );
     agent.wait_ready();
-    let w = web(&c, Family::V4);
-    let o = c.pod_ip("default", "other", Family::V4);
-    assert_eq!(
-        c.probe_all(
-            &[
-                Probe::tcp(pod("other"), w, 80),
-                Probe::tcp(pod("other"), w, 80),
-                Probe::tcp(pod("client"), o, 80),
-                Probe::tcp(pod("client"), w, 80),
-            ],
-            T
-        ),
-        vec![false, false, true, true],
-        "staged ClusterNetworkPolicies change no verdict"
-    );
+    probe_staged_flows(&c, "staged ClusterNetworkPolicies change no verdict");
     let guard = [
         ("direction", "ingress"),
         ("policy", "s-guard"),
@@ -2504,68 +2492,19 @@ fn staged_cluster_network_policies_count_and_log_the_connections_they_would_chan
         2.0,
         "the drops as today"
     );
-    let documented = documented_metrics();
-    let labels = scrape.label_names();
-    for name in [
-        CNP_STAGED_WOULD_DENY,
-        CNP_STAGED_WOULD_ALLOW,
-        CNP_STAGED_UNMEASURED,
-    ] {
-        let doc = documented
-            .get(name)
-            .unwrap_or_else(|| panic!("{name} is not documented in {DOC}"));
-        assert_eq!(scrape.types.get(name), Some(&doc.kind), "{name}: type");
-        assert_eq!(
-            labels.get(name).cloned().unwrap_or_default(),
-            doc.labels,
-            "{name}: labels"
-        );
-    }
-    agent.wait_log("staged would-deny");
-    agent.wait_log("staged would-allow");
-    let log = agent.stderr();
-    let staged_lines = |msg: &str| -> Vec<BTreeMap<String, String>> {
-        log.lines()
-            .filter_map(|l| l.split_once(msg).map(|(_, f)| parse_fields(f)))
-            .collect()
-    };
-    let allow = staged_lines("staged would-allow (connection denied today)");
-    let deny = staged_lines("staged would-deny (connection allowed today)");
-    eprintln!(
-        "--- staged lines ---\n{}",
-        log.lines()
-            .filter(|l| l.contains("staged would-"))
-            .collect::<Vec<_>>()
-            .join("\n")
+    assert_as_documented(
+        &scrape,
+        &[
+            CNP_STAGED_WOULD_DENY,
+            CNP_STAGED_WOULD_ALLOW,
+            CNP_STAGED_UNMEASURED,
+        ],
     );
-    assert_eq!((allow.len(), deny.len()), (1, 1), "{allow:?} {deny:?}");
-    for (line, want) in [
-        (
-            &allow[0],
-            [
-                ("direction", "ingress"),
-                ("pod", "default/web"),
-                ("src", "default/other"),
-                ("dst", "default/web"),
-                ("staged_policy", "Admin ClusterNetworkPolicy s-guard"),
-            ],
-        ),
-        (
-            &deny[0],
-            [
-                ("direction", "egress"),
-                ("pod", "default/client"),
-                ("src", "default/client"),
-                ("dst", "default/other"),
-                ("staged_policy", "Admin ClusterNetworkPolicy s-client-out"),
-            ],
-        ),
-    ] {
-        for (k, v) in want {
-            assert_eq!(line.get(k).map(String::as_str), Some(v), "{k} in {line:?}");
-        }
-    }
-    assert_eq!(deny_lines(&log).len(), 1, "the denied flow's own line");
+    assert_staged_lines(
+        &agent,
+        "Admin ClusterNetworkPolicy s-guard",
+        "Admin ClusterNetworkPolicy s-client-out",
+    );
 }
 
 #[test]

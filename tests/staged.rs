@@ -123,8 +123,11 @@ fn connect(c: &Cluster, from: &str, to: IpAddr, port: u16, times: usize) -> usiz
         .count()
 }
 
-/// The probes: (from, to, family, port, times, allowed today).
-const PROBES: [(&str, &str, Family, u16, usize, bool); 6] = [
+/// A probe: (from, to, family, port, times, allowed today).
+type ProbeRow = (&'static str, &'static str, Family, u16, usize, bool);
+
+/// The probes of the NetworkPolicy test.
+const PROBES: [ProbeRow; 6] = [
     ("client", "web", Family::V4, 80, 2, true),
     ("other", "web", Family::V4, 8080, 3, false),
     ("other", "web", Family::V6, 8080, 1, false),
@@ -134,12 +137,20 @@ const PROBES: [(&str, &str, Family, u16, usize, bool); 6] = [
 ];
 
 /// Run every probe; returns how many connections of each succeeded.
-fn run_probes(c: &Cluster) -> Vec<usize> {
-    PROBES
+fn run_probes(c: &Cluster, probes: &[ProbeRow]) -> Vec<usize> {
+    probes
         .iter()
         .map(|(from, to, f, port, times, _)| {
             connect(c, from, c.pod_ip("default", to, *f), *port, *times)
         })
+        .collect()
+}
+
+/// What `run_probes` returns when today's verdicts hold.
+fn allowed_today(probes: &[ProbeRow]) -> Vec<usize> {
+    probes
+        .iter()
+        .map(|(.., times, allowed)| if *allowed { *times } else { 0 })
         .collect()
 }
 
@@ -151,11 +162,8 @@ fn staged_policies_change_no_verdict_and_count_exactly_the_changes() {
 
     // Today's verdicts, and today's drops, without any staged policy.
     planes.sync_text(&c, &manifests(&c, WEB_FROM_CLIENT));
-    let want: Vec<usize> = PROBES
-        .iter()
-        .map(|(.., times, allowed)| if *allowed { *times } else { 0 })
-        .collect();
-    assert_eq!(run_probes(&c), want, "today's verdicts");
+    let want = allowed_today(&PROBES);
+    assert_eq!(run_probes(&c, &PROBES), want, "today's verdicts");
     let drops_without = drops(&mut planes, &c);
     assert_eq!(
         drops_without,
@@ -177,7 +185,11 @@ fn staged_policies_change_no_verdict_and_count_exactly_the_changes() {
         BTreeMap::from([(allow.clone(), 0), (deny.clone(), 0)]),
         "one counter per staged policy and direction, by whether its pods are isolated today"
     );
-    assert_eq!(run_probes(&c), want, "staged policies change no verdict");
+    assert_eq!(
+        run_probes(&c, &PROBES),
+        want,
+        "staged policies change no verdict"
+    );
     assert_eq!(
         drops(&mut planes, &c),
         BTreeMap::from([("default/web ingress".to_string(), 12)]),
@@ -498,8 +510,8 @@ fn staged_to_node(node_ip: IpAddr) -> String {
     )
 }
 
-/// The probes of that test: (from, to, family, port, times, allowed today).
-const CNP_PROBES: [(&str, &str, Family, u16, usize, bool); 7] = [
+/// The probes of the ClusterNetworkPolicy test.
+const CNP_PROBES: [ProbeRow; 7] = [
     ("client", "web", Family::V4, 80, 2, true),
     ("other", "web", Family::V4, 8080, 3, false),
     ("other", "web", Family::V6, 8080, 1, false),
@@ -508,15 +520,6 @@ const CNP_PROBES: [(&str, &str, Family, u16, usize, bool); 7] = [
     ("client", "other", Family::V4, 80, 2, true),
     ("client", "other", Family::V6, 80, 1, true),
 ];
-
-fn run_cnp_probes(c: &Cluster) -> Vec<usize> {
-    CNP_PROBES
-        .iter()
-        .map(|(from, to, f, port, times, _)| {
-            connect(c, from, c.pod_ip("default", to, *f), *port, *times)
-        })
-        .collect()
-}
 
 /// A table of the test's own in node-1 that counts, after every hook of ours, the packets
 /// that still carry bits of the mark field (they must not), and the packets carrying the
@@ -579,11 +582,8 @@ fn staged_cluster_network_policies_count_exactly_the_changes_in_both_directions(
 
     // Today's verdicts without staged policies.
     planes.sync_text(&c, &manifests(&c, &enforced_for_staged_cnps()));
-    let want: Vec<usize> = CNP_PROBES
-        .iter()
-        .map(|(.., times, allowed)| if *allowed { *times } else { 0 })
-        .collect();
-    assert_eq!(run_cnp_probes(&c), want, "today's verdicts");
+    let want = allowed_today(&CNP_PROBES);
+    assert_eq!(run_probes(&c, &CNP_PROBES), want, "today's verdicts");
     let drops_today = drops(&mut planes, &c);
 
     // The same with the staged ClusterNetworkPolicies, watched by a table of our own.
@@ -618,7 +618,7 @@ fn staged_cluster_network_policies_count_exactly_the_changes_in_both_directions(
         "the read-back agrees with the settle and mark chains"
     );
     assert_eq!(
-        run_cnp_probes(&c),
+        run_probes(&c, &CNP_PROBES),
         want,
         "staged policies change no verdict"
     );
@@ -694,7 +694,7 @@ fn staged_cluster_network_policies_count_exactly_the_changes_in_both_directions(
     );
     planes.sync_text(&c, &manifests(&c, &enforced_for_staged_cnps()));
     assert_eq!(staged_cnp(&mut planes, &c), BTreeMap::new());
-    assert_eq!(run_cnp_probes(&c), want, "today's verdicts again");
+    assert_eq!(run_probes(&c, &CNP_PROBES), want, "today's verdicts again");
 }
 
 /// With `--log-denied`, each counted change is an NFLOG packet whose prefix names the staged

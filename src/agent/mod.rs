@@ -825,35 +825,17 @@ fn deny_log(group: u16, shared: Arc<Shared>, audit: bool) {
                 .and_then(|m| m.get(&ip).cloned())
         };
         match logger.observe(Instant::now(), &pkt, &resolve_ip) {
-            Verdict::Log(line) if line.staged_cnp.is_some() => {
-                // A staged ClusterNetworkPolicy's count: as for a staged NetworkPolicy.
-                let Some(t) = &line.staged_cnp else { continue };
-                macro_rules! staged_cnp_line {
-                    ($msg:literal) => {
-                        tracing::info!(
-                            direction = line.direction.as_str(),
-                            pod = format!("{}/{}", line.namespace, line.pod),
-                            src = %line.src,
-                            dst = %line.dst,
-                            src_ip = %line.src_ip,
-                            dst_ip = %line.dst_ip,
-                            protocol = line.protocol,
-                            dst_port = line.dst_port,
-                            staged_policy = format!("{} ClusterNetworkPolicy {}", t.tier, t.policy),
-                            $msg
-                        )
-                    };
-                }
-                if t.would_allow {
-                    staged_cnp_line!("staged would-allow (connection denied today)");
-                } else {
-                    staged_cnp_line!("staged would-deny (connection allowed today)");
-                }
-            }
-            Verdict::Log(line) if line.staged.is_some() => {
+            Verdict::Log(line) if line.staged.is_some() || line.staged_cnp.is_some() => {
                 // A staged policy's count: nothing was dropped by it, the connection went on
                 // with today's verdict; the staged counters count it.
-                let Some(t) = &line.staged else { continue };
+                let (staged_policy, would_allow) = match (&line.staged, &line.staged_cnp) {
+                    (Some(t), _) => (format!("{}/{}", t.namespace, t.policy), t.would_allow),
+                    (None, Some(t)) => (
+                        format!("{} ClusterNetworkPolicy {}", t.tier, t.policy),
+                        t.would_allow,
+                    ),
+                    (None, None) => continue,
+                };
                 macro_rules! staged_line {
                     ($msg:literal) => {
                         tracing::info!(
@@ -865,12 +847,12 @@ fn deny_log(group: u16, shared: Arc<Shared>, audit: bool) {
                             dst_ip = %line.dst_ip,
                             protocol = line.protocol,
                             dst_port = line.dst_port,
-                            staged_policy = format!("{}/{}", t.namespace, t.policy),
+                            staged_policy,
                             $msg
                         )
                     };
                 }
-                if t.would_allow {
+                if would_allow {
                     staged_line!("staged would-allow (connection denied today)");
                 } else {
                     staged_line!("staged would-deny (connection allowed today)");

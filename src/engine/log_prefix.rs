@@ -139,11 +139,7 @@ pub fn encode_staged_prefix(
     namespace: &str,
     policy: &str,
 ) -> String {
-    let change = if would_allow {
-        "would-allow"
-    } else {
-        "would-deny"
-    };
+    let change = change_text(would_allow);
     let head = format!("{STAGED_PREFIX_TAG}:{direction}:{change}:");
     let room = MAX_PREFIX_LEN - head.len() - 1;
     let namespace = encode_name(namespace, MAX_NAMESPACE_LEN.min(room - MIN_ENCODED_LEN));
@@ -151,20 +147,31 @@ pub fn encode_staged_prefix(
     format!("{head}{namespace}/{policy}")
 }
 
+/// A direction as prefixes write it.
+fn direction_of(text: &str) -> Option<DenyDirection> {
+    DenyDirection::ALL.into_iter().find(|d| d.as_str() == text)
+}
+
+/// The verdict change of a staged policy as prefixes write it.
+fn change_text(would_allow: bool) -> &'static str {
+    if would_allow {
+        "would-allow"
+    } else {
+        "would-deny"
+    }
+}
+
+/// [`change_text`] read back.
+fn would_allow_of(text: &str) -> Option<bool> {
+    [true, false].into_iter().find(|w| change_text(*w) == text)
+}
+
 /// Read a prefix made by [`encode_staged_prefix`] back; `None` when it is not one.
 pub fn parse_staged_prefix(prefix: &str) -> Option<StagedTarget> {
     let rest = prefix.strip_prefix(STAGED_PREFIX_TAG)?.strip_prefix(':')?;
     let mut parts = rest.splitn(3, ':');
-    let direction = match parts.next()? {
-        "ingress" => DenyDirection::Ingress,
-        "egress" => DenyDirection::Egress,
-        _ => return None,
-    };
-    let would_allow = match parts.next()? {
-        "would-allow" => true,
-        "would-deny" => false,
-        _ => return None,
-    };
+    let direction = direction_of(parts.next()?)?;
+    let would_allow = would_allow_of(parts.next()?)?;
     let (namespace, policy) = parts.next()?.split_once('/')?;
     (is_encoded_name(namespace) && is_encoded_name(policy)).then(|| StagedTarget {
         direction,
@@ -197,11 +204,7 @@ pub fn encode_staged_cnp_prefix(
     tier: crate::model::Tier,
     policy: &str,
 ) -> String {
-    let change = if would_allow {
-        "would-allow"
-    } else {
-        "would-deny"
-    };
+    let change = change_text(would_allow);
     let head = format!(
         "{STAGED_CNP_PREFIX_TAG}:{direction}:{change}:{}:",
         tier.as_str()
@@ -218,16 +221,8 @@ pub fn parse_staged_cnp_prefix(prefix: &str) -> Option<StagedCnpTarget> {
         .strip_prefix(STAGED_CNP_PREFIX_TAG)?
         .strip_prefix(':')?;
     let mut parts = rest.splitn(4, ':');
-    let direction = match parts.next()? {
-        "ingress" => DenyDirection::Ingress,
-        "egress" => DenyDirection::Egress,
-        _ => return None,
-    };
-    let would_allow = match parts.next()? {
-        "would-allow" => true,
-        "would-deny" => false,
-        _ => return None,
-    };
+    let direction = direction_of(parts.next()?)?;
+    let would_allow = would_allow_of(parts.next()?)?;
     let tier = match parts.next()? {
         "admin" => crate::model::Tier::Admin,
         "baseline" => crate::model::Tier::Baseline,
@@ -357,16 +352,10 @@ pub fn parse_prefix(prefix: &str) -> Result<DenyTarget, PrefixError> {
     let (direction, names) = rest
         .split_once(':')
         .ok_or_else(|| PrefixError::MissingDirection { prefix: owned() })?;
-    let direction = match direction {
-        "ingress" => DenyDirection::Ingress,
-        "egress" => DenyDirection::Egress,
-        other => {
-            return Err(PrefixError::UnknownDirection {
-                prefix: owned(),
-                direction: other.to_string(),
-            });
-        }
-    };
+    let direction = direction_of(direction).ok_or_else(|| PrefixError::UnknownDirection {
+        prefix: owned(),
+        direction: direction.to_string(),
+    })?;
     let (namespace, pod) = names
         .split_once('/')
         .ok_or_else(|| PrefixError::MissingSeparator { prefix: owned() })?;
